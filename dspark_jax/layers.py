@@ -1,0 +1,129 @@
+"""Base layers shared by the target model and the DSpark drafter.
+
+Tiny on purpose: RMSNorm, rotary embeddings (HF rotate-half convention), a projection with logical
+axis names, the gated SiLU MLP, and masked GQA attention with a finite result for fully masked
+rows. Numerics that decide correctness (norm statistics, softmax) run in float32.
+
+Shape letters: B batch, T query length, S key length, H query heads, K kv heads, G = H // K,
+D head dim, E embedding (hidden) size, F MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "RMSNorm", "Projection", "GatedMLP", "apply_rope", "gqa_attention", "dtype_of", "dense_init",
+]
+
+Array = jax.Array
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    """'float32' / 'bfloat16' / 'float16' -> jnp dtype."""
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def dense_init(std: float, axes: Sequence[str | None]):
+    """Normal(0, std) initializer (HF `initializer_range`) annotated with logical axis names."""
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), tuple(axes))
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last axis: statistics and scale in float32, output in `dtype`."""
+
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+            (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(var + self.eps)
+        # HF casts the normalised activations to the input dtype before the weight multiply.
+        y = y.astype(x.dtype).astype(jnp.float32) * scale.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class Projection(nn.Module):
+    """Linear map `[..., in] -> [..., features]` whose kernel carries logical axis names (HF `nn.Linear`)."""
+
+    features: int
+    axes: tuple[str | None, str | None]
+    use_bias: bool = False
+    std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", dense_init(self.std, self.axes),
+                            (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class GatedMLP(nn.Module):
+    """`down(silu(gate(x)) * up(x))` — the Qwen3/Llama MLP."""
+
+    intermediate_size: int
+    use_bias: bool = False
+    std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # x: [..., E]
+        kw = dict(use_bias=self.use_bias, std=self.std, dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = Projection(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+        up = Projection(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
+        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return Projection(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(h)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Rotate `x` [B, T, N, D] at integer `positions` [B, T] (HF half-split rotate_half convention).
+
+    Angles are computed in float32; the rotation is applied in float32 and cast back to x.dtype.
+    """
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)  # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def gqa_attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
+    """Grouped-query attention with a boolean mask; fully masked rows return zeros (never NaN).
+
+    q: [B, T, H, D]; k, v: [B, S, K, D]; mask: [B, T, S] (True = may attend). Returns [B, T, H, D].
+    Scores and softmax run in float32.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    m = mask[:, None, None, :, :]  # [B, 1, 1, T, S]
+    scores = jnp.where(m, scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    weights = jnp.where(m, jnp.exp(scores - row_max), 0.0)
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    weights = weights / jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)

@@ -1,0 +1,102 @@
+"""Sampling: one warping function turns logits into the float32 distribution that is sampled.
+
+Both autoregressive decoding and speculative decoding call `warp_probs`, for the target AND the
+draft, so temperature / top-k / top-p are applied identically on both sides of rejection sampling
+(lossless sampling needs exactly that). Order follows Hugging Face: temperature, top-k, top-p.
+Greedy (temperature 0) is the one-hot argmax distribution.
+
+The *mode* (greedy or not, top-k on/off, top-p on/off) is static (part of the compiled program);
+the *values* (temperature, k, p) are traced, so changing them does not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["SamplingConfig", "SamplingMode", "SamplingError", "warp_probs", "sample_from_probs"]
+
+Array = jax.Array
+
+
+class SamplingError(ValueError):
+    """Invalid sampling parameters (names the parameter and value)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingMode:
+    """Static part of a sampling configuration (decides the compiled program)."""
+
+    greedy: bool = True
+    use_top_k: bool = False
+    use_top_p: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """User-facing sampling parameters.
+
+    temperature: 0 means greedy; > 0 samples from softmax(logits / temperature).
+    top_k: keep the k most likely tokens (ties at the k-th value kept); 0 disables.
+    top_p: keep the smallest set of most likely tokens with mass >= top_p; 1.0 disables.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise SamplingError(f"temperature must be >= 0 and finite, got {self.temperature}")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise SamplingError(f"top_k must be a non-negative integer, got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def mode(self) -> SamplingMode:
+        """The static part (greedy / top-k / top-p switches)."""
+        greedy = self.temperature == 0.0
+        return SamplingMode(greedy=greedy, use_top_k=not greedy and self.top_k > 0,
+                            use_top_p=not greedy and self.top_p < 1.0)
+
+    def values(self) -> Array:
+        """Traced values [temperature, top_k, top_p] as one float32 vector."""
+        return jnp.asarray([max(self.temperature, 1e-6), float(self.top_k), self.top_p], jnp.float32)
+
+
+def warp_probs(logits: Array, values: Array, mode: SamplingMode) -> Array:
+    """Warped float32 distribution over the last axis.
+
+    logits: [..., V]; values: [3] = (temperature, top_k, top_p) from `SamplingConfig.values()`.
+    Returns probabilities [..., V] (one-hot argmax when `mode.greedy`).
+    """
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    if mode.greedy:
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), vocab, dtype=jnp.float32)
+    z = logits / values[0]
+    if mode.use_top_k or mode.use_top_p:
+        sorted_desc = -jnp.sort(-z, axis=-1)  # [..., V]
+        if mode.use_top_k:
+            k = jnp.clip(values[1].astype(jnp.int32), 1, vocab)
+            kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(k - 1, z.shape[:-1] + (1,)), axis=-1)
+            z = jnp.where(z >= kth, z, -jnp.inf)
+            sorted_desc = jnp.where(sorted_desc >= kth, sorted_desc, -jnp.inf)
+        if mode.use_top_p:
+            p_sorted = jax.nn.softmax(sorted_desc, axis=-1)
+            mass_before = jnp.cumsum(p_sorted, axis=-1) - p_sorted
+            n_keep = jnp.maximum(jnp.sum(mass_before < values[2], axis=-1, keepdims=True), 1)
+            threshold = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
+            z = jnp.where(z >= threshold, z, -jnp.inf)
+    return jax.nn.softmax(z, axis=-1)
+
+
+def sample_from_probs(key: Array, probs: Array, mode: SamplingMode) -> Array:
+    """Draw one token per row from `probs` [..., V] (argmax when greedy). Returns int32 [...]."""
+    if mode.greedy:
+        return jnp.argmax(probs, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)

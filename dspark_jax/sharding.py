@@ -1,0 +1,121 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes.
+
+Modules annotate every parameter with logical axis names (`("embed", "mlp")`, ...). This file
+resolves them against a `Mesh` with axes `data`, `fsdp`, `model`:
+  * the target is tensor-parallel over `model` (attention heads, MLP width, vocabulary) and
+    optionally fully-sharded over `fsdp` (the embed dimension of weights);
+  * batches shard over `data` (and `fsdp`);
+  * drafts run replicated (`replicated_shardings`).
+A dimension whose size is not divisible by its mesh axes falls back to replication on that
+dimension, so the same code runs on 1 device, an 8-device CPU simulation, or a TPU pod slice.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+__all__ = ["LOGICAL_AXIS_RULES", "make_mesh", "logical_to_spec", "param_shardings", "replicated_shardings",
+           "batch_sharding", "shard_params", "target_param_shardings"]
+
+# Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated). One table for the project.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "model"),
+    ("mlp", "model"),
+    ("q_heads", "model"),
+    ("kv_heads", "model"),
+    ("head_dim", None),
+    ("norm", None),
+    ("ctx_embed", None),
+    ("markov_rank", None),
+    ("act_embed", None),
+    ("act_mlp", "model"),
+    ("act_heads", "model"),
+)
+
+
+def make_mesh(*, data: int = 1, fsdp: int = 1, model: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, model) mesh with auto (GSPMD-propagated) axes. Sizes must multiply to the device count."""
+    devices = list(devices) if devices is not None else jax.devices()
+    if data * fsdp * model != len(devices):
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} x model={model} = {data * fsdp * model} "
+                         f"does not match {len(devices)} devices")
+    arr = np.asarray(devices, dtype=object).reshape(data, fsdp, model)
+    return Mesh(arr, ("data", "fsdp", "model"),
+                axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def _axis_size(mesh: Mesh, axes: Any) -> int:
+    if axes is None:
+        return 1
+    names = axes if isinstance(axes, tuple) else (axes,)
+    return int(np.prod([mesh.shape[n] for n in names]))
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> P:
+    """PartitionSpec for an array with these logical axes; non-divisible dims stay replicated.
+
+    A mesh axis is used at most once per array (first dimension that claims it wins).
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(logical_axes, shape):
+        axes = table.get(name) if name is not None else None
+        names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+        names = tuple(n for n in names if n in mesh.shape and mesh.shape[n] > 1 and n not in used)
+        if names and size % _axis_size(mesh, names) == 0:
+            used.update(names)
+            spec.append(names if len(names) > 1 else names[0])
+        else:
+            spec.append(None)
+    return P(*spec)
+
+
+def param_shardings(boxed_params: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
+    """NamedSharding tree for a (possibly abstract) param tree whose leaves are `nn.Partitioned`.
+
+    Get `boxed_params` from `jax.eval_shape(model.init, ...)["params"]` (no memory is allocated).
+    """
+
+    def one(leaf):
+        if isinstance(leaf, nn.Partitioned):
+            return NamedSharding(mesh, logical_to_spec(leaf.names, leaf.value.shape, mesh, rules))
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def replicated_shardings(params: Any, mesh: Mesh) -> Any:
+    """Fully replicated shardings (drafts run replicated on every device)."""
+    return jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), params)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_size: int) -> NamedSharding:
+    """Shard the leading (batch) dim over data x fsdp when divisible, else replicate."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), (batch_size,) + (1,) * (ndim - 1), mesh))
+
+
+def shard_params(params: Any, shardings: Any) -> Any:
+    """Place an unboxed param tree on the mesh."""
+    return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), params, shardings)
+
+
+def target_param_shardings(config, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:
+    """Shardings for a `TargetModel(config)` parameter tree (computed abstractly, no allocation)."""
+    import jax.numpy as jnp
+
+    from dspark_jax.target.model import TargetModel
+
+    model = TargetModel(config)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, tokens))["params"]
+    return param_shardings(boxed, mesh, rules)

@@ -1,0 +1,54 @@
+"""Static-shape KV cache for batched inference with per-row lengths.
+
+Keys/values of layer l live in `k[l]`, `v[l]`: [B, S, K, D] (post-norm, post-RoPE keys). A token
+at absolute position p is stored at cache index p, so roll-back is free: lowering `lengths`
+makes stale entries invisible (attention only admits keys at index <= the query's position) and
+the next append overwrites them.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from dspark_jax.config import TargetConfig
+from dspark_jax.layers import dtype_of
+
+__all__ = ["KVCache"]
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer key/value buffers plus the number of committed tokens of each row."""
+
+    k: tuple[jax.Array, ...]  # L x [B, S, K, D]
+    v: tuple[jax.Array, ...]  # L x [B, S, K, D]
+    lengths: jax.Array  # [B] int32, committed tokens per row
+
+    @classmethod
+    def create(cls, config: TargetConfig, batch_size: int, max_length: int, dtype: str | None = None) -> "KVCache":
+        """An empty cache of `max_length` positions for `batch_size` rows."""
+        dt = dtype_of(dtype or config.dtype)
+        shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
+        zeros = tuple(jnp.zeros(shape, dt) for _ in range(config.num_hidden_layers))
+        return cls(k=zeros, v=tuple(jnp.zeros(shape, dt) for _ in range(config.num_hidden_layers)),
+                   lengths=jnp.zeros((batch_size,), jnp.int32))
+
+    @property
+    def max_length(self) -> int:
+        """Number of positions each row can hold."""
+        return self.k[0].shape[1]
+
+    def with_lengths(self, lengths: jax.Array) -> "KVCache":
+        """Same buffers, new committed lengths (used to commit appended rows or roll back)."""
+        return self.replace(lengths=lengths.astype(jnp.int32))
+
+
+def write_rows(buffer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """Write `new` [B, T, K, D] into `buffer` [B, S, K, D] at row-specific offsets `starts` [B]."""
+
+    def one(buf, x, s):
+        return jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), (s, 0, 0))
+
+    return jax.vmap(one)(buffer, new, starts)

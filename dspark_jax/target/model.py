@@ -1,0 +1,171 @@
+"""Pure-functional Flax decoder for Qwen3 / Llama targets.
+
+Parameter tree mirrors Hugging Face module names (`embed_tokens`, `layers_{i}.self_attn.q_proj`,
+`norm`, `lm_head`), so checkpoint conversion is a rename plus a transpose.
+
+One forward covers every inference shape the library needs:
+  * full-sequence forward without a cache (training, parity tests),
+  * prefill of right-padded prompts into an empty cache,
+  * one-token decode,
+  * appending several tokens per row, each row at its own position (speculative verification).
+Tokens are written to the cache at index == absolute position; attention admits cache keys at
+index <= the query position, which makes roll-back a matter of lowering `KVCache.lengths`.
+
+Optional taps return residual-stream outputs of chosen decoder layers (HF `hidden_states[l+1]`;
+id -1 = embedding output) and the final normed hidden state; nothing extra is computed when they
+are not requested.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from dspark_jax.config import TargetConfig
+from dspark_jax.layers import GatedMLP, Projection, RMSNorm, apply_rope, dtype_of, gqa_attention
+from dspark_jax.target.kv_cache import KVCache, write_rows
+
+__all__ = ["TargetModel", "TargetOutput"]
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TargetOutput:
+    """Result of `TargetModel.__call__`.
+
+    logits: [B, T, V] float32 (or [B, N, V] when `logits_indices` [B, N] was given; None if
+      `compute_logits=False`).
+    cache: the updated KVCache (None when called without one). Its `lengths` are NOT advanced:
+      the caller decides how many appended tokens to commit.
+    taps: one [B, T, E] array per requested layer id, in the requested order.
+    final_hidden: [B, T, E] output of the final norm (None unless requested).
+    """
+
+    logits: Array | None
+    cache: KVCache | None
+    taps: tuple[Array, ...] = ()
+    final_hidden: Array | None = None
+
+
+class Attention(nn.Module):
+    """GQA self-attention with optional Qwen3 per-head q/k norm, RoPE, and KV-cache append."""
+
+    config: TargetConfig
+
+    @nn.compact
+    def __call__(self, x, positions, key_positions, key_valid, cache_kv, inv_freq):
+        cfg = self.config
+        dt = dtype_of(cfg.dtype)
+        kw = dict(use_bias=cfg.attention_bias, std=cfg.initializer_range, dtype=dt, param_dtype=dt)
+        b, t, _ = x.shape
+        h, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = Projection(h * d, ("embed", "q_heads"), name="q_proj", **kw)(x).reshape(b, t, h, d)
+        k = Projection(kvh * d, ("embed", "kv_heads"), name="k_proj", **kw)(x).reshape(b, t, kvh, d)
+        v = Projection(kvh * d, ("embed", "kv_heads"), name="v_proj", **kw)(x).reshape(b, t, kvh, d)
+        if cfg.has_qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, dt, dt, "head_dim", name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, dt, dt, "head_dim", name="k_norm")(k)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        new_kv = None
+        if cache_kv is not None:  # append at each row's own start position, attend to the cache
+            ck, cv = cache_kv
+            starts = positions[:, 0]
+            ck, cv = write_rows(ck, k, starts), write_rows(cv, v, starts)
+            k, v, new_kv = ck, cv, (ck, cv)
+        mask = key_positions[:, None, :] <= positions[:, :, None]  # [B, T, S]
+        if key_valid is not None:
+            mask = mask & key_valid[:, None, :]
+        out = gqa_attention(q, k, v, mask, d ** -0.5)  # [B, T, H, D]
+        out = nn.with_logical_constraint(out.reshape(b, t, h * d), ("batch", "length", "act_heads"))
+        return Projection(cfg.hidden_size, ("q_heads", "embed"), name="o_proj", **kw)(out), new_kv
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x))."""
+
+    config: TargetConfig
+
+    @nn.compact
+    def __call__(self, x, positions, key_positions, key_valid, cache_kv, inv_freq):
+        cfg = self.config
+        dt = dtype_of(cfg.dtype)
+        h = RMSNorm(cfg.rms_norm_eps, dt, dt, name="input_layernorm")(x)
+        attn, new_kv = Attention(cfg, name="self_attn")(h, positions, key_positions, key_valid, cache_kv, inv_freq)
+        x = x + attn
+        h = RMSNorm(cfg.rms_norm_eps, dt, dt, name="post_attention_layernorm")(x)
+        x = x + GatedMLP(cfg.intermediate_size, cfg.mlp_bias, cfg.initializer_range, dt, dt, name="mlp")(h)
+        return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), new_kv
+
+
+class TargetModel(nn.Module):
+    """Qwen3/Llama causal LM. See the module docstring for the call modes."""
+
+    config: TargetConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Array,  # [B, T] int32
+        positions: Array,  # [B, T] int32 absolute positions; contiguous per row when a cache is given
+        cache: KVCache | None = None,
+        *,
+        attention_mask: Array | None = None,  # [B, T] bool, key validity (no-cache mode only)
+        tap_layers: Sequence[int] = (),
+        return_final_hidden: bool = False,
+        logits_indices: Array | None = None,  # [B, N] int32: compute logits only at these indices
+        compute_logits: bool = True,
+    ) -> TargetOutput:
+        cfg = self.config
+        dt = dtype_of(cfg.dtype)
+        for lid in tap_layers:
+            if not -1 <= lid < cfg.num_hidden_layers:
+                raise ValueError(f"tap layer id {lid} outside [-1, {cfg.num_hidden_layers - 1}]")
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=dt,
+                         embedding_init=nn.with_logical_partitioning(
+                             nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
+                         name="embed_tokens")
+        x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "act_embed"))
+        inv_freq = jnp.asarray(cfg.rope_inv_freq())
+
+        if cache is not None:
+            s = cache.max_length
+            key_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (tokens.shape[0], s))
+            key_valid = None
+        else:
+            key_positions = positions
+            key_valid = attention_mask
+
+        taps = {-1: x} if -1 in tap_layers else {}
+        new_k, new_v = [], []
+        for i in range(cfg.num_hidden_layers):
+            layer_kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x, kv = DecoderLayer(cfg, name=f"layers_{i}")(x, positions, key_positions, key_valid, layer_kv, inv_freq)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+            if i in tap_layers:
+                taps[i] = x
+        x = RMSNorm(cfg.rms_norm_eps, dt, dt, name="norm")(x)
+        new_cache = cache.replace(k=tuple(new_k), v=tuple(new_v)) if cache is not None else None
+
+        logits = None
+        if compute_logits:
+            hl = x if logits_indices is None else jnp.take_along_axis(x, logits_indices[..., None], axis=1)
+            if cfg.tie_word_embeddings:
+                logits = embed.attend(hl.astype(dt))
+            else:
+                logits = Projection(cfg.vocab_size, ("embed", "vocab"), std=cfg.initializer_range,
+                                    dtype=dt, param_dtype=dt, name="lm_head")(hl)
+            logits = logits.astype(jnp.float32)
+        return TargetOutput(
+            logits=logits,
+            cache=new_cache,
+            taps=tuple(taps[lid] for lid in tap_layers),
+            final_hidden=x if return_final_hidden else None,
+        )
