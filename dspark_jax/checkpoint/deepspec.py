@@ -1,0 +1,313 @@
+"""DeepSpec draft checkpoints (spec §6): `config.json` + safetensors, keys without prefix.
+
+Key layout (PyTorch `[out, in]` orientation; Flax kernels are the transpose):
+
+    embed_tokens.weight [V, d]                 -> embed_tokens/embedding
+    fc.weight [d, n_ctx*d]                     -> fc/kernel (T)
+    hidden_norm.weight [d]                     -> hidden_norm/scale
+    layers.{i}.input_layernorm.weight, layers.{i}.post_attention_layernorm.weight,
+    layers.{i}.self_attn.{q,k,v,o}_proj.weight (+.bias iff attention_bias),
+    layers.{i}.self_attn.{q,k}_norm.weight, layers.{i}.mlp.{gate,up,down}_proj.weight
+                                               -> layers_{i}/... (same mapping as a target layer)
+    norm.weight [d]                            -> norm/scale
+    lm_head.weight [V, d]                      -> lm_head/kernel (T)
+    markov_head.markov_w1.weight [V, r]        -> markov_head/markov_w1/embedding (no transpose)
+    markov_head.markov_w2.weight [V, r]        -> markov_head/markov_w2/kernel [r, V] (T)
+    markov_head.gate_proj.{weight [r, d+r], bias [r]}          (gated head)
+    markov_head.joint_proj.{weight [3r, 2r+d], bias [3r]}      (rnn head)
+    confidence_head.proj.{weight [1, d(+r)], bias [1]}
+
+Single `model.safetensors` or sharded `model-0000i-of-0000n.safetensors` +
+`model.safetensors.index.json`. Writes are atomic (temporary directory + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from dspark_jax.checkpoint.hf_layout import CheckpointError, expected_hf_shapes, target_key_map
+from dspark_jax.config import TargetConfig
+from dspark_jax.draft.config import DraftConfig
+from dspark_jax.draft.model import init_draft_params
+from dspark_jax.layers import dtype_of
+
+__all__ = ["draft_key_map", "expected_draft_shapes", "deepspec_to_params", "params_to_deepspec", "load_draft",
+           "save_draft", "draft_params_from_target", "read_safetensors_dir"]
+
+_SINGLE = "model.safetensors"
+_INDEX = "model.safetensors.index.json"
+_IGNORED = ("rotary_emb",)  # non-persistent buffers some exporters still write
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+KeyMap = list[tuple[str, tuple[str, ...], bool]]
+
+
+def _strip(key: str) -> str:
+    return key[len("model."):] if key.startswith("model.") else key
+
+
+def draft_key_map(config: DraftConfig) -> KeyMap:
+    """[(deepspec_key, flax_param_path, transpose)] for every tensor of a draft checkpoint."""
+    out: KeyMap = [(_strip(k), path, t) for k, path, t in target_key_map(config.layer_config())]
+    out += [("fc.weight", ("fc", "kernel"), True), ("hidden_norm.weight", ("hidden_norm", "scale"), False)]
+    if config.has_markov_head:
+        mh = ("markov_head",)
+        out += [("markov_head.markov_w1.weight", mh + ("markov_w1", "embedding"), False),
+                ("markov_head.markov_w2.weight", mh + ("markov_w2", "kernel"), True)]
+        extra = {"gated": "gate_proj", "rnn": "joint_proj"}.get(config.markov_head_type)
+        if extra:
+            out += [(f"markov_head.{extra}.weight", mh + (extra, "kernel"), True),
+                    (f"markov_head.{extra}.bias", mh + (extra, "bias"), False)]
+    if config.enable_confidence_head:
+        out += [("confidence_head.proj.weight", ("confidence_head", "proj", "kernel"), True),
+                ("confidence_head.proj.bias", ("confidence_head", "proj", "bias"), False)]
+    return out
+
+
+def expected_draft_shapes(config: DraftConfig) -> dict[str, tuple[int, ...]]:
+    """DeepSpec key -> shape in PyTorch orientation, for every key of `draft_key_map(config)`."""
+    c = config
+    d, v, r = c.hidden_size, c.vocab_size, c.markov_rank
+    shapes = {_strip(k): s for k, s in expected_hf_shapes(c.layer_config()).items()}
+    shapes.update({
+        "fc.weight": (d, c.context_dim), "hidden_norm.weight": (d,),
+        "markov_head.markov_w1.weight": (v, r), "markov_head.markov_w2.weight": (v, r),
+        "markov_head.gate_proj.weight": (r, d + r), "markov_head.gate_proj.bias": (r,),
+        "markov_head.joint_proj.weight": (3 * r, 2 * r + d), "markov_head.joint_proj.bias": (3 * r,),
+        "confidence_head.proj.weight": (1, c.confidence_in_features), "confidence_head.proj.bias": (1,),
+    })
+    return {k: shapes[k] for k, _, _ in draft_key_map(config)}
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]) -> Any:
+    for p in path:
+        if not isinstance(tree, dict) or p not in tree:
+            raise CheckpointError(f"params have no entry {'/'.join(path)!r}")
+        tree = tree[p]
+    return tree
+
+
+def deepspec_to_params(tensors: dict[str, np.ndarray], config: DraftConfig, *, source: str = "checkpoint",
+                       dtype: Any = None) -> dict:
+    """Flat DeepSpec state dict (numpy) -> nested Flax params. CheckpointError names offending keys."""
+    tensors = {k.replace("_orig_mod.", ""): t for k, t in tensors.items()}
+    key_map = draft_key_map(config)
+    shapes = expected_draft_shapes(config)
+    wanted = {k for k, _, _ in key_map}
+    unexpected = sorted(k for k in set(tensors) - wanted if not any(a in k for a in _IGNORED))
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+                              f" not used by this draft config (markov_rank={config.markov_rank}, "
+                              f"markov_head_type={config.markov_head_type!r}, "
+                              f"enable_confidence_head={config.enable_confidence_head})")
+    missing = sorted(wanted - set(tensors))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    params: dict = {}
+    for key, path, transpose in key_map:
+        arr = np.asarray(tensors[key])
+        if tuple(arr.shape) != shapes[key]:
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(arr.shape)}, expected "
+                                  f"{shapes[key]} from config.json")
+        if transpose:
+            arr = arr.T
+        if dtype is not None:
+            arr = arr.astype(dtype)
+        _set(params, path, np.ascontiguousarray(arr))
+    return params
+
+
+def params_to_deepspec(params: dict, config: DraftConfig, *, dtype: Any = None) -> dict[str, np.ndarray]:
+    """Nested Flax params -> flat DeepSpec state dict (PyTorch orientation, numpy, optional cast)."""
+    params = _unbox(params)
+    shapes = expected_draft_shapes(config)
+    out = {}
+    for key, path, transpose in draft_key_map(config):
+        arr = np.asarray(jax.device_get(_get(params, path)))
+        if transpose:
+            arr = arr.T
+        if tuple(arr.shape) != shapes[key]:
+            raise CheckpointError(f"param {'/'.join(path)} gives {key!r} shape {tuple(arr.shape)}, expected "
+                                  f"{shapes[key]} for this config")
+        if dtype is not None:
+            arr = arr.astype(dtype)
+        out[key] = np.ascontiguousarray(arr)
+    return out
+
+
+def _unbox(tree: Any) -> Any:
+    import flax.linen as nn
+    tree = nn.meta.unbox(tree)
+    if isinstance(tree, dict) and set(tree) == {"params"}:
+        tree = tree["params"]
+    return tree
+
+
+# ------------------------------------------------------------------------------------------ I/O
+
+
+def read_safetensors_dir(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of `model.safetensors` or of a sharded index in directory `path` (numpy)."""
+    path = os.fspath(path)
+    index = os.path.join(path, _INDEX)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: invalid safetensors index ({e})") from e
+        files: dict[str, list[str]] = {}
+        for key, fname in weight_map.items():
+            files.setdefault(fname, []).append(key)
+    elif os.path.isfile(os.path.join(path, _SINGLE)):
+        files = {_SINGLE: None}
+    else:
+        raise CheckpointError(f"no {_SINGLE} or {_INDEX} in {path!r}")
+    tensors: dict[str, np.ndarray] = {}
+    for fname, keys in files.items():
+        fpath = os.path.join(path, fname)
+        if not os.path.isfile(fpath):
+            raise CheckpointError(f"{path}: shard {fname!r} listed in the index is missing")
+        try:
+            with safe_open(fpath, framework="np") as f:
+                names = list(f.keys())
+                if keys is not None:
+                    absent = sorted(set(keys) - set(names))
+                    if absent:
+                        raise CheckpointError(f"{fpath}: tensor(s) {absent[:5]} listed in the index are missing")
+                for k in names:
+                    tensors[k] = f.get_tensor(k)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"{fpath}: unreadable safetensors file ({e})") from e
+    return tensors
+
+
+def load_draft(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[DraftConfig, dict]:
+    """Read a DeepSpec draft directory -> (DraftConfig, params as numpy arrays of `dtype`).
+
+    `dtype` (default 'float32') becomes `DraftConfig.dtype` and the parameter dtype.
+    """
+    path = os.fspath(path)
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"no config.json in {path!r}")
+    try:
+        with open(cfg_path) as f:
+            hf = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
+    config = DraftConfig.from_deepspec_config(hf, dtype=dtype, source=cfg_path)
+    tensors = read_safetensors_dir(path)
+    params = deepspec_to_params(tensors, config, source=path, dtype=_NP_DTYPES[config.dtype])
+    return config, params
+
+
+def save_draft(params: dict, config: DraftConfig, path: str | os.PathLike, *, dtype: str = "bfloat16",
+               max_shard_bytes: int | None = 5 * 1024 ** 3) -> None:
+    """Write `config.json` + safetensors (DeepSpec layout) atomically, replacing `path` if it exists.
+
+    Tensors are cast to `dtype`; above `max_shard_bytes` the weights are sharded with an index.
+    """
+    if dtype not in _NP_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_NP_DTYPES)}, got {dtype!r}")
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"{path!r} exists and is not a directory")
+    tensors = params_to_deepspec(params, config, dtype=_NP_DTYPES[dtype])
+    shards = _plan_shards(tensors, max_shard_bytes)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config.to_deepspec_config(dtype=dtype), f, indent=2, sort_keys=True)
+            f.write("\n")
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, _SINGLE), metadata=meta)
+        else:
+            weight_map = {}
+            n = len(shards)
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                save_file(shard, os.path.join(tmp, fname), metadata=meta)
+                weight_map.update({k: fname for k in shard})
+            total = sum(int(t.nbytes) for t in tensors.values())
+            with open(os.path.join(tmp, _INDEX), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                          f, indent=2)
+        if os.path.isdir(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            os.rmdir(old)
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _plan_shards(tensors: dict[str, np.ndarray], max_bytes: int | None) -> list[dict[str, np.ndarray]]:
+    if max_bytes is None:
+        return [tensors]
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for k in sorted(tensors):
+        nb = int(tensors[k].nbytes)
+        if shards[-1] and size + nb > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = tensors[k]
+        size += nb
+    return shards
+
+
+# ------------------------------------------------------------------------------------------ init
+
+
+def draft_params_from_target(target_params: dict, target_config: TargetConfig, draft_config: DraftConfig,
+                             rng: jax.Array) -> dict:
+    """Fresh draft params (HF init) with embed_tokens / lm_head copied from the target.
+
+    A tied target's lm_head is its embedding matrix (stored as a separate draft tensor).
+    """
+    draft_config.validate_against_target(target_config)
+    tp = _unbox(target_params)
+    dt = dtype_of(draft_config.dtype)
+    emb = jnp.asarray(_get(tp, ("embed_tokens", "embedding")))
+    if target_config.tie_word_embeddings:
+        head = emb.T
+    else:
+        head = jnp.asarray(_get(tp, ("lm_head", "kernel")))
+    v, d = draft_config.vocab_size, draft_config.hidden_size
+    if emb.shape != (v, d) or head.shape != (d, v):
+        raise CheckpointError(f"target embed_tokens {tuple(emb.shape)} / lm_head kernel {tuple(head.shape)} do not "
+                              f"match the draft's (vocab_size={v}, hidden_size={d})")
+    params = init_draft_params(draft_config, rng)
+    params["embed_tokens"] = {"embedding": jnp.array(emb, dtype=dt, copy=True)}
+    params["lm_head"] = {"kernel": jnp.array(head, dtype=dt, copy=True)}
+    return params
