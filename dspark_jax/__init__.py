@@ -1,0 +1,52 @@
+"""dspark-jax: DSpark confidence-scheduled speculative decoding in JAX/Flax.
+
+Curated public API:
+
+    from dspark_jax import load_target_bundle, load_draft_bundle, generate, SamplingConfig
+
+Model-level pieces: `TargetConfig`, `TargetModel`, `KVCache`, `DraftConfig`, `DraftModel`,
+checkpoint I/O (`load_target`, `save_target`, `load_draft`, `save_draft`), `Tokenizer`, and the
+sharding helpers (`make_mesh`, `target_param_shardings`). The generation entry points live in the
+top-level `infer` package and are re-exported here lazily (so importing either package first works).
+"""
+
+from dspark_jax.config import ConfigError, TargetConfig
+from dspark_jax.sampling import SamplingConfig, SamplingError
+
+__all__ = [
+    "ConfigError", "TargetConfig", "SamplingConfig", "SamplingError",
+    "TargetModel", "KVCache", "DraftConfig", "DraftModel",
+    "load_target", "save_target", "load_draft", "save_draft", "Tokenizer",
+    "make_mesh", "target_param_shardings",
+    "generate", "load_target_bundle", "load_draft_bundle", "Target", "Draft", "GenerationResult", "GenerationError",
+]
+
+_LAZY = {
+    "TargetModel": "dspark_jax.target.model",
+    "KVCache": "dspark_jax.target.kv_cache",
+    "DraftConfig": "dspark_jax.draft.config",
+    "DraftModel": "dspark_jax.draft.model",
+    "load_target": "dspark_jax.checkpoint.hf",
+    "save_target": "dspark_jax.checkpoint.hf",
+    "load_draft": "dspark_jax.checkpoint.deepspec",
+    "save_draft": "dspark_jax.checkpoint.deepspec",
+    "Tokenizer": "dspark_jax.tokenizer",
+    "make_mesh": "dspark_jax.sharding",
+    "target_param_shardings": "dspark_jax.sharding",
+    "generate": "infer.api",
+    "load_target_bundle": "infer.api",
+    "Target": "infer.api",
+    "GenerationResult": "infer.api",
+    "GenerationError": "infer.api",
+    "load_draft_bundle": "infer.speculative_api",
+    "Draft": "infer.speculative_api",
+}
+
+
+def __getattr__(name: str):
+    """Import the public symbols that live in heavier submodules on first use."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dspark_jax' has no attribute {name!r}")

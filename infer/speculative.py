@@ -37,7 +37,8 @@ from infer.autoregressive import is_stop, prefill
 from infer.spec_metrics import RoundRecords, RoundStats
 from infer.verify import rejection_sample
 
-__all__ = ["Proposal", "SpecOptions", "speculative_generate", "propose", "truncate_proposal"]
+__all__ = ["Proposal", "SpecOptions", "speculative_generate", "propose", "draft_backbone", "sample_block",
+           "truncate_proposal"]
 
 Array = jax.Array
 
@@ -88,24 +89,34 @@ def truncate_proposal(conf_logits: Array, block_size: int, confidence_threshold:
     return num
 
 
-def propose(draft_model: DraftModel, draft_params, dcfg: DraftConfig, cache: DraftCache, pending: Array,
-            pending_positions: Array, pending_valid: Array, anchor: Array, start: Array, key: Array,
-            sampling_values: Array, mode: SamplingMode, options: SpecOptions,
-            temperatures: Array | None = None) -> tuple[Proposal, DraftCache]:
-    """Draft one block per row.
+def draft_backbone(draft_model: DraftModel, draft_params, dcfg: DraftConfig, cache: DraftCache, pending: Array,
+                   pending_positions: Array, pending_valid: Array, anchor: Array, start: Array,
+                   block_size: int) -> tuple[Array, Array, DraftCache]:
+    """The parallel draft pass for one block per row.
 
     pending [B, C, n_ctx*d] target features not yet in the draft cache (rows where pending_valid),
-    at pending_positions [B, C]; anchor [B] at position start [B].
+    at pending_positions [B, C]; anchor [B] at position start [B]. Returns (h [B, K, d],
+    base logits U [B, K, V] float32, draft cache with the pending rows committed).
     """
-    k = options.block_size
     b = anchor.shape[0]
     p = {"params": draft_params}
     new_ctx = draft_model.apply(p, pending, method=DraftModel.project_context)
     block_tokens = jnp.concatenate(
-        [anchor[:, None], jnp.full((b, k - 1), dcfg.mask_token_id, jnp.int32)], axis=1)
-    block_positions = start[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]
-    h, base_logits, cache = draft_model.apply(p, block_tokens, block_positions, cache, new_ctx, pending_positions,
-                                              pending_valid, method=DraftModel.block_forward)
+        [anchor[:, None], jnp.full((b, block_size - 1), dcfg.mask_token_id, jnp.int32)], axis=1)
+    block_positions = start[:, None] + jnp.arange(block_size, dtype=jnp.int32)[None, :]
+    return draft_model.apply(p, block_tokens, block_positions, cache, new_ctx, pending_positions, pending_valid,
+                             method=DraftModel.block_forward)
+
+
+def sample_block(draft_params, dcfg: DraftConfig, h: Array, base_logits: Array, anchor: Array, key: Array,
+                 sampling_values: Array, mode: SamplingMode, options: SpecOptions,
+                 temperatures: Array | None = None) -> Proposal:
+    """Sequential head: sample the K drafts left to right (spec §2.5) and score their confidences.
+
+    Slot k's logits are Z_k = U_k + B(prev, h_k[, state]); the draft token is sampled from
+    warp_probs(Z_k) — the same float32 distribution handed to the verifier.
+    """
+    b = anchor.shape[0]
     markov = draft_params.get("markov_head")
     conf_params = draft_params.get("confidence_head")
 
@@ -126,13 +137,25 @@ def propose(draft_model: DraftModel, draft_params, dcfg: DraftConfig, cache: Dra
             conf = jnp.zeros((b,), jnp.float32)
         return (tok, state), (tok, probs, conf)
 
+    k = options.block_size
     state0 = heads.init_state((b,), max(dcfg.markov_rank, 1))
-    keys = jax.random.split(key, k)
-    xs = (jnp.moveaxis(h[:, :k], 1, 0), jnp.moveaxis(base_logits[:, :k], 1, 0), keys)
+    xs = (jnp.moveaxis(h[:, :k], 1, 0), jnp.moveaxis(base_logits[:, :k], 1, 0), jax.random.split(key, k))
     _, (toks, probs, conf) = jax.lax.scan(slot, (anchor, state0), xs)
     tokens, probs, conf = jnp.moveaxis(toks, 0, 1), jnp.moveaxis(probs, 0, 1), jnp.moveaxis(conf, 0, 1)
     num = truncate_proposal(conf, k, options.confidence_threshold, options.survival_threshold, temperatures)
-    return Proposal(tokens=tokens, probs=probs, conf_logits=conf, num=num), cache
+    return Proposal(tokens=tokens, probs=probs, conf_logits=conf, num=num)
+
+
+def propose(draft_model: DraftModel, draft_params, dcfg: DraftConfig, cache: DraftCache, pending: Array,
+            pending_positions: Array, pending_valid: Array, anchor: Array, start: Array, key: Array,
+            sampling_values: Array, mode: SamplingMode, options: SpecOptions,
+            temperatures: Array | None = None) -> tuple[Proposal, DraftCache]:
+    """Draft one block per row: `draft_backbone` then `sample_block`."""
+    h, base_logits, cache = draft_backbone(draft_model, draft_params, dcfg, cache, pending, pending_positions,
+                                           pending_valid, anchor, start, options.block_size)
+    proposal = sample_block(draft_params, dcfg, h, base_logits, anchor, key, sampling_values, mode, options,
+                            temperatures)
+    return proposal, cache
 
 
 def _write_rows(buf: Array, rows: Array, starts: Array) -> Array:
