@@ -1,0 +1,52 @@
+"""Sharding: the rules table, and sharded == 1-device results on 8 simulated CPU devices."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from dspark_jax.sharding import logical_to_spec, make_mesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class FakeMesh:
+    """Just the `.shape` mapping that `logical_to_spec` reads."""
+
+    def __init__(self, **shape):
+        self.shape = shape
+
+
+def test_rules_shard_heads_and_mlp_over_model():
+    mesh = FakeMesh(data=2, fsdp=1, model=4)
+    assert logical_to_spec(("embed", "mlp"), (64, 128), mesh) == P(None, "model")
+    assert logical_to_spec(("vocab", "embed"), (64, 64), mesh) == P("model", None)
+    assert logical_to_spec(("batch", None), (8, 3), mesh) == P("data", None)
+
+
+def test_non_divisible_dims_fall_back_to_replication():
+    mesh = FakeMesh(data=2, fsdp=1, model=4)
+    assert logical_to_spec(("embed", "kv_heads"), (64, 6), mesh) == P(None, None)
+    assert logical_to_spec(("batch",), (3,), mesh) == P(None)
+
+
+def test_fsdp_axis_and_single_use_per_array():
+    mesh = FakeMesh(data=1, fsdp=2, model=2)
+    assert logical_to_spec(("embed", "mlp"), (64, 64), mesh) == P("fsdp", "model")
+    assert logical_to_spec(("batch", "embed"), (4, 64), mesh) == P("fsdp", None)  # fsdp used once
+
+
+def test_make_mesh_checks_device_count():
+    with pytest.raises(ValueError, match="does not match 1 devices"):
+        make_mesh(data=2, model=4, devices=jax.devices()[:1])
+
+
+def test_sharded_forward_and_generate_equal_single_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "scripts", "sharded_equivalence.py")],
+                          env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("OK")
