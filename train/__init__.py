@@ -1,0 +1,14 @@
+"""Training: target pretraining (`dspark train-target`) and the pieces the draft trainer reuses.
+
+Shared, model-agnostic modules:
+  * `train.optim`          AdamW + warmup/cosine schedule + clipping (`make_optimizer`), `cast_floating`
+  * `train.parallel`       `TrainState`, `build_train_program` (sharded jitted init / step / eval with
+                           gradient accumulation and bf16 compute on float32 master weights)
+  * `train.checkpointing`  `TrainCheckpointer` (orbax, commit-marker checked), `check_same_config`
+  * `train.metrics`        `MetricsLogger` (resumable JSONL), `ProgressBar` (tqdm), `RateMeter`
+  * `train.data`           tokenizer loading, packing, resumable `BatchIterator`, validation batches
+Target-specific: `train.target_config` (`TargetTrainConfig`), `train.target_trainer`
+(`train_target`), `train.cli_target` (`train_target_main`).
+
+Nothing heavy is imported here, so `import train` is cheap.
+"""

@@ -1,0 +1,246 @@
+"""Target pretraining loop (`dspark train-target`): next-token cross-entropy on packed sequences.
+
+Output directory layout (`out_dir`):
+
+    train_config.json        the resolved TargetTrainConfig (vocab filled in from the tokenizer)
+    metrics.jsonl            {"step", "loss", "lr", "grad_norm", "accuracy", "tokens_per_s", ...}
+                             and {"step", "eval": {domain: loss}} records
+    checkpoints/<step>/      orbax: params + AdamW state + step + RNG, and JSON meta (config,
+                             data-iterator state, corpus/tokenizer fingerprint)
+    cache/                   tokenized corpus streams (.npy)
+    config.json, model.safetensors, generation_config.json, tokenizer*.json
+                             the final model in Hugging Face layout (`dspark generate --target out_dir`)
+
+The step runs on a (data, fsdp, model) mesh (`train.parallel`); a 1x1x1 mesh is the same code on
+one device. Resuming restores params, optimizer state, RNG and the data position exactly, so N
+steps + resume to 2N equals an uninterrupted 2N run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dspark_jax.config import TargetConfig
+from dspark_jax.sharding import make_mesh
+from dspark_jax.target.model import TargetModel
+from train.checkpointing import TrainCheckpointer, check_same_config
+from train.data import (BatchIterator, DataState, TokenizerInfo, check_corpus, load_tokenizer,
+                        pack_stream, tokenize_split, validation_batches)
+from train.metrics import MetricsLogger, ProgressBar, RateMeter, read_jsonl
+from train.optim import OptimizerConfig, make_optimizer
+from train.parallel import TrainProgram, build_train_program
+from train.target_config import RESUME_COMPATIBLE_FIELDS, TargetTrainConfig
+
+__all__ = ["TrainResult", "train_target", "make_target_loss", "build_target_program", "export_target",
+           "evaluate_domains", "TrainSetupError"]
+
+
+class TrainSetupError(ValueError):
+    """Inputs that cannot be trained on (message says what and how to fix it)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainResult:
+    """What `train_target` did: final step, last logged train loss, last eval losses, the state."""
+
+    out_dir: str
+    start_step: int
+    final_step: int
+    final_loss: float | None
+    eval_losses: dict[str, float]
+    state: Any  # train.parallel.TrainState (device arrays)
+    config: TargetTrainConfig
+    exported: bool
+
+
+def make_target_loss(model: TargetModel) -> Callable:
+    """Loss function (train.parallel contract): batch {tokens [B, L+1] int32, mask [B, L] float32}."""
+
+    def loss_fn(params, batch, rng):
+        del rng  # no dropout
+        tokens = batch["tokens"]
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, L]
+        positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
+        logits = model.apply({"params": params}, inputs, positions).logits  # [B, L, V] float32
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        mask = batch["mask"].astype(jnp.float32)
+        correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+        return jnp.sum((logz - target_logit) * mask), (jnp.sum(mask), {"accuracy": jnp.sum(correct * mask)})
+
+    return loss_fn
+
+
+def build_target_program(config: TargetTrainConfig, model_config: TargetConfig, mesh) -> TrainProgram:
+    """Jitted init/step/eval of `config` (resolved vocab) on `mesh`."""
+    tx, schedule = make_optimizer(OptimizerConfig(
+        learning_rate=config.learning_rate, total_steps=config.steps, warmup_fraction=config.warmup_fraction,
+        b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps, weight_decay=config.weight_decay,
+        grad_clip=config.grad_clip))
+    init_model = TargetModel(model_config)
+    compute_model = TargetModel(model_config.replace(dtype=config.compute_dtype))
+
+    def init_params(rng):
+        dummy = jnp.zeros((1, 1), jnp.int32)
+        return init_model.init(rng, dummy, dummy)["params"]
+
+    return build_train_program(mesh=mesh, init_params=init_params, loss_fn=make_target_loss(compute_model),
+                               optimizer=tx, schedule=schedule, grad_accum_steps=config.grad_accum_steps,
+                               compute_dtype=config.compute_dtype)
+
+
+def evaluate_domains(program: TrainProgram, params, batches: dict[str, list[dict[str, np.ndarray]]]) -> dict[str, float]:
+    """Token-weighted mean validation loss per domain (domains without tokens are left out)."""
+    out = {}
+    for domain, items in batches.items():
+        total, weight = 0.0, 0.0
+        for b in items:
+            l, w = program.evaluate(params, program.put_batch(b))
+            total, weight = total + float(l), weight + float(w)
+        if weight > 0:
+            out[domain] = total / weight
+    return out
+
+
+def export_target(params, model_config: TargetConfig, out_dir: str, tok: TokenizerInfo, dtype: str) -> None:
+    """Write the model in HF layout + tokenizer files into `out_dir` (config.json moved in last)."""
+    from dspark_jax.checkpoint.hf import save_target
+
+    staging = os.path.join(out_dir, ".export-staging")
+    copy = [os.path.join(tok.directory, n) for n in tok.files]
+    save_target(params, model_config, staging, dtype=dtype, overwrite=True, copy_files=copy)
+    with open(os.path.join(staging, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"bos_token_id": model_config.bos_token_id, "eos_token_id": tok.eos_id,
+                   "pad_token_id": tok.pad_id}, f, indent=2)
+    for name in os.listdir(out_dir):  # stale weights of an earlier export
+        if name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json")):
+            os.remove(os.path.join(out_dir, name))
+    names = sorted(os.listdir(staging), key=lambda n: n == "config.json")
+    for name in names:
+        os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _make_mesh(config: TargetTrainConfig):
+    devices = jax.devices()
+    if config.num_devices > len(devices):
+        raise TrainSetupError(f"mesh data={config.mesh_data} x fsdp={config.mesh_fsdp} x model={config.mesh_model} "
+                              f"needs {config.num_devices} devices but only {len(devices)} are available")
+    return make_mesh(data=config.mesh_data, fsdp=config.mesh_fsdp, model=config.mesh_model,
+                     devices=devices[:config.num_devices])
+
+
+def train_target(config: TargetTrainConfig, *, corpus_dir: str, tokenizer_dir: str, out_dir: str,
+                 resume: bool = False, stop_at_step: int | None = None, progress: bool = True,
+                 export: bool = True) -> TrainResult:
+    """Pretrain a target model on `corpus_dir` with the tokenizer in `tokenizer_dir`; see the module docstring.
+
+    `resume=True` continues from the latest committed checkpoint in `out_dir` (refused if it was
+    written with a different config); without it, an `out_dir` holding checkpoints is refused.
+    `stop_at_step` ends this invocation early (with a checkpoint) as if interrupted; the
+    schedule still spans `config.steps`. The HF export happens only when `config.steps` is reached.
+    """
+    out_dir = os.path.abspath(out_dir)
+    manifest = check_corpus(corpus_dir)
+    tok = load_tokenizer(tokenizer_dir)
+    try:
+        config = config.resolve_vocab(tok.vocab_size)
+    except ValueError as e:
+        raise TrainSetupError(f"{tok.directory}: {e}") from None
+    model_config = config.model_config(eos_id=tok.eos_id, pad_id=tok.pad_id)
+    mesh = _make_mesh(config)
+    primary = jax.process_index() == 0
+    os.makedirs(out_dir, exist_ok=True)
+    fingerprint = {"corpus_content_hash": manifest.get("content_hash"), "tokenizer_sha256": tok.sha256}
+
+    ckpt = TrainCheckpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+    bar = ProgressBar(total=config.steps, enabled=False)
+    for path in ckpt.quarantined:
+        bar.write(f"train-target: ignoring uncommitted checkpoint (interrupted write), moved to {path}")
+    latest = ckpt.latest_step()
+    if latest is not None and not resume:
+        ckpt.close()
+        raise TrainSetupError(f"{out_dir} already holds checkpoints (latest step {latest}); pass --resume to "
+                              f"continue that run or choose a new --out directory")
+    if latest is None and resume:
+        bar.write(f"train-target: no committed checkpoint in {ckpt.directory}; starting from step 0")
+    if latest is not None:
+        meta = ckpt.read_meta(latest)
+        where = os.path.join(ckpt.directory, str(latest))
+        check_same_config(meta["config"], config.to_dict(), where=where, ignore=RESUME_COMPATIBLE_FIELDS)
+        check_same_config(meta["fingerprint"], fingerprint, where=where + " (corpus / tokenizer)")
+    if primary:
+        config.write_json(os.path.join(out_dir, "train_config.json"))
+
+    cache = os.path.join(out_dir, "cache")
+    stream = np.concatenate([tokenize_split(corpus_dir, d, "train", tok, cache_dir=cache) for d in config.domains])
+    packed = pack_stream(stream, config.seq_len, tok.pad_id)
+    data = BatchIterator(packed, config.batch_size, config.seed)
+    micro = config.batch_size // config.grad_accum_steps
+    val = validation_batches(corpus_dir, config.domains, tok, seq_len=config.seq_len, batch_size=micro,
+                             max_batches=config.eval_batches, cache_dir=cache)
+    program = build_target_program(config, model_config, mesh)
+    if latest is not None:
+        state, meta = ckpt.restore(latest, program.abstract_state)
+        data.restore(DataState.from_dict(meta["data_state"]))
+    else:
+        state = program.init(config.seed)
+    start = int(jax.device_get(state.step))
+    end = config.steps if stop_at_step is None else max(start, min(int(stop_at_step), config.steps))
+    logger = MetricsLogger(os.path.join(out_dir, "metrics.jsonl"), resume_step=start if latest else None,
+                           enabled=primary)
+    bar = ProgressBar(total=config.steps, initial=start, desc="train-target", enabled=progress and primary)
+    bar.write(f"train-target: {len(packed)} sequences x {config.seq_len} tokens "
+              f"({packed.num_target_tokens} targets, {data.batches_per_epoch} steps/epoch), vocab "
+              f"{config.vocab_size}, mesh {dict(mesh.shape)}, steps {start}->{end} of {config.steps}")
+
+    def meta_now(step: int) -> dict:
+        return {"step": step, "config": config.to_dict(), "data_state": data.state.to_dict(),
+                "fingerprint": fingerprint}
+
+    rate, last_loss, eval_losses = RateMeter(), None, {}
+    try:
+        for step in range(start, end):
+            state, metrics = program.step(state, program.put_batch(next(data)))
+            s = step + 1
+            rate.add(config.tokens_per_step)
+            if step == start:  # exclude compilation from the throughput
+                jax.block_until_ready(metrics)
+                rate.reset()
+            if s % config.log_every == 0 or s == config.steps:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                last_loss = m["loss"]
+                tps = rate.rate()
+                logger.log({"step": s, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+                            "accuracy": m["accuracy"], "tokens": m["weight"], "tokens_per_s": tps,
+                            "epoch": data.state.epoch})
+                bar.update(0, loss=m["loss"], lr=m["lr"], tok_s=round(tps))
+            if s % config.eval_every == 0 or s == config.steps:
+                eval_losses = evaluate_domains(program, state.params, val)
+                logger.log({"step": s, "eval": eval_losses})
+                bar.write(f"step {s}: eval loss " + ", ".join(f"{d} {v:.4f}" for d, v in eval_losses.items()))
+            if s % config.ckpt_every == 0 or s == end:
+                ckpt.save(s, state, meta_now(s))
+            bar.update(1)
+    finally:
+        bar.close()
+        logger.close()
+        ckpt.close()
+    exported = False
+    if export and end == config.steps and primary:
+        export_target(state.params, model_config, out_dir, tok, config.export_dtype)
+        exported = True
+        bar.write(f"train-target: exported {config.export_dtype} model to {out_dir}")
+    if last_loss is None:
+        last = [r for r in read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if "loss" in r]
+        last_loss = last[-1]["loss"] if last else None
+    return TrainResult(out_dir=out_dir, start_step=start, final_step=end, final_loss=last_loss,
+                       eval_losses=eval_losses, state=state, config=config, exported=exported)
