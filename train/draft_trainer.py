@@ -1,0 +1,417 @@
+"""DSpark / DFlash draft training against a frozen target (`dspark train-draft`).
+
+Output directory (`out_dir`):
+
+    train_config.json     the DraftTrainConfig of the run
+    metrics.jsonl         {"step", "loss", "ce_loss", "l1_loss", "confidence_loss", "accept_rate@k", ...,
+                          "tokens_per_s", "anchors_per_s"} and {"step", "eval": {domain: {...}}} records
+    checkpoints/<step>/   orbax: draft params (float32 master) + AdamW state + step + RNG, JSON meta
+                          (config, draft config, data position, target / corpus / tokenizer fingerprint)
+    cache/                tokenized corpus streams
+    draft/                the final draft in DeepSpec layout (`save_draft`) + train_summary.json
+
+Layout: one (data, fsdp, model) mesh. The frozen target is sharded by the project's logical-axis
+rules (tensor parallel over `model`), the draft and its optimizer state are replicated, batches are
+split over data x fsdp. Only the draft's trainable parameters are optimised: `embed_tokens` and
+`lm_head` are frozen copies of the target's (stop_gradient in the model, `optax.set_to_zero` here,
+so they hold no AdamW moments). Target features come from the target run inside the step
+(`draft_features.make_feature_fn`) or from an offline v2 cache; both give identical bf16 features.
+Resume restores params, optimizer state, RNG (anchor sampling) and data position exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dspark_jax.checkpoint.deepspec import draft_params_from_target, save_draft
+from dspark_jax.config import TargetConfig, load_hf_config
+from dspark_jax.data.tokenizer_training import MASK_TOKEN
+from dspark_jax.draft import DraftConfig, DraftConfigError, DraftModel, default_target_layer_ids, trainable_mask
+from dspark_jax.sharding import batch_sharding, make_mesh, target_param_shardings
+from train import draft_features as feats
+from train import draft_losses as dl
+from train.checkpointing import TrainCheckpointer, check_same_config
+from train.data import (BatchIterator, DataState, PackedSequences, TokenizerInfo, check_corpus, load_tokenizer,
+                        pack_stream, tokenize_split, validation_batches)
+from train.draft_config import RESUME_COMPATIBLE_FIELDS, DraftTrainConfig
+from train.metrics import MetricsLogger, ProgressBar, RateMeter, read_jsonl
+from train.optim import OptimizerConfig, cast_floating, make_optimizer
+from train.parallel import TrainState, abstract_with_shardings, mesh_context
+
+__all__ = ["DraftSetupError", "DraftTrainResult", "DraftProgram", "resolve_draft_config", "make_draft_loss",
+           "build_draft_program", "training_rows", "train_draft"]
+
+
+class DraftSetupError(ValueError):
+    """Inputs that cannot be trained on (message says what and how to fix it)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DraftTrainResult:
+    """What `train_draft` did."""
+
+    out_dir: str
+    export_dir: str | None
+    start_step: int
+    final_step: int
+    first_loss: float | None  # first logged training loss of the whole run (from metrics.jsonl)
+    final_loss: float | None
+    eval_metrics: dict[str, dict[str, float]]
+    state: Any  # TrainState
+    config: DraftTrainConfig
+    draft_config: DraftConfig
+
+
+def resolve_draft_config(config: DraftTrainConfig, target_config: TargetConfig, tok: TokenizerInfo) -> DraftConfig:
+    """The draft architecture for this target and tokenizer; DraftSetupError with a one-line reason."""
+    t = target_config
+    if tok.vocab_size > t.vocab_size:
+        raise DraftSetupError(f"tokenizer {tok.directory} has {tok.vocab_size} tokens but the target vocab_size is "
+                              f"{t.vocab_size}: use the target's own tokenizer")
+    if config.seq_len > t.max_position_embeddings:
+        raise DraftSetupError(f"seq_len {config.seq_len} exceeds the target's max_position_embeddings "
+                              f"{t.max_position_embeddings}")
+    mask_id = config.mask_token_id
+    if mask_id is None:
+        mask_id = tok.tokenizer.token_to_id(MASK_TOKEN)
+        if mask_id is None:
+            raise DraftSetupError(f"tokenizer {tok.directory} has no {MASK_TOKEN!r} token; set mask_token_id")
+    try:
+        ids = config.target_layer_ids
+        if ids is None:
+            ids = default_target_layer_ids(t.num_hidden_layers, min(config.num_context_layers,
+                                                                    max(t.num_hidden_layers - 1, 1)))
+        return DraftConfig.from_target(t.replace(dtype="float32"), mask_token_id=int(mask_id),
+                                       target_layer_ids=tuple(ids), **config.draft_fields())
+    except DraftConfigError as e:
+        raise DraftSetupError(str(e)) from None
+
+
+def make_draft_loss(config: DraftTrainConfig, dcfg: DraftConfig, tcfg: TargetConfig) -> Callable:
+    """loss_fn(draft_params, target_params, batch, rng) -> (loss, metrics dict of float32 scalars).
+
+    batch: input_ids int32 [B, S], loss_mask [B, S], optional ctx_feats [B, S, n_ctx*d] and
+    last_hidden [B, S, d] (offline features; otherwise the target runs on input_ids).
+    Deviation: target logits (and so l1_loss / accept_rate / tau) are computed even when the L1
+    and confidence terms are off (DFlash, CE only) — for the metrics; they never enter the loss then.
+    """
+    cdt = config.compute_dtype
+    model = DraftModel(dcfg.replace(dtype=cdt))
+    feature_fn = feats.make_feature_fn(tcfg.replace(dtype=cdt), dcfg.target_layer_ids, config.feature_dtype)
+    weights = dl.position_weights(dcfg.block_size, config.loss_decay_gamma)
+    conf_on = dcfg.enable_confidence_head
+
+    def loss_fn(params, target_params, batch, rng):
+        params = cast_floating(params, cdt)
+        ids, lm = batch["input_ids"], batch["loss_mask"]
+        if "ctx_feats" in batch:
+            ctx, last = batch["ctx_feats"], batch["last_hidden"]  # [B, S, n_ctx*d], [B, S, d]
+        else:
+            ctx, last = feature_fn(cast_floating(target_params, cdt), ids)
+        anchors, keep = dl.sample_anchors(rng, lm, dcfg.num_anchors)  # [B, N]
+        blocks = dl.make_blocks(ids, lm, anchors, keep, dcfg.block_size, dcfg.mask_token_id)  # [B, N, K]
+        apply = lambda *a, method: model.apply({"params": params}, *a, method=method)  # noqa: E731
+        h = apply(ctx.astype(cdt), blocks.block_tokens, anchors, keep, method=DraftModel.train_forward)  # [B,N,K,d]
+        teacher = feats.gather_positions(last, blocks.teacher_idx).astype(cdt)  # [B, N, K, d]
+
+        def chunk_fn(x):  # one chunk of anchors: [B, c, K, ...]
+            z = (apply(x["h"], method=DraftModel.compute_logits)  # Markov-corrected draft logits Z
+                 + apply(x["prev"], x["h"], method=DraftModel.markov_bias))
+            t = apply(x["teacher"], method=DraftModel.compute_logits)  # target logits via the frozen lm_head
+            conf = apply(x["h"], x["prev"], method=DraftModel.confidence_logits) if conf_on else None
+            return dl.slot_stats(z, x["target"], t, conf)
+
+        stats = dl.chunked_map(chunk_fn, {"h": h, "prev": blocks.prev_ids, "teacher": teacher,
+                                          "target": blocks.target_ids}, config.loss_chunk_anchors)
+        loss, parts = dl.reduce_losses(stats, blocks.eval_mask, weights, config.alphas)
+        metrics = {"loss": loss, **parts, **dl.training_metrics(stats, blocks, lm, keep, dcfg.num_anchors)}
+        return loss, metrics
+
+    return loss_fn
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DraftProgram:
+    """Jitted init / step / evaluate of one configuration on one mesh.
+
+    init(seed, target_params) -> TrainState; step(state, target_params, batch) -> (state, metrics)
+    (state donated); evaluate(params, target_params, batch, rng) -> metrics (no update).
+    """
+
+    mesh: Any
+    init: Callable
+    step: Callable
+    evaluate: Callable
+    abstract_state: Callable  # (state) -> ShapeDtypeStruct tree with shardings (orbax restore target)
+    target_shardings: Any
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Place a host batch on the mesh, split over data x fsdp."""
+        return {k: jax.device_put(v, batch_sharding(self.mesh, v.ndim, v.shape[0])) for k, v in batch.items()}
+
+
+_PROGRAMS: dict[tuple, DraftProgram] = {}
+
+
+def build_draft_program(config: DraftTrainConfig, dcfg: DraftConfig, tcfg: TargetConfig, mesh) -> DraftProgram:
+    """Build (or reuse: cached per config / draft / target / mesh) the jitted functions of a run."""
+    math = {k: v for k, v in config.to_dict().items() if k not in RESUME_COMPATIBLE_FIELDS - {"loss_chunk_anchors"}}
+    key = (json.dumps(math, sort_keys=True), dcfg, tcfg, mesh)
+    if key in _PROGRAMS:
+        return _PROGRAMS[key]
+    inner, schedule = make_optimizer(OptimizerConfig(
+        learning_rate=config.learning_rate, total_steps=config.steps, warmup_fraction=config.warmup_fraction,
+        b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps, weight_decay=config.weight_decay,
+        grad_clip=config.grad_clip))
+    labels = lambda p: jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trainable_mask(p))  # noqa: E731
+    tx = optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()}, labels)
+    loss_fn = make_draft_loss(config, dcfg, tcfg)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    rep = NamedSharding(mesh, P())
+
+    def step_fn(state: TrainState, target_params, batch):
+        rng, step_rng = jax.random.split(state.rng)
+        (_, metrics), grads = grad_fn(state.params, target_params, batch, step_rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=jnp.asarray(schedule(state.step), jnp.float32))
+        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state, rng=rng), metrics
+
+    def eval_fn(params, target_params, batch, rng):
+        return loss_fn(params, target_params, batch, rng)[1]
+
+    jit_step = jax.jit(step_fn, out_shardings=(rep, rep), donate_argnums=0)
+    jit_eval = jax.jit(eval_fn, out_shardings=rep)
+    jit_opt_init = jax.jit(tx.init, out_shardings=rep)
+
+    def init(seed: int, target_params) -> TrainState:
+        init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+        with mesh_context(mesh):
+            params = jax.device_put(draft_params_from_target(target_params, tcfg, dcfg, init_rng), rep)
+            params = cast_floating(params, jnp.float32)
+            return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
+                              opt_state=jit_opt_init(params), rng=jax.device_put(state_rng, rep))
+
+    def run(fn):
+        def wrapped(*args):
+            with mesh_context(mesh):
+                return fn(*args)
+        return wrapped
+
+    def abstract(state):
+        shapes = jax.eval_shape(lambda: state)
+        return abstract_with_shardings(shapes, jax.tree_util.tree_map(lambda _: rep, shapes))
+
+    prog = DraftProgram(mesh=mesh, init=init, step=run(jit_step), evaluate=run(jit_eval), abstract_state=abstract,
+                        target_shardings=target_param_shardings(tcfg, mesh))
+    _PROGRAMS[key] = prog
+    return prog
+
+
+def training_rows(packed: PackedSequences, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Packed windows -> input_ids int32 [N, S], loss_mask float32 [N, S] (1 = real token), lengths [N].
+
+    A plain-text corpus supervises every real token (the reference's assistant-only loss mask has
+    no counterpart); padding (only at the end of the last window) has mask 0.
+    """
+    ids = np.ascontiguousarray(packed.tokens[:, :seq_len])
+    mask = (ids != pad_id).astype(np.float32)
+    return {"input_ids": ids, "loss_mask": mask, "lengths": mask.sum(1).astype(np.int64)}
+
+
+def _fingerprint(target_dir: str, manifest: dict, tok: TokenizerInfo) -> dict[str, Any]:
+    h = hashlib.sha256(open(os.path.join(target_dir, "config.json"), "rb").read())
+    for name in sorted(os.listdir(target_dir)):
+        if name.endswith(".safetensors"):
+            h.update(f"{name}:{os.path.getsize(os.path.join(target_dir, name))}".encode())
+    return {"target": h.hexdigest(), "corpus_content_hash": manifest.get("content_hash"),
+            "tokenizer_sha256": tok.sha256}
+
+
+def _evaluate(prog: DraftProgram, params, target_params, batches: dict, pad_id: int,
+              seed: int) -> dict[str, dict[str, float]]:
+    """Per domain: weight_sum-weighted mean of the batch metrics (fixed anchors: rng fold_in(seed, i))."""
+    out = {}
+    for domain, items in batches.items():
+        acc, total = {}, 0.0
+        for i, b in enumerate(items):
+            ids = np.ascontiguousarray(b["tokens"][:, :-1])  # [B, S]
+            rows = {"input_ids": ids, "loss_mask": (ids != pad_id).astype(np.float32)}
+            m = dl.as_host_floats(prog.evaluate(params, target_params, prog.put_batch(rows),
+                                                jax.random.fold_in(jax.random.PRNGKey(seed), i)))
+            w = m["weight_sum"]
+            total += w
+            for k, v in m.items():
+                acc[k] = acc.get(k, 0.0) + w * v
+        if total > 0:
+            out[domain] = {k: v / total for k, v in acc.items()}
+    return out
+
+
+def _load_rows(config: DraftTrainConfig, corpus_dir: str, tok: TokenizerInfo, cache_dir: str) -> dict[str, np.ndarray]:
+    stream = np.concatenate([tokenize_split(corpus_dir, d, "train", tok, cache_dir=cache_dir) for d in config.domains])
+    rows = training_rows(pack_stream(stream, config.seq_len, tok.pad_id), config.seq_len, tok.pad_id)
+    if rows["input_ids"].shape[0] < config.batch_size:
+        raise DraftSetupError(f"training data has {rows['input_ids'].shape[0]} sequences of {config.seq_len} tokens, "
+                              f"fewer than batch_size {config.batch_size}; use a larger corpus or smaller sizes")
+    return rows
+
+
+def train_draft(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, out_dir: str,
+                tokenizer_dir: str | None = None, resume: bool = False, stop_at_step: int | None = None,
+                progress: bool = True, export: bool = True, feature_cache: str | None = None,
+                write_feature_cache: bool = False) -> DraftTrainResult:
+    """Train a draft for the HF target in `target_dir` on `corpus_dir`; see the module docstring.
+
+    The tokenizer is read from `tokenizer_dir` (default: the target directory). `resume=True`
+    continues from the latest committed checkpoint (refused if written with another config);
+    without it an `out_dir` holding checkpoints is refused. `stop_at_step` ends early with a
+    checkpoint, as if interrupted. `feature_cache`: read target features from this v2 cache, or
+    with `write_feature_cache` compute them once, write the cache, then train from it.
+    """
+    out_dir, target_dir = os.path.abspath(out_dir), os.path.abspath(target_dir)
+    manifest = check_corpus(corpus_dir)
+    tcfg = load_hf_config(target_dir, dtype=config.compute_dtype)
+    tok = load_tokenizer(tokenizer_dir or target_dir)
+    dcfg = resolve_draft_config(config, tcfg, tok)
+    devices = jax.devices()
+    if config.num_devices > len(devices):
+        raise DraftSetupError(f"mesh data={config.mesh_data} x fsdp={config.mesh_fsdp} x model={config.mesh_model} "
+                              f"needs {config.num_devices} devices but only {len(devices)} are available")
+    mesh = make_mesh(data=config.mesh_data, fsdp=config.mesh_fsdp, model=config.mesh_model,
+                     devices=devices[:config.num_devices])
+    fingerprint = _fingerprint(target_dir, manifest, tok)
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = TrainCheckpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+    latest = ckpt.latest_step()
+    try:
+        if latest is not None and not resume:
+            raise DraftSetupError(f"{out_dir} already holds checkpoints (latest step {latest}); pass --resume to "
+                                  f"continue that run or choose a new --out directory")
+        if latest is not None:
+            meta = ckpt.read_meta(latest)
+            where = os.path.join(ckpt.directory, str(latest))
+            check_same_config(meta["config"], config.to_dict(), where=where, ignore=RESUME_COMPATIBLE_FIELDS)
+            check_same_config(meta["fingerprint"], fingerprint, where=where + " (target / corpus / tokenizer)")
+        config.write_json(os.path.join(out_dir, "train_config.json"))
+        cache_dir = os.path.join(out_dir, "cache")
+        rows = _load_rows(config, corpus_dir, tok, cache_dir)
+        n_rows = rows["input_ids"].shape[0]
+        index = BatchIterator(PackedSequences(tokens=np.arange(n_rows, dtype=np.int32)[:, None],
+                                              mask=np.zeros((n_rows, 1), np.float32)), config.batch_size, config.seed)
+        val = validation_batches(corpus_dir, config.domains, tok, seq_len=config.seq_len,
+                                 batch_size=config.batch_size, max_batches=config.eval_batches, cache_dir=cache_dir)
+        prog = build_draft_program(config, dcfg, tcfg, mesh)
+        from dspark_jax.checkpoint.hf import load_target
+        _, target_params = load_target(target_dir, dtype=config.compute_dtype, shardings=prog.target_shardings)
+        bar = ProgressBar(total=config.steps, enabled=False)
+        for path in ckpt.quarantined:
+            bar.write(f"train-draft: ignoring uncommitted checkpoint (interrupted write), moved to {path}")
+        cache = None
+        if feature_cache:
+            expected = {"target_model_name_or_path": target_dir, "max_length": config.seq_len,
+                        "num_samples": n_rows, "corpus_content_hash": manifest.get("content_hash"),
+                        "tokenizer_sha256": tok.sha256, "domains": list(config.domains),
+                        "feature_dtype": config.feature_dtype}
+            if write_feature_cache:
+                fn = feats.make_feature_fn(tcfg, dcfg.target_layer_ids, config.feature_dtype)
+                jit_fn = jax.jit(lambda p, ids: fn(cast_floating(p, config.compute_dtype), ids))
+                put = lambda ids: jax.device_put(ids, batch_sharding(mesh, 2, ids.shape[0]))  # noqa: E731
+                with mesh_context(mesh):
+                    cache = feats.write_feature_cache(
+                        feature_cache, lambda ids: jit_fn(target_params, put(ids)), input_ids=rows["input_ids"],
+                        loss_mask=rows["loss_mask"], lengths=rows["lengths"], batch_size=config.batch_size,
+                        target_layer_ids=dcfg.target_layer_ids, hidden_size=dcfg.hidden_size,
+                        extras={**expected, "project_name": "dspark-jax", "exp_name": os.path.basename(out_dir),
+                                "chat_template": None, "min_loss_tokens": None, "source_jsonl_paths": []})
+                bar.write(f"train-draft: wrote {len(cache)} samples of target features to {cache.directory}")
+            else:
+                cache = feats.FeatureCache(feature_cache)
+            cache.validate(target_layer_ids=dcfg.target_layer_ids, hidden_size=dcfg.hidden_size, expected=expected)
+        state = prog.init(config.seed, target_params)
+        if latest is not None:
+            state, meta = ckpt.restore(latest, prog.abstract_state(state))
+            index.restore(DataState.from_dict(meta["data_state"]))
+    except BaseException:
+        ckpt.close()
+        raise
+
+    def next_batch() -> dict[str, np.ndarray]:
+        idx = next(index)["tokens"][:, 0]
+        if cache is not None:
+            return cache.batch(idx, config.seq_len, tok.pad_id)
+        return {"input_ids": rows["input_ids"][idx], "loss_mask": rows["loss_mask"][idx]}
+
+    start = int(jax.device_get(state.step))
+    end = config.steps if stop_at_step is None else max(start, min(int(stop_at_step), config.steps))
+    logger = MetricsLogger(os.path.join(out_dir, "metrics.jsonl"), resume_step=start if latest else None)
+    bar = ProgressBar(total=config.steps, initial=start, desc="train-draft", enabled=progress)
+    bar.write(f"train-draft: {n_rows} sequences x {config.seq_len} tokens, draft {dcfg.num_hidden_layers} layer(s) "
+              f"K={dcfg.block_size} r={dcfg.markov_rank} taps {list(dcfg.target_layer_ids)}, features "
+              f"{'cache ' + cache.directory if cache is not None else 'online'}, mesh {dict(mesh.shape)}, "
+              f"steps {start}->{end} of {config.steps}")
+    meta_now = lambda s: {"step": s, "config": config.to_dict(), "data_state": index.state.to_dict(),  # noqa: E731
+                          "fingerprint": fingerprint, "draft_config": dcfg.to_deepspec_config()}
+    rate, last, eval_metrics = RateMeter(), None, {}
+    try:
+        for step in range(start, end):
+            state, metrics = prog.step(state, None if cache is not None else target_params,
+                                       prog.put_batch(next_batch()))
+            s = step + 1
+            rate.add(config.tokens_per_step)
+            if step == start:  # exclude compilation from the throughput
+                jax.block_until_ready(metrics)
+                rate.reset()
+            if s % config.log_every == 0 or s == config.steps:
+                last = dl.as_host_floats(metrics)
+                tps = rate.rate()
+                aps = tps / config.seq_len * last["sampled_anchors_abs"]
+                logger.log({"step": s, **last, "tokens_per_s": tps, "anchors_per_s": aps, "epoch": index.state.epoch})
+                bar.update(0, loss=last["loss"], tau=last.get("tau_probabilistic", 0.0), lr=last["lr"])
+            if s % config.eval_every == 0 or s == config.steps:
+                eval_metrics = _evaluate(prog, state.params, target_params, val, tok.pad_id, config.seed)
+                logger.log({"step": s, "eval": eval_metrics})
+                bar.write(f"step {s}: eval " + ", ".join(
+                    f"{d} loss {m['loss']:.4f} tau {m.get('tau_probabilistic', float('nan')):.3f}"
+                    for d, m in eval_metrics.items()))
+            if s % config.ckpt_every == 0 or s == end:
+                ckpt.save(s, state, meta_now(s))
+            bar.update(1)
+    finally:
+        bar.close()
+        logger.close()
+        ckpt.close()
+    logged = [r for r in read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if "loss" in r]
+    export_dir = None
+    if export and end == config.steps:
+        export_dir = os.path.join(out_dir, "draft")
+        save_draft(state.params, dcfg, export_dir, dtype=config.export_dtype)
+        kind = "DSpark" if dcfg.markov_rank > 0 else "DFlash"
+        head = f"markov {dcfg.markov_head_type} r={dcfg.markov_rank}" if dcfg.markov_rank else "no markov head"
+        summary = {
+            "model": f"{kind} draft: {dcfg.num_hidden_layers} layer(s), block_size {dcfg.block_size}, {head}, "
+                     f"confidence head {'on' if dcfg.enable_confidence_head else 'off'}",
+            "target": target_dir, "corpus": os.path.abspath(corpus_dir),
+            "target_layer_ids": list(dcfg.target_layer_ids),
+            "steps": config.steps, "train_config": config.to_dict(), "fingerprint": fingerprint,
+            "final_train_metrics": logged[-1] if logged else None, "eval_metrics": eval_metrics,
+            "usage": f"dspark generate --target {target_dir} --draft {export_dir}",
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        with open(os.path.join(export_dir, "train_summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2, sort_keys=True, default=str)
+        bar.write(f"train-draft: exported {config.export_dtype} draft to {export_dir}")
+    return DraftTrainResult(out_dir=out_dir, export_dir=export_dir, start_step=start, final_step=end,
+                            first_loss=logged[0]["loss"] if logged else None,
+                            final_loss=logged[-1]["loss"] if logged else None, eval_metrics=eval_metrics,
+                            state=state, config=config, draft_config=dcfg)
