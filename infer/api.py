@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from typing import Any, Sequence
 
 import jax
@@ -23,6 +22,7 @@ import numpy as np
 from dspark_jax.config import TargetConfig
 from dspark_jax.sampling import SamplingConfig
 from infer.autoregressive import autoregressive_generate
+from infer.compiled import run_compiled
 
 __all__ = ["Target", "GenerationResult", "GenerationError", "load_target_bundle", "generate",
            "prepare_prompts", "bucket_length"]
@@ -113,12 +113,6 @@ def stop_array(stop_ids: Sequence[int], width: int = 8) -> np.ndarray:
     return np.asarray(ids + [-1] * (width - len(ids)), np.int32)
 
 
-_COMPILED: dict[tuple, Any] = {}
-
-
-def params_placement(params: Any) -> tuple:
-    """Hashable summary of where the params live (compiled programs are specific to it)."""
-    return tuple(getattr(x, "sharding", None) for x in jax.tree_util.tree_leaves(params))
 
 
 def generate(target: Target, prompts: Sequence[str] | Sequence[Sequence[int]], *, draft=None,
@@ -153,17 +147,7 @@ def generate(target: Target, prompts: Sequence[str] | Sequence[Sequence[int]], *
     static = dict(config=target.config, max_new_tokens=max_new_tokens, cache_len=cache_len, mode=sampling.mode)
     args = (target.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed),
             sampling.values(), jnp.asarray(stops))
-    key = (tokens.shape, stops.shape, tuple(sorted((k, str(v)) for k, v in static.items())),
-           params_placement(target.params))
-    t0 = time.perf_counter()
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        compiled = autoregressive_generate.lower(*args, **static).compile()
-        _COMPILED[key] = compiled
-    compile_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    out, num = jax.block_until_ready(compiled(*args))
-    wall = time.perf_counter() - t1
+    (out, num), compile_s, wall = run_compiled(autoregressive_generate, args, static)
     out, num = np.asarray(out), np.asarray(num)
     token_ids = [out[i, :num[i]].tolist() for i in range(len(ids))]
     n_tokens = int(num.sum())

@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ import numpy as np
 
 from dspark_jax.draft.config import DraftConfig
 from dspark_jax.sampling import SamplingConfig
+from infer.compiled import run_compiled
 from infer.spec_metrics import summarize_stats
 
 __all__ = ["Draft", "load_draft_bundle", "speculative_generate_batch", "CALIBRATION_FILE"]
@@ -56,15 +56,12 @@ def load_draft_bundle(draft_dir: str | os.PathLike, target=None, *, dtype: str |
     return Draft(config=config, params=params, temperatures=temps, path=os.fspath(draft_dir))
 
 
-_COMPILED: dict[tuple, Any] = {}
-
-
 def speculative_generate_batch(target, draft: Draft, prompts: list[list[int]], *, max_new_tokens: int,
                                sampling: SamplingConfig, seed: int, stop_ids: np.ndarray,
                                block_size: int | None = None, confidence_threshold: float = 0.0,
                                survival_threshold: float = 0.0, record_rounds: bool = False):
     """Run `infer.speculative.speculative_generate` on token-id prompts; returns a GenerationResult."""
-    from infer.api import GenerationError, GenerationResult, _pad_batch, bucket_length, params_placement
+    from infer.api import GenerationError, GenerationResult, _pad_batch, bucket_length
     from infer.speculative import SpecOptions, speculative_generate
 
     dcfg = draft.config
@@ -89,17 +86,7 @@ def speculative_generate_batch(target, draft: Draft, prompts: list[list[int]], *
                   mode=sampling.mode, options=options)
     args = (target.params, draft.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed),
             sampling.values(), jnp.asarray(stop_ids), temps)
-    key = (tokens.shape, stop_ids.shape, temps is None, tuple(sorted((n, str(v)) for n, v in static.items())),
-           params_placement(target.params), params_placement(draft.params))
-    t0 = time.perf_counter()
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        compiled = speculative_generate.lower(*args, **static).compile()
-        _COMPILED[key] = compiled
-    compile_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    out, num, stats, records = jax.block_until_ready(compiled(*args))
-    wall = time.perf_counter() - t1
+    (out, num, stats, records), compile_s, wall = run_compiled(speculative_generate, args, static)
     out, num = np.asarray(out), np.asarray(num)
     token_ids = [out[i, :num[i]].tolist() for i in range(len(prompts))]
     n_tokens = int(num.sum())
