@@ -16,15 +16,14 @@ Writes JSON (git commit + machine info) to `benchmarks/results/train_draft_cpu.j
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
-import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, dtype_parser, run_per_dtype  # noqa: E402
+
 DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "train_draft_cpu.json")
 
 
@@ -123,71 +122,18 @@ def _child(args: argparse.Namespace) -> dict:
     }
 
 
-def _git() -> dict:
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-
-
-def _machine() -> dict:
-    model = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_model": model,
-            "cpu_count": os.cpu_count(), "affinity_cpus": len(os.sched_getaffinity(0)),
-            "load_avg_at_start": os.getloadavg()}
-
-
 def main(argv=None) -> int:
     """Run the benchmark (one subprocess per compute dtype), save JSON, print a table."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--compute-dtype", default="float32", help="comma list (one subprocess each)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--out", default=DEFAULT_OUT)
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p = dtype_parser(__doc__.split("\n\n")[0], dtypes="float32", steps=10, steps_help="timed steps per measurement",
+                     warmup_help="untimed steps after compilation", out=DEFAULT_OUT)
     args = p.parse_args(argv)
-    if args.child:
-        print("RESULT " + json.dumps(_child(args)))
-        return 0
-    machine, runs = _machine(), []
-    for dtype in [d.strip() for d in args.compute_dtype.split(",") if d.strip()]:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--compute-dtype", dtype, "--steps",
-               str(args.steps), "--warmup", str(args.warmup), "--vocab-size", str(args.vocab_size)]
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return 1
-        runs.append(json.loads(proc.stdout.split("RESULT ", 1)[1]))
-    result = {"benchmark": "train_draft", "git": _git(), "machine": machine, "load_avg_at_end": os.getloadavg(),
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": runs}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
     cols = [("compute_dtype", "dtype", "{}"), ("draft_params_trainable", "trainable", "{:,}"),
             ("compile_online_s", "compile s", "{:.1f}"), ("step_online_s", "step s", "{:.3f}"),
             ("step_offline_s", "step s (cached feats)", "{:.3f}"), ("feature_forward_s", "target fwd s", "{:.3f}"),
             ("feature_share_of_step", "fwd/step", "{:.1%}"),
             ("online_overhead_vs_offline", "online extra", "{:+.1%}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
             ("anchors_per_s", "anchors/s", "{:,.0f}"), ("peak_rss_mib", "peak RSS MiB", "{:,.0f}")]
-    rows = [[c[1] for c in cols]] + [[fmt.format(r[k]) for k, _, fmt in cols] for r in runs]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-    for i, row in enumerate(rows):
-        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-    print(f"machine: {machine['cpu_model']} ({machine['affinity_cpus']} CPUs), load avg {machine['load_avg_at_start']}")
-    print(f"saved {args.out}")
-    return 0
+    return run_per_dtype("train_draft", __file__, args, child=_child, cols=cols)
 
 
 if __name__ == "__main__":

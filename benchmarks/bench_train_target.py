@@ -13,15 +13,14 @@ prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
-import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, dtype_parser, run_per_dtype  # noqa: E402
+
 DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "train_target_cpu.json")
 
 
@@ -75,71 +74,18 @@ def _child(args: argparse.Namespace) -> dict:
     }
 
 
-def _git_commit() -> dict:
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-
-
-def _machine() -> dict:
-    model = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_model": model,
-            "cpu_count": os.cpu_count(), "affinity_cpus": len(os.sched_getaffinity(0)),
-            "load_avg_at_start": os.getloadavg()}
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--compute-dtype", default="float32,bfloat16", help="comma list (one subprocess each)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after the compile step")
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p = dtype_parser(__doc__.split("\n\n")[0], dtypes="float32,bfloat16", steps=20, steps_help="timed steps",
+                     warmup_help="untimed steps after the compile step", out=DEFAULT_OUT)
     p.add_argument("--batch-size", type=int, default=0, help="0 = config default")
     p.add_argument("--seq-len", type=int, default=0, help="0 = config default")
-    p.add_argument("--out", default=DEFAULT_OUT)
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.child:
-        print("RESULT " + json.dumps(_child(args)))
-        return 0
-    machine, runs = _machine(), []
-    for dtype in [d.strip() for d in args.compute_dtype.split(",") if d.strip()]:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--compute-dtype", dtype,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--vocab-size", str(args.vocab_size),
-               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return 1
-        runs.append(json.loads(proc.stdout.split("RESULT ", 1)[1]))
-    result = {"benchmark": "train_target", "git": _git_commit(), "machine": machine,
-              "load_avg_at_end": os.getloadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": runs}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
     cols = [("compute_dtype", "dtype", "{}"), ("num_params", "params", "{:,}"), ("batch_size", "batch", "{}"),
             ("seq_len", "seq", "{}"), ("compile_plus_first_step_s", "compile s", "{:.1f}"),
             ("step_s_median", "step s (med)", "{:.3f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
             ("peak_rss_mib", "peak RSS MiB", "{:,.0f}")]
-    rows = [[c[1] for c in cols]] + [[fmt.format(r[k]) for k, _, fmt in cols] for r in runs]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-    for i, row in enumerate(rows):
-        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-    print(f"machine: {machine['cpu_model']} ({machine['affinity_cpus']} CPUs), load avg {machine['load_avg_at_start']}")
-    print(f"saved {args.out}")
-    return 0
+    return run_per_dtype("train_target", __file__, args, child=_child, cols=cols,
+                         forward=("steps", "warmup", "vocab_size", "batch_size", "seq_len"))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ transformers.utils.logging.disable_progress_bar()
 __all__ = [
     "EOS_TOKEN", "MASK_TOKEN", "PAD_TOKEN", "EOS_ID", "MASK_ID", "PAD_ID", "TOKENIZER_VOCAB",
     "TOKENIZER_TEXTS", "FAMILY_DEFAULTS", "hf_config", "make_hf_model", "load_hf_model",
-    "hf_forward", "train_tiny_tokenizer", "write_tokenizer_files",
+    "hf_forward", "train_tiny_tokenizer", "write_tokenizer_files", "CORPUS_WORDS", "build_tiny_corpus",
 ]
 
 # Special tokens in the same order as dspark_jax.data.tokenizer_training (ids 0, 1, 2).
@@ -171,3 +171,34 @@ def write_tokenizer_files(out_dir: str | os.PathLike, tokenizer: tokenizers.Toke
     if eos_token_id is not None:
         gen["eos_token_id"] = eos_token_id
     gen_path.write_text(json.dumps(gen, indent=2))
+
+
+CORPUS_WORDS: tuple[str, ...] = tuple(
+    "the a speculative draft target block token verify accept reject model fast small".split())
+
+
+def build_tiny_corpus(root: str | os.PathLike, *, tokenizer_vocab: int = 64) -> tuple[str, tokenizers.Tokenizer]:
+    """A built two-domain corpus at `root/corpus` and a byte-level BPE trained on its train split.
+
+    Sources (written under `root`): 14 code modules (`lib/mod_<i>.py`, 12 tiny functions each)
+    and 12 prose pages (`html/p<i>.html`, 80 words of `CORPUS_WORDS` drawn with seed 0); split
+    0.7 / 0.2 / 0.1. The tokenizer has at most `tokenizer_vocab` tokens. Returns (corpus dir, tokenizer).
+    """
+    from dspark_jax.data import CorpusConfig, build_corpus, iter_documents
+
+    root = Path(root)
+    rng = np.random.default_rng(0)
+    for i in range(14):
+        path = root / "lib" / f"mod_{i}.py"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"def f_{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(12)))
+    for i in range(12):
+        words = " ".join(rng.choice(list(CORPUS_WORDS), size=80))
+        path = root / "html" / f"p{i}.html"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"<html><body><p>{words}.</p></body></html>")
+    corpus = str(root / "corpus")
+    build_corpus(CorpusConfig(out_dir=corpus, stdlib_dir=str(root / "lib"), docs_dir=str(root / "html"),
+                              fractions=(0.7, 0.2, 0.1)))
+    texts = [d.text for dom in ("code", "prose") for d in iter_documents(corpus, dom, "train")]
+    return corpus, train_tiny_tokenizer(vocab_size=tokenizer_vocab, texts=texts)

@@ -25,10 +25,9 @@ import pytest
 
 from dspark_jax.checkpoint.deepspec import draft_params_from_target, load_draft
 from dspark_jax.config import TargetConfig
-from dspark_jax.data import CorpusConfig, build_corpus, iter_documents
 from dspark_jax.draft import DraftConfig
 from dspark_jax.target.model import TargetModel
-from tests.helpers import make_hf_model, train_tiny_tokenizer, write_tokenizer_files
+from tests.helpers import build_tiny_corpus, make_hf_model, write_tokenizer_files
 from train import draft_features as feats
 from train import draft_losses as dl
 from train.checkpointing import ConfigMismatchError
@@ -41,31 +40,15 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = dict(num_draft_layers=1, block_size=4, markov_rank=8, num_anchors=8, loss_chunk_anchors=4, seq_len=32,
             batch_size=4, steps=6, learning_rate=1e-2, warmup_fraction=0.0, log_every=1, eval_every=3,
             eval_batches=1, ckpt_every=3, export_dtype="float32", seed=0)
-WORDS = "the a speculative draft target block token verify accept reject model fast small".split()
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
     """{corpus, target}: a built two-domain corpus and a random tiny Qwen3 target + its tokenizer."""
     root = tmp_path_factory.mktemp("draft_data")
-    rng = np.random.default_rng(0)
-    for i in range(14):
-        _write(root / "lib" / f"mod_{i}.py", "".join(f"def f_{i}_{j}(x):\n    return x * {j} + {i}\n"
-                                                     for j in range(12)))
-    for i in range(12):
-        words = " ".join(rng.choice(WORDS, size=80))
-        _write(root / "html" / f"p{i}.html", f"<html><body><p>{words}.</p></body></html>")
-    corpus = str(root / "corpus")
-    build_corpus(CorpusConfig(out_dir=corpus, stdlib_dir=str(root / "lib"), docs_dir=str(root / "html"),
-                              fractions=(0.7, 0.2, 0.1)))
-    texts = [d.text for dom in ("code", "prose") for d in iter_documents(corpus, dom, "train")]
+    corpus, tokenizer = build_tiny_corpus(root)
     _, target = make_hf_model("qwen3", root / "target", seed=0, with_tokenizer=False)
-    write_tokenizer_files(target, train_tiny_tokenizer(vocab_size=64, texts=texts))
+    write_tokenizer_files(target, tokenizer)
     return {"corpus": corpus, "target": str(target), "root": str(root)}
 
 

@@ -19,8 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from dspark_jax.data import CorpusConfig, build_corpus, iter_documents
-from tests.helpers import train_tiny_tokenizer, write_tokenizer_files
+from tests.helpers import build_tiny_corpus, write_tokenizer_files
 from train.checkpointing import COMMIT_MARKER, TrainCheckpointer
 from train.cli_target import train_target_main
 from train.data import BatchIterator, DataState, pack_stream
@@ -34,31 +33,15 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, seq_len=32, batch_size=4,
             steps=8, learning_rate=1e-2, warmup_fraction=0.25, log_every=1, eval_every=4, eval_batches=2,
             ckpt_every=4, export_dtype="float32", seed=0)
-WORDS = "the a speculative draft target block token verify accept reject model fast small".split()
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 @pytest.fixture(scope="module")
 def corpus_and_tokenizer(tmp_path_factory) -> tuple[str, str]:
     """(corpus dir, tokenizer dir): 14 code + 12 prose docs, tokenizer vocab <= 64."""
     root = tmp_path_factory.mktemp("train_target_data")
-    rng = np.random.default_rng(0)
-    for i in range(14):
-        lines = [f"def f_{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(12)]
-        _write(root / "lib" / f"mod_{i}.py", "".join(lines))
-    for i in range(12):
-        words = " ".join(rng.choice(WORDS, size=80))
-        _write(root / "html" / f"p{i}.html", f"<html><body><p>{words}.</p></body></html>")
-    corpus = str(root / "corpus")
-    build_corpus(CorpusConfig(out_dir=corpus, stdlib_dir=str(root / "lib"), docs_dir=str(root / "html"),
-                              fractions=(0.7, 0.2, 0.1)))
-    texts = [d.text for dom in ("code", "prose") for d in iter_documents(corpus, dom, "train")]
+    corpus, tokenizer = build_tiny_corpus(root)
     tok_dir = root / "tokenizer"
-    write_tokenizer_files(tok_dir, train_tiny_tokenizer(vocab_size=64, texts=texts))
+    write_tokenizer_files(tok_dir, tokenizer)
     return corpus, str(tok_dir)
 
 

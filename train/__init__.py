@@ -7,6 +7,9 @@ Shared, model-agnostic modules:
   * `train.checkpointing`  `TrainCheckpointer` (orbax, commit-marker checked), `check_same_config`
   * `train.metrics`        `MetricsLogger` (resumable JSONL), `ProgressBar` (tqdm), `RateMeter`
   * `train.data`           tokenizer loading, packing, resumable `BatchIterator`, validation batches
+  * `train.loop`           mesh from a config, resume checks, the step loop (`run_steps`)
+  * `train.config_io`      `TrainConfigBase`: JSON / dict loading and shared checks of the train configs
+  * `train.cli_common`     dataclass-driven config flags, run flags, error exits (`run_training_command`)
 Target-specific: `train.target_config` (`TargetTrainConfig`), `train.target_trainer`
 (`train_target`), `train.cli_target` (`train_target_main`).
 

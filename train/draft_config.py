@@ -11,25 +11,22 @@ Optimisation follows spec §4.5 (AdamW β=(0.9, 0.999), ε=1e-8, no weight decay
 scaled-down sizes for a 2-core CPU: `num_draft_layers=2` (released: 5), `markov_rank=64` (256),
 `num_anchors=32` for `seq_len=256` (512 for 4096: the same 1/8 density), `batch_size=8` (512),
 `learning_rate=2e-3` (6e-4), `steps=500`. The resolved config is stored in every checkpoint; a resume
-with different values of any field outside `RESUME_COMPATIBLE_FIELDS` is refused.
+with different values of any field outside `RESUME_COMPATIBLE_FIELDS` is refused. Loading,
+serialisation and the checks shared with `TargetTrainConfig` live in `train.config_io`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from typing import Any, Mapping
+from typing import Any
 
 from dspark_jax.draft.config import HEAD_TYPES
+from train.config_io import BOOKKEEPING_FIELDS, TrainConfigBase
 
 __all__ = ["DraftTrainConfig", "DraftConfigFileError", "PRESETS", "RESUME_COMPATIBLE_FIELDS"]
 
 # Bookkeeping / layout fields that may change on resume (they do not change the math of a step).
-RESUME_COMPATIBLE_FIELDS: frozenset[str] = frozenset({
-    "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints", "export_dtype",
-    "mesh_data", "mesh_fsdp", "mesh_model", "loss_chunk_anchors",
-})
+RESUME_COMPATIBLE_FIELDS: frozenset[str] = BOOKKEEPING_FIELDS | {"loss_chunk_anchors"}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "dspark": dict(markov_rank=64, enable_confidence_head=True, confidence_head_with_markov=True,
@@ -38,15 +35,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                    ce_loss_alpha=1.0, l1_loss_alpha=0.0, confidence_head_alpha=0.0),
 }
 
-_DTYPES = ("float32", "bfloat16")
-
 
 class DraftConfigFileError(ValueError):
     """An unreadable config file, an unknown key, or an invalid value (message names it)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DraftTrainConfig:
+class DraftTrainConfig(TrainConfigBase):
     """Draft-training settings: draft shape, losses, data, optimisation, mesh, intervals.
 
     `target_layer_ids=None` -> `default_target_layer_ids(L_t, min(num_context_layers, L_t - 1))`
@@ -102,18 +97,17 @@ class DraftTrainConfig:
     keep_checkpoints: int = 3
     export_dtype: str = "bfloat16"
 
+    config_error = DraftConfigFileError  # not a field (no annotation)
+
     def __post_init__(self):
         for name in ("domains", "target_layer_ids"):
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
-        positive = ("num_draft_layers", "block_size", "num_context_layers", "num_anchors", "loss_chunk_anchors",
-                    "seq_len", "steps", "batch_size", "mesh_data", "mesh_fsdp", "mesh_model", "log_every",
-                    "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self._check_positive(("num_draft_layers", "block_size", "num_context_layers", "num_anchors",
+                              "loss_chunk_anchors", "seq_len", "steps", "batch_size", "mesh_data", "mesh_fsdp",
+                              "mesh_model", "log_every", "eval_every", "eval_batches", "ckpt_every",
+                              "keep_checkpoints"))
         if isinstance(self.markov_rank, bool) or not isinstance(self.markov_rank, int) or self.markov_rank < 0:
             raise ValueError(f"markov_rank must be a non-negative integer, got {self.markov_rank!r}")
         if self.markov_head_type not in HEAD_TYPES:
@@ -132,33 +126,13 @@ class DraftTrainConfig:
         if self.batch_size % (self.mesh_data * self.mesh_fsdp):
             raise ValueError(f"batch_size {self.batch_size} is not divisible by mesh_data x mesh_fsdp = "
                              f"{self.mesh_data * self.mesh_fsdp}")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
-        for name in ("compute_dtype", "export_dtype", "feature_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
-        if not self.domains or len(set(self.domains)) != len(self.domains):
-            raise ValueError(f"domains must be a non-empty list without repeats, got {list(self.domains)}")
+        self._check_common(("compute_dtype", "export_dtype", "feature_dtype"))
 
     # ------------------------------------------------------------------ derived
-    @property
-    def num_devices(self) -> int:
-        """Devices the mesh needs."""
-        return self.mesh_data * self.mesh_fsdp * self.mesh_model
-
     @property
     def alphas(self) -> tuple[float, float, float]:
         """(ce, l1, confidence) loss weights."""
         return (self.ce_loss_alpha, self.l1_loss_alpha, self.confidence_head_alpha)
-
-    @property
-    def tokens_per_step(self) -> int:
-        """Sequence tokens per optimizer step (batch_size x seq_len)."""
-        return self.batch_size * self.seq_len
 
     def draft_fields(self) -> dict[str, Any]:
         """Keyword arguments for `DraftConfig.from_target` (target_layer_ids / mask id resolved by the trainer)."""
@@ -168,65 +142,9 @@ class DraftTrainConfig:
                     confidence_head_with_markov=self.confidence_head_with_markov and self.enable_confidence_head,
                     num_anchors=self.num_anchors, dtype="float32")
 
-    def replace(self, **changes: Any) -> "DraftTrainConfig":
-        """A copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
-
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "DraftTrainConfig":
         """Defaults <- PRESETS[name] <- overrides."""
         if name not in PRESETS:
             raise DraftConfigFileError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides}, source=f"preset {name!r}")
-
-    # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        d["domains"] = list(self.domains)
-        d["target_layer_ids"] = None if self.target_layer_ids is None else list(self.target_layer_ids)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "DraftTrainConfig":
-        """Build from a dict; unknown keys / invalid values raise DraftConfigFileError naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise DraftConfigFileError(f"{source}: unknown field(s) {unknown}; known: {sorted(names)}")
-        kw = dict(data)
-        for f in dataclasses.fields(cls):
-            v = kw.get(f.name)
-            if isinstance(f.default, float) and isinstance(v, int) and not isinstance(v, bool):
-                kw[f.name] = float(v)  # JSON `1` for a float field
-            if isinstance(v, list):
-                kw[f.name] = tuple(v)
-        try:
-            return cls(**kw)
-        except (TypeError, ValueError) as e:
-            raise DraftConfigFileError(f"{source}: {e}") from e
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike, *, base: Mapping[str, Any] | None = None,
-                       **overrides: Any) -> "DraftTrainConfig":
-        """`base` (e.g. a preset) <- JSON object at `path` <- `overrides` (command-line flags)."""
-        p = os.fspath(path)
-        try:
-            with open(p, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise DraftConfigFileError(f"config file not found: {p}") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise DraftConfigFileError(f"{p}: cannot read JSON config ({e})") from e
-        if not isinstance(data, dict):
-            raise DraftConfigFileError(f"{p}: expected a JSON object, got {type(data).__name__}")
-        return cls.from_dict({**dict(base or {}), **data, **overrides}, source=p)
-
-    def write_json(self, path: str | os.PathLike) -> None:
-        """Write the config as pretty JSON (temp file then rename)."""
-        p = os.fspath(path)
-        tmp = f"{p}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, p)

@@ -38,14 +38,15 @@ from dspark_jax.checkpoint.deepspec import draft_params_from_target, save_draft
 from dspark_jax.config import TargetConfig, load_hf_config
 from dspark_jax.data.tokenizer_training import MASK_TOKEN
 from dspark_jax.draft import DraftConfig, DraftConfigError, DraftModel, default_target_layer_ids, trainable_mask
-from dspark_jax.sharding import batch_sharding, make_mesh, target_param_shardings
+from dspark_jax.sharding import batch_sharding, target_param_shardings
 from train import draft_features as feats
 from train import draft_losses as dl
-from train.checkpointing import TrainCheckpointer, check_same_config
+from train.checkpointing import TrainCheckpointer
 from train.data import (BatchIterator, DataState, PackedSequences, TokenizerInfo, check_corpus, load_tokenizer,
                         pack_stream, tokenize_split, validation_batches)
 from train.draft_config import RESUME_COMPATIBLE_FIELDS, DraftTrainConfig
-from train.metrics import MetricsLogger, ProgressBar, RateMeter, read_jsonl
+from train.loop import check_resume, config_mesh, end_step, report_quarantined, run_steps
+from train.metrics import MetricsLogger, ProgressBar, read_jsonl
 from train.optim import OptimizerConfig, cast_floating, make_optimizer
 from train.parallel import TrainState, abstract_with_shardings, mesh_context
 
@@ -170,10 +171,7 @@ def build_draft_program(config: DraftTrainConfig, dcfg: DraftConfig, tcfg: Targe
     key = (json.dumps(math, sort_keys=True), dcfg, tcfg, mesh)
     if key in _PROGRAMS:
         return _PROGRAMS[key]
-    inner, schedule = make_optimizer(OptimizerConfig(
-        learning_rate=config.learning_rate, total_steps=config.steps, warmup_fraction=config.warmup_fraction,
-        b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps, weight_decay=config.weight_decay,
-        grad_clip=config.grad_clip))
+    inner, schedule = make_optimizer(OptimizerConfig.from_train_config(config))
     labels = lambda p: jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trainable_mask(p))  # noqa: E731
     tx = optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()}, labels)
     loss_fn = make_draft_loss(config, dcfg, tcfg)
@@ -285,25 +283,14 @@ def train_draft(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, o
     tcfg = load_hf_config(target_dir, dtype=config.compute_dtype)
     tok = load_tokenizer(tokenizer_dir or target_dir)
     dcfg = resolve_draft_config(config, tcfg, tok)
-    devices = jax.devices()
-    if config.num_devices > len(devices):
-        raise DraftSetupError(f"mesh data={config.mesh_data} x fsdp={config.mesh_fsdp} x model={config.mesh_model} "
-                              f"needs {config.num_devices} devices but only {len(devices)} are available")
-    mesh = make_mesh(data=config.mesh_data, fsdp=config.mesh_fsdp, model=config.mesh_model,
-                     devices=devices[:config.num_devices])
+    mesh = config_mesh(config, DraftSetupError)
     fingerprint = _fingerprint(target_dir, manifest, tok)
     os.makedirs(out_dir, exist_ok=True)
     ckpt = TrainCheckpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=config.keep_checkpoints)
-    latest = ckpt.latest_step()
     try:
-        if latest is not None and not resume:
-            raise DraftSetupError(f"{out_dir} already holds checkpoints (latest step {latest}); pass --resume to "
-                                  f"continue that run or choose a new --out directory")
-        if latest is not None:
-            meta = ckpt.read_meta(latest)
-            where = os.path.join(ckpt.directory, str(latest))
-            check_same_config(meta["config"], config.to_dict(), where=where, ignore=RESUME_COMPATIBLE_FIELDS)
-            check_same_config(meta["fingerprint"], fingerprint, where=where + " (target / corpus / tokenizer)")
+        latest = check_resume(ckpt, resume=resume, out_dir=out_dir, config=config, fingerprint=fingerprint,
+                              ignore=RESUME_COMPATIBLE_FIELDS, data_what="target / corpus / tokenizer",
+                              error=DraftSetupError)
         config.write_json(os.path.join(out_dir, "train_config.json"))
         cache_dir = os.path.join(out_dir, "cache")
         rows = _load_rows(config, corpus_dir, tok, cache_dir)
@@ -316,8 +303,7 @@ def train_draft(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, o
         from dspark_jax.checkpoint.hf import load_target
         _, target_params = load_target(target_dir, dtype=config.compute_dtype, shardings=prog.target_shardings)
         bar = ProgressBar(total=config.steps, enabled=False)
-        for path in ckpt.quarantined:
-            bar.write(f"train-draft: ignoring uncommitted checkpoint (interrupted write), moved to {path}")
+        report_quarantined(ckpt, "train-draft", bar)
         cache = None
         if feature_cache:
             expected = {"target_model_name_or_path": target_dir, "max_length": config.seq_len,
@@ -354,7 +340,7 @@ def train_draft(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, o
         return {"input_ids": rows["input_ids"][idx], "loss_mask": rows["loss_mask"][idx]}
 
     start = int(jax.device_get(state.step))
-    end = config.steps if stop_at_step is None else max(start, min(int(stop_at_step), config.steps))
+    end = end_step(start, stop_at_step, config.steps)
     logger = MetricsLogger(os.path.join(out_dir, "metrics.jsonl"), resume_step=start if latest else None)
     bar = ProgressBar(total=config.steps, initial=start, desc="train-draft", enabled=progress)
     bar.write(f"train-draft: {n_rows} sequences x {config.seq_len} tokens, draft {dcfg.num_hidden_layers} layer(s) "
@@ -363,35 +349,27 @@ def train_draft(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, o
               f"steps {start}->{end} of {config.steps}")
     meta_now = lambda s: {"step": s, "config": config.to_dict(), "data_state": index.state.to_dict(),  # noqa: E731
                           "fingerprint": fingerprint, "draft_config": dcfg.to_deepspec_config()}
-    rate, last, eval_metrics = RateMeter(), None, {}
-    try:
-        for step in range(start, end):
-            state, metrics = prog.step(state, None if cache is not None else target_params,
-                                       prog.put_batch(next_batch()))
-            s = step + 1
-            rate.add(config.tokens_per_step)
-            if step == start:  # exclude compilation from the throughput
-                jax.block_until_ready(metrics)
-                rate.reset()
-            if s % config.log_every == 0 or s == config.steps:
-                last = dl.as_host_floats(metrics)
-                tps = rate.rate()
-                aps = tps / config.seq_len * last["sampled_anchors_abs"]
-                logger.log({"step": s, **last, "tokens_per_s": tps, "anchors_per_s": aps, "epoch": index.state.epoch})
-                bar.update(0, loss=last["loss"], tau=last.get("tau_probabilistic", 0.0), lr=last["lr"])
-            if s % config.eval_every == 0 or s == config.steps:
-                eval_metrics = _evaluate(prog, state.params, target_params, val, tok.pad_id, config.seed)
-                logger.log({"step": s, "eval": eval_metrics})
-                bar.write(f"step {s}: eval " + ", ".join(
-                    f"{d} loss {m['loss']:.4f} tau {m.get('tau_probabilistic', float('nan')):.3f}"
-                    for d, m in eval_metrics.items()))
-            if s % config.ckpt_every == 0 or s == end:
-                ckpt.save(s, state, meta_now(s))
-            bar.update(1)
-    finally:
-        bar.close()
-        logger.close()
-        ckpt.close()
+    eval_metrics: dict[str, dict[str, float]] = {}
+
+    def on_log(s: int, metrics, rate) -> None:
+        last = dl.as_host_floats(metrics)
+        tps = rate.rate()
+        aps = tps / config.seq_len * last["sampled_anchors_abs"]
+        logger.log({"step": s, **last, "tokens_per_s": tps, "anchors_per_s": aps, "epoch": index.state.epoch})
+        bar.update(0, loss=last["loss"], tau=last.get("tau_probabilistic", 0.0), lr=last["lr"])
+
+    def on_eval(s: int, state) -> None:
+        nonlocal eval_metrics
+        eval_metrics = _evaluate(prog, state.params, target_params, val, tok.pad_id, config.seed)
+        logger.log({"step": s, "eval": eval_metrics})
+        bar.write(f"step {s}: eval " + ", ".join(
+            f"{d} loss {m['loss']:.4f} tau {m.get('tau_probabilistic', float('nan')):.3f}"
+            for d, m in eval_metrics.items()))
+
+    step_target = None if cache is not None else target_params
+    state = run_steps(state, config=config, start=start, end=end,
+                      step=lambda st: prog.step(st, step_target, prog.put_batch(next_batch())), on_log=on_log,
+                      on_eval=on_eval, meta=meta_now, ckpt=ckpt, bar=bar, logger=logger)
     logged = [r for r in read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if "loss" in r]
     export_dir = None
     if export and end == config.steps:

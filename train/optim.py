@@ -38,6 +38,13 @@ class OptimizerConfig:
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
 
+    @classmethod
+    def from_train_config(cls, config: Any) -> "OptimizerConfig":
+        """The optimizer of a `TargetTrainConfig` / `DraftTrainConfig` (schedule spans `config.steps`)."""
+        return cls(learning_rate=config.learning_rate, total_steps=config.steps,
+                   warmup_fraction=config.warmup_fraction, b1=config.adam_b1, b2=config.adam_b2,
+                   eps=config.adam_eps, weight_decay=config.weight_decay, grad_clip=config.grad_clip)
+
     @property
     def warmup_steps(self) -> int:
         """`int(warmup_fraction * total_steps)`."""

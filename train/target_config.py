@@ -4,27 +4,21 @@ Loaded from a JSON file and/or command-line flags (flags win); the *resolved* co
 size filled in from the tokenizer) is written next to the checkpoints as `train_config.json`
 and stored in every checkpoint, so a resume with different settings is refused with the names of
 the differing fields (see `train.checkpointing.config_differences`). Defaults are sized for a 2-core CPU.
+Loading, serialisation and the checks shared with `DraftTrainConfig` live in `train.config_io`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from typing import Any, Mapping
 
 from dspark_jax.config import TargetConfig
+from train.config_io import BOOKKEEPING_FIELDS, TrainConfigBase
 
 __all__ = ["TargetTrainConfig", "ConfigFileError", "RESUME_COMPATIBLE_FIELDS"]
 
 # Fields that may change between a run and its resume: they do not affect the math of a step
 # (bookkeeping, or the device layout, which orbax reshards on restore).
-RESUME_COMPATIBLE_FIELDS: frozenset[str] = frozenset({
-    "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
-    "export_dtype", "mesh_data", "mesh_fsdp", "mesh_model",
-})
-
-_DTYPES = ("float32", "bfloat16")
+RESUME_COMPATIBLE_FIELDS: frozenset[str] = BOOKKEEPING_FIELDS
 
 
 class ConfigFileError(ValueError):
@@ -32,7 +26,7 @@ class ConfigFileError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TargetTrainConfig:
+class TargetTrainConfig(TrainConfigBase):
     """Target pretraining settings (model shape, optimisation, mesh, intervals).
 
     `vocab_size=None` means "exactly the tokenizer's vocabulary"; `resolve_vocab` fills it in.
@@ -84,17 +78,15 @@ class TargetTrainConfig:
     keep_checkpoints: int = 3
     export_dtype: str = "bfloat16"
 
+    config_error = ConfigFileError  # not a field (no annotation)
+
     def __post_init__(self):
         if isinstance(self.domains, list):
             object.__setattr__(self, "domains", tuple(self.domains))
-        positive = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "max_position_embeddings", "seq_len", "steps",
-                    "batch_size", "grad_accum_steps", "mesh_data", "mesh_fsdp", "mesh_model",
-                    "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self._check_positive(("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                              "num_key_value_heads", "head_dim", "max_position_embeddings", "seq_len", "steps",
+                              "batch_size", "grad_accum_steps", "mesh_data", "mesh_fsdp", "mesh_model",
+                              "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints"))
         if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
             raise ValueError(f"vocab_size must be a positive integer or null, got {self.vocab_size!r}")
         if self.seq_len > self.max_position_embeddings:
@@ -107,30 +99,10 @@ class TargetTrainConfig:
         if micro % (self.mesh_data * self.mesh_fsdp):
             raise ValueError(f"micro-batch size {micro} (batch_size / grad_accum_steps) is not divisible by "
                              f"mesh_data x mesh_fsdp = {self.mesh_data * self.mesh_fsdp}")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
-        for name in ("compute_dtype", "export_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"{name} must be one of {_DTYPES}, got {getattr(self, name)!r}")
-        if not self.domains or len(set(self.domains)) != len(self.domains):
-            raise ValueError(f"domains must be a non-empty list without repeats, got {list(self.domains)}")
+        self._check_common(("compute_dtype", "export_dtype"))
         self.model_config()  # family / head / GQA checks live in TargetConfig
 
     # ------------------------------------------------------------------ derived
-    @property
-    def num_devices(self) -> int:
-        """Devices the mesh needs (`mesh_data * mesh_fsdp * mesh_model`)."""
-        return self.mesh_data * self.mesh_fsdp * self.mesh_model
-
-    @property
-    def tokens_per_step(self) -> int:
-        """Predicted tokens per optimizer step (`batch_size * seq_len`)."""
-        return self.batch_size * self.seq_len
-
     def model_config(self, *, eos_id: int | None = None, pad_id: int | None = None) -> TargetConfig:
         """The float32 `TargetConfig` of the model being trained (needs a resolved vocab for real use)."""
         return TargetConfig(
@@ -151,55 +123,3 @@ class TargetTrainConfig:
             raise ValueError(f"tokenizer has {tokenizer_vocab} tokens but the model vocab_size is "
                              f"{self.vocab_size}; raise vocab_size (or leave it unset to use the tokenizer's)")
         return self
-
-    # ------------------------------------------------------------------ (de)serialisation
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        d["domains"] = list(self.domains)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "TargetTrainConfig":
-        """Build from a dict; unknown keys and invalid values raise ConfigFileError naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigFileError(f"{source}: unknown field(s) {unknown}; known: {sorted(names)}")
-        kw = dict(data)
-        for f in dataclasses.fields(cls):
-            if f.name in kw and kw[f.name] is not None and isinstance(f.default, float) \
-                    and isinstance(kw[f.name], int) and not isinstance(kw[f.name], bool):
-                kw[f.name] = float(kw[f.name])  # JSON `3` for a float field
-        if "domains" in kw and isinstance(kw["domains"], (list, tuple)):
-            kw["domains"] = tuple(kw["domains"])
-        try:
-            return cls(**kw)
-        except (TypeError, ValueError) as e:
-            raise ConfigFileError(f"{source}: {e}") from e
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "TargetTrainConfig":
-        """Load a JSON object from `path`; `overrides` (e.g. command-line flags) win."""
-        p = os.fspath(path)
-        try:
-            with open(p, encoding="utf-8") as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise ConfigFileError(f"config file not found: {p}") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigFileError(f"{p}: cannot read JSON config ({e})") from e
-        if not isinstance(data, dict):
-            raise ConfigFileError(f"{p}: expected a JSON object, got {type(data).__name__}")
-        data.update(overrides)
-        return cls.from_dict(data, source=p)
-
-    def write_json(self, path: str | os.PathLike) -> None:
-        """Write the config as pretty JSON (atomically: temp file then rename)."""
-        p = os.fspath(path)
-        tmp = f"{p}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, p)
-

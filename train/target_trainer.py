@@ -29,12 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax.config import TargetConfig
-from dspark_jax.sharding import make_mesh
 from dspark_jax.target.model import TargetModel
-from train.checkpointing import TrainCheckpointer, check_same_config
+from train.checkpointing import TrainCheckpointer
 from train.data import (BatchIterator, DataState, TokenizerInfo, check_corpus, load_tokenizer,
                         pack_stream, tokenize_split, validation_batches)
-from train.metrics import MetricsLogger, ProgressBar, RateMeter, read_jsonl
+from train.loop import check_resume, config_mesh, end_step, report_quarantined, run_steps
+from train.metrics import MetricsLogger, ProgressBar, read_jsonl
 from train.optim import OptimizerConfig, make_optimizer
 from train.parallel import TrainProgram, build_train_program
 from train.target_config import RESUME_COMPATIBLE_FIELDS, TargetTrainConfig
@@ -81,10 +81,7 @@ def make_target_loss(model: TargetModel) -> Callable:
 
 def build_target_program(config: TargetTrainConfig, model_config: TargetConfig, mesh) -> TrainProgram:
     """Jitted init/step/eval of `config` (resolved vocab) on `mesh`."""
-    tx, schedule = make_optimizer(OptimizerConfig(
-        learning_rate=config.learning_rate, total_steps=config.steps, warmup_fraction=config.warmup_fraction,
-        b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps, weight_decay=config.weight_decay,
-        grad_clip=config.grad_clip))
+    tx, schedule = make_optimizer(OptimizerConfig.from_train_config(config))
     init_model = TargetModel(model_config)
     compute_model = TargetModel(model_config.replace(dtype=config.compute_dtype))
 
@@ -129,15 +126,6 @@ def export_target(params, model_config: TargetConfig, out_dir: str, tok: Tokeniz
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def _make_mesh(config: TargetTrainConfig):
-    devices = jax.devices()
-    if config.num_devices > len(devices):
-        raise TrainSetupError(f"mesh data={config.mesh_data} x fsdp={config.mesh_fsdp} x model={config.mesh_model} "
-                              f"needs {config.num_devices} devices but only {len(devices)} are available")
-    return make_mesh(data=config.mesh_data, fsdp=config.mesh_fsdp, model=config.mesh_model,
-                     devices=devices[:config.num_devices])
-
-
 def train_target(config: TargetTrainConfig, *, corpus_dir: str, tokenizer_dir: str, out_dir: str,
                  resume: bool = False, stop_at_step: int | None = None, progress: bool = True,
                  export: bool = True) -> TrainResult:
@@ -156,27 +144,22 @@ def train_target(config: TargetTrainConfig, *, corpus_dir: str, tokenizer_dir: s
     except ValueError as e:
         raise TrainSetupError(f"{tok.directory}: {e}") from None
     model_config = config.model_config(eos_id=tok.eos_id, pad_id=tok.pad_id)
-    mesh = _make_mesh(config)
+    mesh = config_mesh(config, TrainSetupError)
     primary = jax.process_index() == 0
     os.makedirs(out_dir, exist_ok=True)
     fingerprint = {"corpus_content_hash": manifest.get("content_hash"), "tokenizer_sha256": tok.sha256}
 
     ckpt = TrainCheckpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=config.keep_checkpoints)
     bar = ProgressBar(total=config.steps, enabled=False)
-    for path in ckpt.quarantined:
-        bar.write(f"train-target: ignoring uncommitted checkpoint (interrupted write), moved to {path}")
-    latest = ckpt.latest_step()
-    if latest is not None and not resume:
+    report_quarantined(ckpt, "train-target", bar)
+    try:
+        latest = check_resume(ckpt, resume=resume, out_dir=out_dir, config=config, fingerprint=fingerprint,
+                              ignore=RESUME_COMPATIBLE_FIELDS, data_what="corpus / tokenizer", error=TrainSetupError)
+    except BaseException:
         ckpt.close()
-        raise TrainSetupError(f"{out_dir} already holds checkpoints (latest step {latest}); pass --resume to "
-                              f"continue that run or choose a new --out directory")
+        raise
     if latest is None and resume:
         bar.write(f"train-target: no committed checkpoint in {ckpt.directory}; starting from step 0")
-    if latest is not None:
-        meta = ckpt.read_meta(latest)
-        where = os.path.join(ckpt.directory, str(latest))
-        check_same_config(meta["config"], config.to_dict(), where=where, ignore=RESUME_COMPATIBLE_FIELDS)
-        check_same_config(meta["fingerprint"], fingerprint, where=where + " (corpus / tokenizer)")
     if primary:
         config.write_json(os.path.join(out_dir, "train_config.json"))
 
@@ -194,7 +177,7 @@ def train_target(config: TargetTrainConfig, *, corpus_dir: str, tokenizer_dir: s
     else:
         state = program.init(config.seed)
     start = int(jax.device_get(state.step))
-    end = config.steps if stop_at_step is None else max(start, min(int(stop_at_step), config.steps))
+    end = end_step(start, stop_at_step, config.steps)
     logger = MetricsLogger(os.path.join(out_dir, "metrics.jsonl"), resume_step=start if latest else None,
                            enabled=primary)
     bar = ProgressBar(total=config.steps, initial=start, desc="train-target", enabled=progress and primary)
@@ -206,34 +189,26 @@ def train_target(config: TargetTrainConfig, *, corpus_dir: str, tokenizer_dir: s
         return {"step": step, "config": config.to_dict(), "data_state": data.state.to_dict(),
                 "fingerprint": fingerprint}
 
-    rate, last_loss, eval_losses = RateMeter(), None, {}
-    try:
-        for step in range(start, end):
-            state, metrics = program.step(state, program.put_batch(next(data)))
-            s = step + 1
-            rate.add(config.tokens_per_step)
-            if step == start:  # exclude compilation from the throughput
-                jax.block_until_ready(metrics)
-                rate.reset()
-            if s % config.log_every == 0 or s == config.steps:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                last_loss = m["loss"]
-                tps = rate.rate()
-                logger.log({"step": s, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-                            "accuracy": m["accuracy"], "tokens": m["weight"], "tokens_per_s": tps,
-                            "epoch": data.state.epoch})
-                bar.update(0, loss=m["loss"], lr=m["lr"], tok_s=round(tps))
-            if s % config.eval_every == 0 or s == config.steps:
-                eval_losses = evaluate_domains(program, state.params, val)
-                logger.log({"step": s, "eval": eval_losses})
-                bar.write(f"step {s}: eval loss " + ", ".join(f"{d} {v:.4f}" for d, v in eval_losses.items()))
-            if s % config.ckpt_every == 0 or s == end:
-                ckpt.save(s, state, meta_now(s))
-            bar.update(1)
-    finally:
-        bar.close()
-        logger.close()
-        ckpt.close()
+    last_loss, eval_losses = None, {}
+
+    def on_log(s: int, metrics, rate) -> None:
+        nonlocal last_loss
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        last_loss = m["loss"]
+        tps = rate.rate()
+        logger.log({"step": s, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+                    "accuracy": m["accuracy"], "tokens": m["weight"], "tokens_per_s": tps, "epoch": data.state.epoch})
+        bar.update(0, loss=m["loss"], lr=m["lr"], tok_s=round(tps))
+
+    def on_eval(s: int, state) -> None:
+        nonlocal eval_losses
+        eval_losses = evaluate_domains(program, state.params, val)
+        logger.log({"step": s, "eval": eval_losses})
+        bar.write(f"step {s}: eval loss " + ", ".join(f"{d} {v:.4f}" for d, v in eval_losses.items()))
+
+    state = run_steps(state, config=config, start=start, end=end,
+                      step=lambda st: program.step(st, program.put_batch(next(data))), on_log=on_log,
+                      on_eval=on_eval, meta=meta_now, ckpt=ckpt, bar=bar, logger=logger)
     exported = False
     if export and end == config.steps and primary:
         export_target(state.params, model_config, out_dir, tok, config.export_dtype)
