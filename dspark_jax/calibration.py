@@ -89,6 +89,7 @@ def reliability_table(pred: Any, label: Any, bins: int = 20) -> list[dict[str, f
     """Per-bin rows ``{lo, hi, count, pred_mean, label_mean}`` (means NaN for empty bins)."""
     p, y = _clamp(pred).ravel(), np.asarray(label, np.float64).ravel()
     idx = _bin_index(p, bins)
+    n = np.bincount(idx, minlength=bins)
     sp, sy = np.bincount(idx, p, minlength=bins), np.bincount(idx, y, minlength=bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         pm, ym = sp / n, sy / n

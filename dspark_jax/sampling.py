@@ -17,7 +17,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-__all__ = ["SamplingConfig", "SamplingMode", "SamplingError", "warp_probs", "sample_from_probs"]
+__all__ = ["SamplingConfig", "SamplingMode", "SamplingError", "warp_probs", "sample_from_probs", "greedy_argmax",
+           "next_token"]
 
 Array = jax.Array
 
@@ -77,7 +78,7 @@ def warp_probs(logits: Array, values: Array, mode: SamplingMode) -> Array:
     logits = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
     if mode.greedy:
-        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), vocab, dtype=jnp.float32)
+        return jax.nn.one_hot(greedy_argmax(logits), vocab, dtype=jnp.float32)
     z = logits / values[0]
     if mode.use_top_k or mode.use_top_p:
         sorted_desc = -jnp.sort(-z, axis=-1)  # [..., V]
@@ -103,10 +104,30 @@ def sample_from_probs(key: Array, probs: Array, mode: SamplingMode) -> Array:
     interval of the CDF and are never drawn.
     """
     if mode.greedy:
-        return jnp.argmax(probs, axis=-1).astype(jnp.int32)
+        return greedy_argmax(probs)
     cdf = jnp.cumsum(probs.astype(jnp.float32), axis=-1)
     u = jax.random.uniform(key, probs.shape[:-1], jnp.float32) * cdf[..., -1]
     idx = jnp.sum(cdf <= u[..., None], axis=-1)
     # Guard against u landing on the final plateau through rounding: take the last positive token.
     last_positive = probs.shape[-1] - 1 - jnp.argmax(jnp.flip(probs > 0, axis=-1), axis=-1)
     return jnp.minimum(idx, last_positive).astype(jnp.int32)
+
+
+def greedy_argmax(logits: Array) -> Array:
+    """First index of the maximum over the last axis (== jnp.argmax for finite logits), int32.
+
+    Written as max + min-of-matching-index: two plain reductions that XLA:CPU vectorises, 5-7x
+    faster than jnp.argmax's variadic (value, index) reduce on a [B, 32000] row (0.17 vs 1.16 ms at
+    B=8 on one core). NaN rows give V - 1 (jnp.argmax would give the NaN's index).
+    """
+    vocab = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.minimum(jnp.min(jnp.where(logits == top, iota, vocab), axis=-1), vocab - 1).astype(jnp.int32)
+
+
+def next_token(key: Array, logits: Array, sampling_values: Array, mode: SamplingMode) -> Array:
+    """Sample the next token [B] from logits [B, V]; greedy skips the one-hot distribution."""
+    if mode.greedy:  # same token as sample_from_probs(warp_probs(...)) without two argmaxes and a one-hot
+        return greedy_argmax(logits)
+    return sample_from_probs(key, warp_probs(logits, sampling_values, mode), mode)

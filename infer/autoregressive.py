@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.config import TargetConfig
-from dspark_jax.sampling import SamplingMode, sample_from_probs, warp_probs
+from dspark_jax.sampling import SamplingMode, next_token
 from dspark_jax.target.kv_cache import KVCache
 from dspark_jax.target.model import TargetModel
 
@@ -56,7 +56,7 @@ def autoregressive_generate(params, prompt_tokens: Array, prompt_lengths: Array,
     model = TargetModel(config)
     b = prompt_tokens.shape[0]
     logits, cache, _ = prefill(model, params, prompt_tokens, prompt_lengths, cache_len)
-    first = sample_from_probs(jax.random.fold_in(key, 0), warp_probs(logits, sampling_values, mode), mode)
+    first = next_token(jax.random.fold_in(key, 0), logits, sampling_values, mode)
     out = jnp.full((b, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
     done = is_stop(first, stop_ids)
     num = jnp.ones((b,), jnp.int32)
@@ -70,8 +70,7 @@ def autoregressive_generate(params, prompt_tokens: Array, prompt_lengths: Array,
         positions = cache.lengths[:, None]
         res = model.apply({"params": params}, last[:, None], positions, cache)
         cache = res.cache.with_lengths(cache.lengths + 1)
-        probs = warp_probs(res.logits[:, 0], sampling_values, mode)
-        nxt = sample_from_probs(jax.random.fold_in(key, step), probs, mode)
+        nxt = next_token(jax.random.fold_in(key, step), res.logits[:, 0], sampling_values, mode)
         nxt = jnp.where(done, -1, nxt)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
         num = num + (~done).astype(jnp.int32)

@@ -31,7 +31,7 @@ from dspark_jax.draft import heads
 from dspark_jax.draft.cache import DraftCache
 from dspark_jax.draft.config import DraftConfig
 from dspark_jax.draft.model import DraftModel
-from dspark_jax.sampling import SamplingMode, sample_from_probs, warp_probs
+from dspark_jax.sampling import SamplingMode, next_token, sample_from_probs, warp_probs
 from dspark_jax.target.model import TargetModel
 from infer.autoregressive import is_stop, prefill
 from infer.spec_metrics import RoundRecords, RoundStats
@@ -189,7 +189,7 @@ def speculative_generate(params, draft_params, prompt_tokens: Array, prompt_leng
 
     # Prefill: the target's prompt pass gives the first token and the prompt's context features.
     logits, tcache, taps = prefill(target, params, prompt_tokens, prompt_lengths, cache_len, taps_ids)
-    first = sample_from_probs(key_first, warp_probs(logits, sampling_values, mode), mode)
+    first = next_token(key_first, logits, sampling_values, mode)
     out = jnp.full((b, max_new_tokens + k + 1), -1, jnp.int32).at[:, 0].set(first)
     num_out = jnp.ones((b,), jnp.int32)
     done = is_stop(first, stop_ids) | (max_new_tokens <= 1)

@@ -1,0 +1,308 @@
+"""``dspark generate``: generate continuations of prompts with a target model.
+
+    dspark generate --target DIR --prompt "def fib(n):" --max-new-tokens 64
+    dspark generate --target DIR --prompts-file prompts.txt --batch-size 8 --temperature 0.7 --top-p 0.9
+    dspark generate --target DIR --prompt hi --json          # one JSON object on stdout
+    dspark generate --target DIR --prompt hi --mesh 1,1,8    # shard the target over 8 devices
+
+Prompts are grouped into batches of ``--batch-size`` (one compiled program per batch shape; the
+last partial batch is padded with copies of its last prompt, whose outputs are dropped, so it
+reuses that program). Batch ``i`` uses seed ``--seed + i``. stdout carries only the results;
+progress and log lines go to stderr. Expected failures (bad options, missing files, invalid
+checkpoints, invalid sampling values) print ``dspark: error: <message>`` to stderr and return 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+__all__ = ["build_parser", "main", "read_prompts_file", "parse_mesh", "CliError"]
+
+PROG = "dspark generate"
+EXIT_ERROR = 2
+
+
+class CliError(ValueError):
+    """A bad command-line value that argparse itself cannot detect (message is user-facing)."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    """``"data,fsdp,model"`` (e.g. ``"1,1,8"``) -> three positive ints; CliError otherwise."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise CliError(f"--mesh expects three positive integers DATA,FSDP,MODEL (e.g. 1,1,8), got {text!r}")
+    return sizes  # type: ignore[return-value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``dspark generate``."""
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Generate continuations of one or more prompts with a Qwen3/Llama target "
+                    "(Hugging Face layout directory: config.json, *.safetensors, tokenizer.json).",
+    )
+    p.add_argument("--target", metavar="DIR",
+                   help="target model directory (required: no bundled default model exists yet)")
+    # --- speculative hook -------------------------------------------------------------------
+    # `--draft DIR` is accepted now; `_load_draft` below is the one place the speculative
+    # engineer wires it (load the drafter, return the object `infer.api.generate(draft=...)` takes).
+    p.add_argument("--draft", metavar="DIR", default=None,
+                   help="draft model directory: decode speculatively (lossless; same output distribution)")
+    src = p.add_argument_group("prompts (at least one)")
+    src.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                     help="a prompt (repeatable)")
+    src.add_argument("--prompts-file", metavar="FILE", default=None,
+                     help="one prompt per line, or JSONL with {\"turns\": [...]} (first turn is used)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N",
+                   help="tokens to generate per prompt, stop token included (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); > 0 samples from softmax(logits / temperature)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 = off (default)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (batch i uses seed + i; default 0)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="parameter/activation dtype (default: float32)")
+    p.add_argument("--mesh", type=str, default=None, metavar="DATA,FSDP,MODEL",
+                   help="shard the target over a device mesh, e.g. 1,1,8 (product = number of devices)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
+                   help="prompts decoded together (default 8)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="do not stop at the model's stop tokens (always generate --max-new-tokens)")
+    p.add_argument("--json", action="store_true",
+                   help="print exactly one JSON object {results, metrics} on stdout")
+    return p
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """Prompts from `path`: JSONL records with a ``turns`` list (first turn used), else one per line.
+
+    The file is read as JSONL when its name ends in ``.jsonl`` or when every non-blank line is a
+    JSON object with ``turns``. Blank lines are skipped in both formats.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts file not found: {path!r}")
+    with open(path, encoding="utf-8") as f:
+        lines = [ln.rstrip("\r\n") for ln in f]
+    numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip()]
+    if not numbered:
+        raise CliError(f"prompts file {path!r} contains no prompts")
+    if path.endswith(".jsonl") or all(_is_turns_record(ln) for _, ln in numbered):
+        prompts = []
+        for lineno, ln in numbered:
+            try:
+                rec = json.loads(ln)
+            except json.JSONDecodeError as e:
+                raise CliError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            turns = rec.get("turns") if isinstance(rec, dict) else None
+            if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
+                raise CliError(f"{path}:{lineno}: expected an object with a non-empty 'turns' list of strings")
+            prompts.append(turns[0])
+        return prompts
+    return [ln for _, ln in numbered]
+
+
+def _is_turns_record(line: str) -> bool:
+    if not line.lstrip().startswith("{"):
+        return False
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(rec, dict) and "turns" in rec
+
+
+def _log(msg: str) -> None:
+    print(f"[dspark] {msg}", file=sys.stderr, flush=True)
+
+
+def _load_draft(draft_dir: str, target: Any, dtype: str | None = None) -> Any:
+    """SPECULATIVE HOOK: load the drafter in `draft_dir` for `infer.api.generate(draft=...)`.
+
+    Uses `infer.speculative_api.load_draft_bundle(draft_dir, target, dtype=...)`. Speculative options
+    (block size, confidence thresholds) are for the speculative-decoding engineer to add here and
+    pass through `generate(**speculative_options)`. If that module cannot be imported this raises
+    a clear CliError ('speculative decoding not available') instead of a traceback.
+    """
+    try:
+        from infer import speculative_api
+    except ImportError as e:
+        raise CliError(f"speculative decoding not available ({e}); run without --draft") from None
+    loader = getattr(speculative_api, "load_draft_bundle", None)
+    if loader is None:
+        raise CliError("speculative decoding not available: infer.speculative_api has no load_draft_bundle()")
+    return loader(draft_dir, target=target, dtype=dtype)
+
+
+def _batches(prompts: list[str], batch_size: int) -> list[tuple[list[str], int]]:
+    """(batch prompts, number of real prompts) per batch; partial last batch padded when > 1 batch."""
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        real = len(chunk)
+        if len(prompts) > batch_size and real < batch_size:
+            chunk = chunk + [chunk[-1]] * (batch_size - real)
+        out.append((chunk, real))
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Validate everything cheap before importing JAX or loading weights.
+    if not args.target:
+        raise CliError("--target DIR is required (no bundled default model is available yet)")
+    if not os.path.isdir(args.target):
+        raise FileNotFoundError(f"--target directory not found: {args.target!r}")
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += read_prompts_file(args.prompts_file)
+    if not prompts:
+        raise CliError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise CliError(f"prompt {i} is empty")
+    mesh_sizes = parse_mesh(args.mesh) if args.mesh else None
+    if args.draft is not None and not os.path.isdir(args.draft):
+        raise FileNotFoundError(f"--draft directory not found: {args.draft!r}")
+
+    from dspark_jax.sampling import SamplingConfig
+
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+    import contextlib
+
+    import jax
+
+    from infer.api import generate, load_target_bundle
+
+    shardings, mesh_ctx = None, contextlib.nullcontext()
+    if mesh_sizes is not None:
+        from dspark_jax.config import load_hf_config
+        from dspark_jax.sharding import make_mesh, target_param_shardings
+
+        data, fsdp, model = mesh_sizes
+        try:
+            mesh = make_mesh(data=data, fsdp=fsdp, model=model)
+        except ValueError as e:
+            raise CliError(f"--mesh {args.mesh}: {e}") from None
+        shardings = target_param_shardings(load_hf_config(args.target, dtype=args.dtype), mesh)
+        mesh_ctx = jax.set_mesh(mesh)
+
+    t0 = time.perf_counter()
+    target = load_target_bundle(args.target, dtype=args.dtype, shardings=shardings)
+    load_s = time.perf_counter() - t0
+    if target.tokenizer is None:
+        raise CliError(f"{args.target!r} has no tokenizer.json; text prompts need one")
+    _log(f"loaded {target.config.family} target from {args.target} in {load_s:.2f}s "
+         f"({target.config.num_hidden_layers} layers, dtype {target.config.dtype}"
+         f"{', mesh ' + args.mesh if args.mesh else ''})")
+    draft = _load_draft(args.draft, target, args.dtype) if args.draft else None
+    stop_ids = [] if args.ignore_eos else None
+
+    from tqdm import tqdm
+
+    batches = _batches(prompts, args.batch_size)
+    results: list[dict[str, Any]] = []
+    per_batch: list[dict[str, Any]] = []
+    with mesh_ctx:
+        bar = tqdm(batches, desc="generate", unit="batch", file=sys.stderr,
+                   disable=len(batches) <= 1, dynamic_ncols=True)
+        for i, (chunk, real) in enumerate(bar):
+            kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed + i,
+                      stop_token_ids=stop_ids)
+            if draft is not None:
+                kw["draft"] = draft
+            res = generate(target, chunk, **kw)
+            metrics = dict(res.metrics)
+            if real < len(chunk):  # padded last batch: count only the real rows
+                metrics["tokens"] = sum(len(t) for t in res.token_ids[:real])
+            per_batch.append(metrics)
+            for j in range(real):
+                results.append({"prompt": chunk[j], "text": res.texts[j] if res.texts else None,
+                                "token_ids": [int(t) for t in res.token_ids[j]]})
+            bar.set_postfix(tok_s=f"{metrics['tokens'] / max(metrics['wall_s'], 1e-9):.1f}")
+
+    tokens = sum(m["tokens"] for m in per_batch)
+    wall = sum(m["wall_s"] for m in per_batch)
+    summary: dict[str, Any] = {
+        "mode": per_batch[0].get("mode", "autoregressive"),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall if wall > 0 else math.inf,
+        "compile_s": sum(m.get("compile_s", 0.0) for m in per_batch),
+        "load_s": load_s,
+        "num_prompts": len(prompts),
+        "num_batches": len(batches),
+        "batch_size": args.batch_size,
+        "dtype": target.config.dtype,
+        "mesh": list(mesh_sizes) if mesh_sizes else None,
+        "backend": jax.default_backend(),
+        "batches": per_batch,
+    }
+    if args.json:
+        json.dump({"results": results, "metrics": summary}, sys.stdout, default=_json_default)
+        sys.stdout.write("\n")
+    else:
+        for k, r in enumerate(results):
+            print(f"=== [{k}] {r['prompt']}")
+            print(r["text"])
+        print(f"--- {tokens} tokens in {wall:.3f}s ({summary['tokens_per_s']:.1f} tok/s), "
+              f"compile {summary['compile_s']:.2f}s, load {load_s:.2f}s, {summary['mode']}", file=sys.stderr)
+    sys.stdout.flush()
+    return 0
+
+
+def _json_default(obj: Any) -> Any:
+    """JSON for numpy scalars/arrays that may appear in metrics."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Error types reported as one `dspark: error:` line (imported lazily: they pull in JAX)."""
+    errors: list[type[BaseException]] = [CliError, FileNotFoundError, NotADirectoryError, PermissionError]
+    for module, name in (("dspark_jax.config", "ConfigError"), ("dspark_jax.sampling", "SamplingError"),
+                         ("dspark_jax.checkpoint.hf_layout", "CheckpointError"),
+                         ("dspark_jax.tokenizer", "TokenizerError"), ("infer.api", "GenerationError")):
+        if module in sys.modules:  # only what was actually imported can have been raised
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``dspark generate`` with `argv` (the arguments after ``generate``); return exit status.
+
+    ``--help`` raises SystemExit(0) and argparse usage errors SystemExit(2); expected runtime
+    errors print ``dspark: error: <message>`` to stderr and return 2.
+    """
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return _run(args)
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is an expected error type
+        if isinstance(e, _expected_errors()):
+            print(f"dspark: error: {e}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
