@@ -140,6 +140,19 @@ def test_generate_with_draft_is_lossless(tiny_qwen3_dir, reference, tmp_path, ca
     doc = json.loads(out)
     assert doc["metrics"]["mode"] == "speculative"
     assert [r["token_ids"] for r in doc["results"]] == [reference(p) for p in PROMPTS]
+    m = doc["metrics"]
+    assert m["rounds"] > 0 and 1.0 <= m["acceptance_length"] <= 4 and len(m["accept_rate"]) == 3
+
+    # --compare: speculative and autoregressive side by side, with a smaller block size.
+    code, out, err = run_cli(argv + ["--compare", "--block-size", "2"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    m = doc["metrics"]
+    assert m["greedy_outputs_equal"] is True and m["block_size"] == 2
+    assert m["speedup"] > 0 and m["autoregressive_tokens_per_s"] > 0 and m["speculative_tokens_per_s"] > 0
+    assert [r["token_ids"] for r in doc["results"]] == [reference(p) for p in PROMPTS]
+    code, out, err = run_cli(argv + ["--block-size", "9"], capsys)
+    assert code == 2 and "block size 9 must be in [1, 3]" in err
 
 
 def test_read_prompts_file_formats(tmp_path):
@@ -183,7 +196,7 @@ def test_every_registered_command_resolves():
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--prompt", "hi"], "--target DIR is required (no bundled default model is available yet)"),
+    (["--prompt", "hi", "--draft", "{model}"], "--draft needs --target"),
     (["--target", "/nonexistent/model/dir"], "--target directory not found: '/nonexistent/model/dir'"),
     (["--target", "{model}", "--prompt", ""], "prompt 0 is empty"),
     (["--target", "{model}", "--prompt", "hi", "--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),

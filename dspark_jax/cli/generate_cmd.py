@@ -62,12 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "(Hugging Face layout directory: config.json, *.safetensors, tokenizer.json).",
     )
     p.add_argument("--target", metavar="DIR",
-                   help="target model directory (required: no bundled default model exists yet)")
-    # --- speculative hook -------------------------------------------------------------------
-    # `--draft DIR` is accepted now; `_load_draft` below is the one place the speculative
-    # engineer wires it (load the drafter, return the object `infer.api.generate(draft=...)` takes).
+                   help="target model directory (default: the bundled pystd target + DSpark drafter, "
+                        "run side by side with autoregressive decoding)")
     p.add_argument("--draft", metavar="DIR", default=None,
-                   help="draft model directory: decode speculatively (lossless; same output distribution)")
+                   help="DeepSpec-layout draft directory: decode speculatively (lossless; same output distribution)")
+    spec = p.add_argument_group("speculative decoding (with --draft)")
+    spec.add_argument("--block-size", type=_positive_int, default=None, metavar="K",
+                      help="drafts per round, <= the checkpoint's block_size (default: the checkpoint's)")
+    spec.add_argument("--confidence-threshold", type=float, default=0.0, metavar="C",
+                      help="verify drafts up to the first slot whose confidence is below C (reference rule; 0 = off)")
+    spec.add_argument("--survival-threshold", type=float, default=0.0, metavar="S",
+                      help="verify drafts while the cumulative (STS-calibrated) survival is >= S (0 = off)")
+    spec.add_argument("--compare", action="store_true",
+                      help="also decode autoregressively and report both speeds and the speed-up "
+                           "(default when no --target is given)")
     src = p.add_argument_group("prompts (at least one)")
     src.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                      help="a prompt (repeatable)")
@@ -168,7 +176,16 @@ def _batches(prompts: list[str], batch_size: int) -> list[tuple[list[str], int]]
 def _run(args: argparse.Namespace) -> int:
     # Validate everything cheap before importing JAX or loading weights.
     if not args.target:
-        raise CliError("--target DIR is required (no bundled default model is available yet)")
+        if args.draft:
+            raise CliError("--draft needs --target (the drafter must match its target)")
+        from infer.demo import DEFAULT_PROMPT, bundled_paths
+
+        args.target, args.draft = bundled_paths()
+        args.compare = True
+        if not args.prompt and not args.prompts_file:
+            args.prompt = [DEFAULT_PROMPT]
+    if args.compare and not args.draft:
+        raise CliError("--compare needs --draft DIR (it compares speculative with autoregressive decoding)")
     if not os.path.isdir(args.target):
         raise FileNotFoundError(f"--target directory not found: {args.target!r}")
     prompts = list(args.prompt)
@@ -216,6 +233,13 @@ def _run(args: argparse.Namespace) -> int:
          f"{', mesh ' + args.mesh if args.mesh else ''})")
     draft = _load_draft(args.draft, target, args.dtype) if args.draft else None
     stop_ids = [] if args.ignore_eos else None
+    spec_kw: dict[str, Any] = {}
+    if draft is not None:
+        spec_kw = dict(block_size=args.block_size, confidence_threshold=args.confidence_threshold,
+                       survival_threshold=args.survival_threshold)
+    if args.compare:
+        with mesh_ctx:
+            return _compare(args, target, draft, prompts, sampling, stop_ids, spec_kw, load_s)
 
     from tqdm import tqdm
 
@@ -229,7 +253,7 @@ def _run(args: argparse.Namespace) -> int:
             kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed + i,
                       stop_token_ids=stop_ids)
             if draft is not None:
-                kw["draft"] = draft
+                kw.update(draft=draft, **spec_kw)
             res = generate(target, chunk, **kw)
             metrics = dict(res.metrics)
             if real < len(chunk):  # padded last batch: count only the real rows
@@ -257,6 +281,8 @@ def _run(args: argparse.Namespace) -> int:
         "backend": jax.default_backend(),
         "batches": per_batch,
     }
+    if draft is not None:
+        summary.update(aggregate_speculative(per_batch))
     if args.json:
         json.dump({"results": results, "metrics": summary}, sys.stdout, default=_json_default)
         sys.stdout.write("\n")
@@ -267,6 +293,55 @@ def _run(args: argparse.Namespace) -> int:
         print(f"--- {tokens} tokens in {wall:.3f}s ({summary['tokens_per_s']:.1f} tok/s), "
               f"compile {summary['compile_s']:.2f}s, load {load_s:.2f}s, {summary['mode']}", file=sys.stderr)
     sys.stdout.flush()
+    return 0
+
+
+def aggregate_speculative(per_batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Round-weighted speculative metrics over batches (tau, verify rate, per-position acceptance)."""
+    rounds = sum(m["rounds"] for m in per_batch)
+    if rounds == 0:
+        return {"rounds": 0, "acceptance_length": None, "verify_rate": None}
+    tau = sum(m["acceptance_length"] * m["rounds"] for m in per_batch if m["rounds"])
+    proposed = sum(m["draft_tokens_per_proposal"] * m["rounds"] for m in per_batch if m["rounds"])
+    k = len(per_batch[0]["accept_rate"])
+
+    def pooled(key: str) -> list[float | None]:
+        # Weight each batch's per-slot rate by its rounds (exact when proposals are fixed-length).
+        out = []
+        for j in range(k):
+            num = [(m[key][j], m["rounds"]) for m in per_batch if m[key][j] is not None]
+            out.append(sum(v * w for v, w in num) / sum(w for _, w in num) if num else None)
+        return out
+
+    return {"rounds": rounds, "acceptance_length": tau / rounds, "verify_rate": tau / (proposed + rounds),
+            "draft_tokens_per_proposal": proposed / rounds, "accept_rate": pooled("accept_rate"),
+            "conditional_accept_rate": pooled("conditional_accept_rate")}
+
+
+def _compare(args, target, draft, prompts, sampling, stop_ids, spec_kw, load_s) -> int:
+    """Speculative vs autoregressive side by side on the same prompts (compile time excluded)."""
+    from infer.demo import side_by_side
+
+    report = side_by_side(target, draft, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                          seed=args.seed, repeats=2, stop_token_ids=stop_ids, **spec_kw)
+    report["load_s"] = load_s
+    if args.json:
+        results = [{"prompt": p, "text": t, "token_ids": ids}
+                   for p, t, ids in zip(prompts, report.pop("texts"), report.pop("token_ids"))]
+        json.dump({"results": results, "metrics": report}, sys.stdout, default=_json_default)
+        sys.stdout.write("\n")
+        return 0
+    for k, (p, t) in enumerate(zip(prompts, report["texts"])):
+        print(f"=== [{k}] prompt:\n{p}")
+        print(f"=== [{k}] continuation:\n{t}")
+    acc = " ".join(f"{a:.2f}" if a is not None else "-" for a in report["accept_rate"])
+    print(f"\n--- speculative (DSpark, K={report['block_size']}) vs autoregressive, same target, compile excluded")
+    print(f"autoregressive : {report['autoregressive_tokens_per_s']:8.1f} tok/s")
+    print(f"speculative    : {report['speculative_tokens_per_s']:8.1f} tok/s   speed-up {report['speedup']:.2f}x")
+    print(f"acceptance length tau = {report['acceptance_length']:.2f}, verify rate {report['verify_rate']:.2f}")
+    print(f"accept rate per position: {acc}")
+    if report["greedy_outputs_equal"] is not None:
+        print(f"greedy outputs identical: {report['greedy_outputs_equal']}")
     return 0
 
 

@@ -39,7 +39,13 @@ COMMANDS: dict[str, Command] = {
                                "train a BPE tokenizer on a built corpus"),
     "generate": Command("dspark_jax.cli.generate_cmd:main",
                         "generate text with a target model (optionally speculative with --draft)"),
-    # Reserved for other engineers: "train-target", "train-draft", "eval", "calibrate".
+    "train-target": Command("train.cli_target:train_target_main", "pretrain a small Qwen3-architecture target"),
+    "train-draft": Command("train.cli_draft:train_draft_main",
+                           "train a DSpark/DFlash drafter against a target (online target features)"),
+    "eval": Command("dspark_jax.cli.eval_cmd:eval_main",
+                    "evaluate drafters: tau, acceptance rates, tokens/s and speed-up vs autoregressive"),
+    "calibrate": Command("dspark_jax.cli.calibrate_cmd:calibrate_main",
+                         "fit confidence temperatures (STS) for a drafter and report calibration before/after"),
 }
 
 

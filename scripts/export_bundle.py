@@ -1,0 +1,93 @@
+"""Copy a finished bundle build (scripts/build_bundled_models.sh) into models/ with model cards.
+
+    python3 scripts/export_bundle.py runs/bundle
+
+Copies the HF-layout target (bf16 safetensors + tokenizer) and the DeepSpec-layout drafts
+(+ sts_temperatures.json when calibrated), and writes MODEL_CARD.md for each from the runs'
+own records (train_config.json, metrics.jsonl, train_summary.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = os.path.join(ROOT, "models")
+TARGET_NAME = "pystd-qwen3-target"
+DRAFTS = {"dspark_k7": "pystd-dspark-k7", "dflash_k7": "pystd-dflash-k7"}
+TARGET_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "tokenizer_meta.json", "train_config.json")
+
+
+def _last_metrics(path: str) -> dict:
+    last, evals = {}, {}
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "loss" in rec and "step" in rec:
+                last = rec
+            for k, v in rec.items():
+                if k.startswith("val") or k.startswith("eval"):
+                    evals[k] = v
+    return {"last_train": last, "last_eval": evals}
+
+
+def _card(title: str, body: dict) -> str:
+    lines = [f"# {title}", ""]
+    for heading, text in body.items():
+        lines += [f"## {heading}", "", text, ""]
+    return "\n".join(lines)
+
+
+def main(work: str) -> int:
+    os.makedirs(MODELS, exist_ok=True)
+    cmds = open(os.path.join(ROOT, "scripts", "build_bundled_models.sh")).read()
+    tdir = os.path.join(work, "target")
+    out = os.path.join(MODELS, TARGET_NAME)
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    for name in TARGET_FILES:
+        if os.path.exists(os.path.join(tdir, name)):
+            shutil.copy2(os.path.join(tdir, name), out)
+    tm = _last_metrics(os.path.join(tdir, "metrics.jsonl"))
+    manifest = json.load(open(os.path.join(work, "corpus", "manifest.json")))
+    with open(os.path.join(out, "MODEL_CARD.md"), "w") as f:
+        f.write(_card(f"{TARGET_NAME}: small Qwen3-architecture target", {
+            "What": "A Qwen3-architecture causal LM pretrained from scratch on Python standard-library sources "
+                    "(code) and the CPython documentation (prose), to demonstrate DSpark at a scale a 2-core CPU "
+                    "can train and serve. HF layout, bf16 weights, byte-level BPE tokenizer (8192).",
+            "Data": "```json\n" + json.dumps({k: manifest.get(k) for k in ("sources", "seed", "fractions", "domains",
+                                                                           "content_hash") if k in manifest},
+                                              indent=1, default=str)[:3000] + "\n```",
+            "Config": "```json\n" + open(os.path.join(tdir, "train_config.json")).read() + "\n```",
+            "Final metrics": "```json\n" + json.dumps(tm, indent=1) + "\n```",
+            "Reproduce": "```bash\n" + cmds + "\n```",
+        }))
+    for run, name in DRAFTS.items():
+        ddir = os.path.join(work, run, "draft")
+        if not os.path.isdir(ddir):
+            print(f"skip {run}: {ddir} missing")
+            continue
+        out = os.path.join(MODELS, name)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(ddir, out)
+        summary = {}
+        if os.path.exists(os.path.join(ddir, "train_summary.json")):
+            summary = json.load(open(os.path.join(ddir, "train_summary.json")))
+        with open(os.path.join(out, "MODEL_CARD.md"), "w") as f:
+            f.write(_card(f"{name}: {'DSpark' if 'dspark' in run else 'DFlash'} drafter for {TARGET_NAME}", {
+                "What": "DeepSpec-layout drafter (1 layer, block size 7) trained with online target features "
+                        "by `dspark train-draft`; frozen embedding / LM head copied from the target.",
+                "Config": "```json\n" + open(os.path.join(work, run, "train_config.json")).read() + "\n```",
+                "Final metrics": "```json\n" + json.dumps(summary, indent=1, default=str)[:6000] + "\n```",
+                "Reproduce": "```bash\n" + cmds + "\n```",
+            }))
+    print("exported to", MODELS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "runs", "bundle")))
