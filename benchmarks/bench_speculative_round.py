@@ -60,7 +60,8 @@ def run(batch: int, args) -> dict:
     target = TargetModel(cfg)
     params = nn.meta.unbox(jax.jit(target.init)(jax.random.PRNGKey(0), tok, tok)["params"])
     dcfg = DraftConfig.from_target(cfg, num_hidden_layers=max(1, args.layers // 8), block_size=k,
-                                   mask_token_id=args.vocab - 1, markov_rank=args.markov_rank)
+                                   mask_token_id=args.vocab - 1, markov_rank=args.markov_rank,
+                                   target_layer_ids=tuple(range(min(5, args.layers - 1))))
     dparams = init_draft_params(dcfg, jax.random.PRNGKey(1))
     draft = DraftModel(dcfg)
     taps = tuple(dcfg.target_layer_ids)

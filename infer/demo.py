@@ -19,7 +19,7 @@ __all__ = ["MODELS_DIR", "BUNDLED_TARGET", "BUNDLED_DRAFT", "DEFAULT_PROMPT", "b
 MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 BUNDLED_TARGET = "pystd-qwen3-target"
 BUNDLED_DRAFT = "pystd-dspark-k7"
-DEFAULT_PROMPT = 'def read_config(path):\n    """Read a JSON configuration file and return it as a dict."""\n'
+DEFAULT_PROMPT = 'import os\nimport sys\n\n\ndef main(argv):\n    """Entry point."""\n'
 
 
 def bundled_paths() -> tuple[str, str]:

@@ -242,3 +242,22 @@ def test_console_script_help_is_lazy():
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=120)
     assert proc.stdout.strip().splitlines()[-1] == "LOADED []", proc.stdout + proc.stderr
+
+
+def test_default_generate_runs_the_bundled_pair(capsys):
+    """`dspark generate` with no model arguments: bundled target + DSpark drafter, side by side."""
+    from infer.demo import bundled_paths
+
+    bundled_paths()  # the pair must be committed in models/
+    code, out, err = run_cli(["generate", "--max-new-tokens", "24", "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    m = doc["metrics"]
+    assert m["greedy_outputs_equal"] is True
+    assert len(doc["results"]) == 1 and len(doc["results"][0]["token_ids"]) > 0
+    assert m["acceptance_length"] >= 1.0 and m["speedup"] > 0
+    for key in ("autoregressive_tokens_per_s", "speculative_tokens_per_s", "accept_rate", "verify_rate"):
+        assert key in m
+    code, out, err = run_cli(["generate", "--max-new-tokens", "16"], capsys)
+    assert code == 0, err
+    assert "speed-up" in out and "acceptance length tau" in out
