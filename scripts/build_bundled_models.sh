@@ -20,5 +20,12 @@ $D train-draft --target "$W/target" --corpus "$W/corpus" --out "$W/dflash_k7" --
   --num-draft-layers 1 --block-size 7 --steps 400 --no-progress &
 wait
 $D calibrate --target "$W/target" --draft "$W/dspark_k7/draft" --corpus "$W/corpus" \
-  --fit-data corpus:code corpus:prose --report-data corpus:code corpus:prose --out "$W/calibration"
-python3 scripts/export_bundle.py "$W"
+  --fit-data corpus:code corpus:prose --report-data corpus:code corpus:prose \
+  --max-prompts 80 --max-new-tokens 128 --batch-size 8 --out "$W/calibration"
+.venv/bin/python scripts/export_bundle.py "$W"
+# The evaluation quoted in README.md / docs/results.md:
+for T in 1.0 0; do
+  $D eval --target models/pystd-qwen3-target --draft dspark=models/pystd-dspark-k7 --draft dflash=models/pystd-dflash-k7 \
+    --corpus "$W/corpus" --datasets corpus:code corpus:prose ../shared/data/eval_prompts/humaneval.jsonl \
+    --block-sizes 3,7 --temperature $T --max-new-tokens 96 --max-prompts 16 --batch-size 8 --out "$W/eval_t$T"
+done
