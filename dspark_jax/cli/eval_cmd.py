@@ -22,16 +22,13 @@ import sys
 import time
 from typing import Any, Sequence
 
+from dspark_jax.cli.common import EXIT_ERROR, CliError, positive_int
+
 __all__ = ["build_parser", "eval_main", "parse_int_list", "parse_draft_arg", "format_results_markdown",
            "to_jsonable", "fmt_num", "CliError", "add_common_options", "eval_config_from_args", "precheck_datasets",
            "check_dir", "run_cli", "expected_errors", "log"]
 
 PROG = "dspark eval"
-EXIT_ERROR = 2
-
-
-class CliError(ValueError):
-    """A bad command-line value (message is user-facing)."""
 
 
 def parse_int_list(text: str, option: str = "--block-sizes") -> tuple[int, ...]:
@@ -55,28 +52,18 @@ def parse_draft_arg(text: str) -> tuple[str, str]:
     return name, path
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def add_common_options(p: argparse.ArgumentParser, *, max_new_tokens: int = 256) -> None:
     """Options shared by ``dspark eval`` and ``dspark calibrate``."""
     p.add_argument("--target", metavar="DIR", required=True, help="target model directory (HF layout)")
     p.add_argument("--corpus", metavar="DIR", default=None, help="built corpus directory for corpus:DOMAIN datasets")
-    p.add_argument("--corpus-prompt-tokens", type=_positive_int, default=64, metavar="N",
+    p.add_argument("--corpus-prompt-tokens", type=positive_int, default=64, metavar="N",
                    help="prompt length (tokens) of corpus:DOMAIN datasets (default 64)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default 1.0)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens, metavar="N",
+    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, metavar="N",
                    help=f"tokens generated per prompt (default {max_new_tokens})")
-    p.add_argument("--max-prompts", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--max-prompts", type=positive_int, default=None, metavar="N",
                    help="use at most N prompts per dataset, after shuffling (default all)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, metavar="B",
+    p.add_argument("--batch-size", type=positive_int, default=1, metavar="B",
                    help="prompts decoded together (default 1 = per-prompt seeds seed+i as in the reference)")
     p.add_argument("--seed", type=int, default=0, help="base seed (batch starting at prompt i uses seed + i)")
     p.add_argument("--no-shuffle", action="store_true", help="keep file order instead of the reference shuffle")

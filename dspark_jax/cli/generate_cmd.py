@@ -22,26 +22,11 @@ import sys
 import time
 from typing import Any, Sequence
 
+from dspark_jax.cli.common import EXIT_ERROR, CliError, positive_int
+
 __all__ = ["build_parser", "main", "read_prompts_file", "parse_mesh", "CliError"]
 
 PROG = "dspark generate"
-EXIT_ERROR = 2
-
-
-class CliError(ValueError):
-    """A bad command-line value that argparse itself cannot detect (message is user-facing)."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def parse_mesh(text: str) -> tuple[int, int, int]:
     """``"data,fsdp,model"`` (e.g. ``"1,1,8"``) -> three positive ints; CliError otherwise."""
     parts = [p.strip() for p in text.split(",")]
@@ -67,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", metavar="DIR", default=None,
                    help="DeepSpec-layout draft directory: decode speculatively (lossless; same output distribution)")
     spec = p.add_argument_group("speculative decoding (with --draft)")
-    spec.add_argument("--block-size", type=_positive_int, default=None, metavar="K",
+    spec.add_argument("--block-size", type=positive_int, default=None, metavar="K",
                       help="drafts per round, <= the checkpoint's block_size (default: the checkpoint's)")
     spec.add_argument("--confidence-threshold", type=float, default=0.0, metavar="C",
                       help="verify drafts up to the first slot whose confidence is below C (reference rule; 0 = off)")
@@ -81,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a prompt (repeatable)")
     src.add_argument("--prompts-file", metavar="FILE", default=None,
                      help="one prompt per line, or JSONL with {\"turns\": [...]} (first turn is used)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N",
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N",
                    help="tokens to generate per prompt, stop token included (default 128)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy (default); > 0 samples from softmax(logits / temperature)")
@@ -92,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter/activation dtype (default: float32)")
     p.add_argument("--mesh", type=str, default=None, metavar="DATA,FSDP,MODEL",
                    help="shard the target over a device mesh, e.g. 1,1,8 (product = number of devices)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="B",
                    help="prompts decoded together (default 8)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at the model's stop tokens (always generate --max-new-tokens)")
