@@ -23,6 +23,15 @@ $D calibrate --target "$W/target" --draft "$W/dspark_k7/draft" --corpus "$W/corp
   --fit-data corpus:code corpus:prose --report-data corpus:code corpus:prose \
   --max-prompts 80 --max-new-tokens 128 --batch-size 8 --out "$W/calibration"
 .venv/bin/python scripts/export_bundle.py "$W"
+# K = 15 drafters for the block-size comparison (not bundled; evaluated from the work dir).
+for P in dspark dflash; do
+  $D train-draft --target "$W/target" --corpus "$W/corpus" --out "$W/${P}_k15" --preset $P \
+    --num-draft-layers 1 --block-size 15 --steps 400 --no-progress &
+done
+wait
+$D eval --target models/pystd-qwen3-target --draft dspark="$W/dspark_k15/draft" --draft dflash="$W/dflash_k15/draft" \
+  --corpus "$W/corpus" --datasets corpus:code corpus:prose ../shared/data/eval_prompts/humaneval.jsonl \
+  --block-sizes 7,15 --temperature 1.0 --max-new-tokens 96 --max-prompts 16 --batch-size 8 --out "$W/eval_k15_t1"
 # The evaluation quoted in README.md / docs/results.md:
 for T in 1.0 0; do
   $D eval --target models/pystd-qwen3-target --draft dspark=models/pystd-dspark-k7 --draft dflash=models/pystd-dflash-k7 \
