@@ -36,7 +36,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from dspark_jax.checkpoint.hf_layout import CheckpointError, expected_hf_shapes, target_key_map
+from dspark_jax.checkpoint.hf_layout import (CheckpointError, expected_hf_shapes, get_path, set_path, swap_in_dir,
+                                            target_key_map)
 from dspark_jax.config import TargetConfig
 from dspark_jax.draft.config import DraftConfig
 from dspark_jax.draft.model import init_draft_params
@@ -90,20 +91,6 @@ def expected_draft_shapes(config: DraftConfig) -> dict[str, tuple[int, ...]]:
     return {k: shapes[k] for k, _, _ in draft_key_map(config)}
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: dict, path: tuple[str, ...]) -> Any:
-    for p in path:
-        if not isinstance(tree, dict) or p not in tree:
-            raise CheckpointError(f"params have no entry {'/'.join(path)!r}")
-        tree = tree[p]
-    return tree
-
-
 def deepspec_to_params(tensors: dict[str, np.ndarray], config: DraftConfig, *, source: str = "checkpoint",
                        dtype: Any = None) -> dict:
     """Flat DeepSpec state dict (numpy) -> nested Flax params. CheckpointError names offending keys."""
@@ -130,7 +117,7 @@ def deepspec_to_params(tensors: dict[str, np.ndarray], config: DraftConfig, *, s
             arr = arr.T
         if dtype is not None:
             arr = arr.astype(dtype)
-        _set(params, path, np.ascontiguousarray(arr))
+        set_path(params, path, np.ascontiguousarray(arr))
     return params
 
 
@@ -140,7 +127,7 @@ def params_to_deepspec(params: dict, config: DraftConfig, *, dtype: Any = None) 
     shapes = expected_draft_shapes(config)
     out = {}
     for key, path, transpose in draft_key_map(config):
-        arr = np.asarray(jax.device_get(_get(params, path)))
+        arr = np.asarray(jax.device_get(get_path(params, path)))
         if transpose:
             arr = arr.T
         if tuple(arr.shape) != shapes[key]:
@@ -258,14 +245,7 @@ def save_draft(params: dict, config: DraftConfig, path: str | os.PathLike, *, dt
             with open(os.path.join(tmp, _INDEX), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
                           f, indent=2)
-        if os.path.isdir(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.rmdir(old)
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        swap_in_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -298,11 +278,11 @@ def draft_params_from_target(target_params: dict, target_config: TargetConfig, d
     draft_config.validate_against_target(target_config)
     tp = _unbox(target_params)
     dt = dtype_of(draft_config.dtype)
-    emb = jnp.asarray(_get(tp, ("embed_tokens", "embedding")))
+    emb = jnp.asarray(get_path(tp, ("embed_tokens", "embedding")))
     if target_config.tie_word_embeddings:
         head = emb.T
     else:
-        head = jnp.asarray(_get(tp, ("lm_head", "kernel")))
+        head = jnp.asarray(get_path(tp, ("lm_head", "kernel")))
     v, d = draft_config.vocab_size, draft_config.hidden_size
     if emb.shape != (v, d) or head.shape != (d, v):
         raise CheckpointError(f"target embed_tokens {tuple(emb.shape)} / lm_head kernel {tuple(head.shape)} do not "

@@ -27,7 +27,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from dspark_jax.checkpoint.hf_layout import CheckpointError, expected_hf_shapes, target_key_map
+from dspark_jax.checkpoint.hf_layout import CheckpointError, expected_hf_shapes, set_path, swap_in_dir, target_key_map
 from dspark_jax.config import TargetConfig, load_hf_config
 
 __all__ = ["load_target", "save_target", "read_safetensors_headers", "SINGLE_FILE", "INDEX_FILE"]
@@ -144,11 +144,6 @@ def _sharding_at(shardings: Any, path: tuple[str, ...]) -> jax.sharding.Sharding
     return node
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
-
 
 def load_target(model_dir: str | os.PathLike, *, dtype: Any = None,
                 shardings: ShardingsArg = None) -> tuple[TargetConfig, dict]:
@@ -193,7 +188,7 @@ def load_target(model_dir: str | os.PathLike, *, dtype: Any = None,
                 except Exception as e:
                     raise CheckpointError(f"{file}: cannot read tensor {hf_key!r}: {e}") from e
                 arr = np.ascontiguousarray(arr.T if transpose else arr, dtype=np_dtype)  # one host copy
-                _set(params, path, jax.device_put(arr, _sharding_at(shardings, path)))
+                set_path(params, path, jax.device_put(arr, _sharding_at(shardings, path)))
                 del arr
     return config, params
 
@@ -277,13 +272,7 @@ def save_target(params: Mapping[str, Any], config: TargetConfig, out_dir: str | 
         _write_json(os.path.join(tmp, "config.json"), config.replace(dtype=name).to_hf_config())
         for src in copy_files:
             shutil.copy2(os.fspath(src), os.path.join(tmp, os.path.basename(os.fspath(src))))
-        if os.path.exists(out):  # overwrite=True: swap, then delete the old directory
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-            os.rename(out, os.path.join(old, "x"))
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        swap_in_dir(tmp, out)  # overwrite=True: swap, then delete the old directory
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,7 +12,8 @@ import numpy as np
 
 from dspark_jax.config import TargetConfig
 
-__all__ = ["CheckpointError", "target_key_map", "expected_hf_shapes", "hf_to_params", "params_to_hf"]
+__all__ = ["CheckpointError", "target_key_map", "expected_hf_shapes", "hf_to_params", "params_to_hf", "set_path",
+           "get_path", "swap_in_dir"]
 
 
 class CheckpointError(ValueError):
@@ -72,14 +73,16 @@ def expected_hf_shapes(config: TargetConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
     for p in path[:-1]:
         tree = tree.setdefault(p, {})
     tree[path[-1]] = value
 
 
-def _get(tree: dict, path: tuple[str, ...]) -> Any:
+def get_path(tree: dict, path: tuple[str, ...]) -> Any:
     for p in path:
+        if not isinstance(tree, dict) or p not in tree:
+            raise CheckpointError(f"params have no entry {'/'.join(path)!r}")
         tree = tree[p]
     return tree
 
@@ -115,7 +118,7 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: TargetConfig, *, source
             arr = np.ascontiguousarray(arr.T)
         if dtype is not None:
             arr = arr.astype(dtype)
-        _set(params, path, arr)
+        set_path(params, path, arr)
     return params
 
 
@@ -123,6 +126,25 @@ def params_to_hf(params: dict, config: TargetConfig) -> dict[str, np.ndarray]:
     """Our nested params -> flat HF state dict (PyTorch orientation, numpy arrays)."""
     out = {}
     for hf_key, path, transpose in target_key_map(config):
-        arr = np.asarray(_get(params, path))
+        arr = np.asarray(get_path(params, path))
         out[hf_key] = np.ascontiguousarray(arr.T) if transpose else arr
     return out
+
+
+def swap_in_dir(tmp: str, out: str) -> None:
+    """Atomically put the finished directory `tmp` at `out`, replacing an existing `out`.
+
+    The old directory is renamed aside first and deleted only after the new one is in place, so a
+    crash never leaves `out` half-written.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(os.path.abspath(out)))
+        os.rename(out, os.path.join(old, "x"))
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
