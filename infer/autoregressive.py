@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from dspark_jax.config import TargetConfig
 from dspark_jax.sampling import SamplingMode, next_token
 from dspark_jax.target.kv_cache import KVCache
-from dspark_jax.target.model import TargetModel
+from dspark_jax.target.model import TargetModel, output_kernel
 
 __all__ = ["autoregressive_generate", "prefill", "is_stop"]
 
@@ -55,6 +55,7 @@ def autoregressive_generate(params, prompt_tokens: Array, prompt_lengths: Array,
     """
     model = TargetModel(config)
     b = prompt_tokens.shape[0]
+    head = output_kernel(config, params)  # [d, V], laid out once for the whole loop
     logits, cache, _ = prefill(model, params, prompt_tokens, prompt_lengths, cache_len)
     first = next_token(jax.random.fold_in(key, 0), logits, sampling_values, mode)
     out = jnp.full((b, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
@@ -68,7 +69,7 @@ def autoregressive_generate(params, prompt_tokens: Array, prompt_lengths: Array,
     def body(state):
         step, cache, last, done, out, num = state
         positions = cache.lengths[:, None]
-        res = model.apply({"params": params}, last[:, None], positions, cache)
+        res = model.apply({"params": params}, last[:, None], positions, cache, lm_head_kernel=head)
         cache = res.cache.with_lengths(cache.lengths + 1)
         nxt = next_token(jax.random.fold_in(key, step), res.logits[:, 0], sampling_values, mode)
         nxt = jnp.where(done, -1, nxt)

@@ -31,11 +31,11 @@ from dspark_jax.draft import heads
 from dspark_jax.draft.cache import DraftCache
 from dspark_jax.draft.config import DraftConfig
 from dspark_jax.draft.model import DraftModel
-from dspark_jax.sampling import SamplingMode, next_token, sample_from_probs, warp_probs
-from dspark_jax.target.model import TargetModel
+from dspark_jax.sampling import SamplingMode, greedy_argmax, next_token, sample_from_probs, warp_probs
+from dspark_jax.target.model import TargetModel, output_kernel
 from infer.autoregressive import is_stop, prefill
 from infer.spec_metrics import RoundRecords, RoundStats
-from infer.verify import rejection_sample
+from infer.verify import greedy_verify, rejection_sample
 
 __all__ = ["Proposal", "SpecOptions", "speculative_generate", "propose", "draft_backbone", "sample_block",
            "truncate_proposal"]
@@ -47,7 +47,8 @@ Array = jax.Array
 class Proposal:
     """K drafts per row with the distributions they were sampled from.
 
-    tokens [B, K] int32; probs [B, K, V] float32 (warped, Markov-corrected); conf_logits [B, K]
+    tokens [B, K] int32; probs [B, K, V] float32 (warped, Markov-corrected; None in greedy mode,
+    where verification compares token ids); conf_logits [B, K]
     float32 raw confidence logits (zeros without a confidence head); num [B] int32 drafts to verify.
     """
 
@@ -65,12 +66,15 @@ class SpecOptions:
     first slot whose sigmoid(confidence) is below it (reference rule; 0 = off).
     survival_threshold: truncate where the cumulative product of confidences drops below it
     (0 = off). record_rounds: keep per-round confidence logits and prefix labels.
+    share_lm_head: the draft's frozen LM head equals the target's output layer (checked when the
+    draft is loaded); the loop then uses the target's kernel for both.
     """
 
     block_size: int = flax.struct.field(pytree_node=False, default=7)
     confidence_threshold: float = flax.struct.field(pytree_node=False, default=0.0)
     survival_threshold: float = flax.struct.field(pytree_node=False, default=0.0)
     record_rounds: bool = flax.struct.field(pytree_node=False, default=False)
+    share_lm_head: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 def truncate_proposal(conf_logits: Array, block_size: int, confidence_threshold: float,
@@ -128,8 +132,11 @@ def sample_block(draft_params, dcfg: DraftConfig, h: Array, base_logits: Array, 
             z = u_k + bias
         else:
             z = u_k
-        probs = warp_probs(z, sampling_values, mode)
-        tok = sample_from_probs(key_k, probs, mode)
+        if mode.greedy:  # the argmax of the one-hot warp, without materialising it
+            probs, tok = None, greedy_argmax(z)
+        else:
+            probs = warp_probs(z, sampling_values, mode)
+            tok = sample_from_probs(key_k, probs, mode)
         if conf_params is not None:
             conf = heads.confidence_logits(conf_params, h_k, prev if dcfg.confidence_head_with_markov else None,
                                            markov)
@@ -140,8 +147,10 @@ def sample_block(draft_params, dcfg: DraftConfig, h: Array, base_logits: Array, 
     k = options.block_size
     state0 = heads.init_state((b,), max(dcfg.markov_rank, 1))
     xs = (jnp.moveaxis(h[:, :k], 1, 0), jnp.moveaxis(base_logits[:, :k], 1, 0), jax.random.split(key, k))
-    _, (toks, probs, conf) = jax.lax.scan(slot, (anchor, state0), xs)
-    tokens, probs, conf = jnp.moveaxis(toks, 0, 1), jnp.moveaxis(probs, 0, 1), jnp.moveaxis(conf, 0, 1)
+    # K is small and static: unrolled, the slots run without while-loop overhead.
+    _, (toks, probs, conf) = jax.lax.scan(slot, (anchor, state0), xs, unroll=True)
+    tokens, conf = jnp.moveaxis(toks, 0, 1), jnp.moveaxis(conf, 0, 1)
+    probs = None if probs is None else jnp.moveaxis(probs, 0, 1)
     num = truncate_proposal(conf, k, options.confidence_threshold, options.survival_threshold, temperatures)
     return Proposal(tokens=tokens, probs=probs, conf_logits=conf, num=num)
 
@@ -186,6 +195,9 @@ def speculative_generate(params, draft_params, prompt_tokens: Array, prompt_leng
     taps_ids = tuple(dcfg.target_layer_ids)
     b, p_len = prompt_tokens.shape
     key_first, key_prop, key_loop = jax.random.split(key, 3)
+    head = output_kernel(config, params)  # [d, V], laid out once for the whole loop
+    if options.share_lm_head:  # the draft's frozen LM head is this very kernel: keep one copy hot
+        draft_params = {**draft_params, "lm_head": {"kernel": head}}
 
     # Prefill: the target's prompt pass gives the first token and the prompt's context features.
     logits, tcache, taps = prefill(target, params, prompt_tokens, prompt_lengths, cache_len, taps_ids)
@@ -217,12 +229,14 @@ def speculative_generate(params, draft_params, prompt_tokens: Array, prompt_leng
         verify_tokens = jnp.concatenate([anchor[:, None], prop.tokens], axis=1)  # [B, K+1]
         positions = start[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]
         res = target.apply({"params": params}, verify_tokens, positions, tcache.with_lengths(start),
-                           tap_layers=taps_ids)
-        target_probs = warp_probs(res.logits, sampling_values, mode)  # [B, K+1, V]
-
-        # 2. rejection sampling.
+                           tap_layers=taps_ids, lm_head_kernel=head)
+        # 2. rejection sampling (greedy: compare with the target's argmax tokens).
         num = jnp.where(active, prop.num, 0)
-        ver = rejection_sample(key_v, prop.tokens, prop.probs, target_probs, num, stop_ids, mode)
+        if mode.greedy:
+            ver = greedy_verify(prop.tokens, greedy_argmax(res.logits), num, stop_ids)
+        else:
+            target_probs = warp_probs(res.logits, sampling_values, mode)  # [B, K+1, V]
+            ver = rejection_sample(key_v, prop.tokens, prop.probs, target_probs, num, stop_ids, mode)
         a = jnp.where(active, ver.accepted, 0)
 
         # 3. commit: accepted drafts + next token, capped at max_new_tokens.

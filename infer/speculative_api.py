@@ -22,7 +22,7 @@ from dspark_jax.sampling import SamplingConfig
 from infer.compiled import run_compiled
 from infer.spec_metrics import summarize_stats
 
-__all__ = ["Draft", "load_draft_bundle", "speculative_generate_batch", "CALIBRATION_FILE"]
+__all__ = ["Draft", "load_draft_bundle", "lm_head_matches", "speculative_generate_batch", "CALIBRATION_FILE"]
 
 CALIBRATION_FILE = "sts_temperatures.json"
 
@@ -35,6 +35,7 @@ class Draft:
     params: Any
     temperatures: tuple[float, ...] | None = None
     path: str | None = None
+    shares_target_lm_head: bool = False  # its frozen LM head equals the target's output layer (checked at load)
 
 
 def load_draft_bundle(draft_dir: str | os.PathLike, target=None, *, dtype: str | None = None) -> Draft:
@@ -46,14 +47,26 @@ def load_draft_bundle(draft_dir: str | os.PathLike, target=None, *, dtype: str |
     from dspark_jax.checkpoint.deepspec import load_draft
 
     config, params = load_draft(draft_dir, dtype=dtype)
+    shares = False
     if target is not None:
         config.validate_against_target(target.config)
+        shares = lm_head_matches(params, target)
     temps = None
     cal = os.path.join(os.fspath(draft_dir), CALIBRATION_FILE)
     if os.path.isfile(cal):
         with open(cal) as f:
             temps = tuple(float(t) for t in json.load(f)["temperatures"])
-    return Draft(config=config, params=params, temperatures=temps, path=os.fspath(draft_dir))
+    return Draft(config=config, params=params, temperatures=temps, path=os.fspath(draft_dir),
+                 shares_target_lm_head=shares)
+
+
+def lm_head_matches(draft_params, target) -> bool:
+    """Whether the draft's frozen LM head [d, V] equals the target's output layer exactly."""
+    from dspark_jax.target.model import output_kernel
+
+    mine = np.asarray(draft_params["lm_head"]["kernel"])
+    theirs = np.asarray(output_kernel(target.config, target.params))
+    return mine.shape == theirs.shape and mine.dtype == theirs.dtype and bool(np.array_equal(mine, theirs))
 
 
 def speculative_generate_batch(target, draft: Draft, prompts: list[list[int]], *, max_new_tokens: int,
@@ -80,7 +93,8 @@ def speculative_generate_batch(target, draft: Draft, prompts: list[list[int]], *
     cache_len = -(-max(bucket, need) // 64) * 64
     tokens, lengths = _pad_batch(prompts, bucket)
     options = SpecOptions(block_size=k, confidence_threshold=float(confidence_threshold),
-                          survival_threshold=float(survival_threshold), record_rounds=record_rounds)
+                          survival_threshold=float(survival_threshold), record_rounds=record_rounds,
+                          share_lm_head=draft.shares_target_lm_head)
     temps = None if draft.temperatures is None else jnp.asarray(draft.temperatures[:k], jnp.float32)
     static = dict(config=target.config, dcfg=dcfg, max_new_tokens=max_new_tokens, cache_len=cache_len,
                   mode=sampling.mode, options=options)

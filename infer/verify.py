@@ -12,7 +12,8 @@ distributions (the very float32 probabilities the drafts were sampled from):
   a stop token among the accepted drafts truncates a to (its index + 1) and suppresses `next`.
 
 The output is distributed exactly as the (warped) target. Greedy is the special case of one-hot
-distributions, where this reduces to "accept while draft == target argmax".
+distributions, where this reduces to "accept while draft == target argmax": `greedy_verify`
+does exactly that on token ids, without building [B, K+1, V] one-hot distributions.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 
 from dspark_jax.sampling import SamplingMode, sample_from_probs
 
-__all__ = ["VerifyResult", "rejection_sample", "acceptance_probabilities", "residual_distribution"]
+__all__ = ["VerifyResult", "rejection_sample", "greedy_verify", "acceptance_probabilities", "residual_distribution"]
 
 Array = jax.Array
 
@@ -64,6 +65,31 @@ def residual_distribution(p_target: Array, p_draft: Array) -> Array:
     return jnp.where(mass > 1e-8, r / jnp.where(mass > 1e-8, mass, 1.0), p_target)
 
 
+def _truncate_at_stop(draft_tokens: Array, prefix: Array, accepted: Array, stop_ids: Array) -> tuple[Array, Array]:
+    """(accepted count after cutting at the first accepted stop token [B], terminated [B] bool)."""
+    stop = jnp.any(draft_tokens[..., None] == stop_ids, axis=-1) & (draft_tokens >= 0) & prefix
+    terminated = jnp.any(stop, axis=1)
+    first_stop = jnp.argmax(stop, axis=1).astype(jnp.int32)
+    return jnp.where(terminated, first_stop + 1, accepted), terminated
+
+
+def greedy_verify(draft_tokens: Array, target_tokens: Array, num_proposed: Array, stop_ids: Array) -> VerifyResult:
+    """Greedy verification on token ids: accept while draft == target argmax; next = the target's token.
+
+    draft_tokens [B, K]; target_tokens [B, K+1] (argmax of target row i = the token after verify
+    input i); num_proposed [B]. Identical to `rejection_sample` with one-hot distributions.
+    """
+    k = draft_tokens.shape[1]
+    slot = jnp.arange(k)[None, :]
+    passed = (draft_tokens == target_tokens[:, :k]) & (slot < num_proposed[:, None])
+    prefix = jnp.cumprod(passed.astype(jnp.int32), axis=1).astype(bool)  # [B, K]
+    accepted = jnp.sum(prefix, axis=1).astype(jnp.int32)
+    accepted_after_stop, terminated = _truncate_at_stop(draft_tokens, prefix, accepted, stop_ids)
+    next_token = jnp.take_along_axis(target_tokens, accepted[:, None], axis=1)[:, 0]
+    return VerifyResult(accepted=accepted_after_stop, next_token=next_token, terminated=terminated,
+                        prefix_accepted=prefix)
+
+
 def rejection_sample(key: Array, draft_tokens: Array, draft_probs: Array, target_probs: Array,
                      num_proposed: Array, stop_ids: Array, mode: SamplingMode) -> VerifyResult:
     """Verify proposals of a batch.
@@ -80,10 +106,7 @@ def rejection_sample(key: Array, draft_tokens: Array, draft_probs: Array, target
     prefix = jnp.cumprod(passed.astype(jnp.int32), axis=1).astype(bool)  # [B, K]
     accepted = jnp.sum(prefix, axis=1).astype(jnp.int32)
 
-    stop = jnp.any(draft_tokens[..., None] == stop_ids, axis=-1) & (draft_tokens >= 0) & prefix
-    terminated = jnp.any(stop, axis=1)
-    first_stop = jnp.argmax(stop, axis=1).astype(jnp.int32)
-    accepted_after_stop = jnp.where(terminated, first_stop + 1, accepted)
+    accepted_after_stop, terminated = _truncate_at_stop(draft_tokens, prefix, accepted, stop_ids)
 
     # Distribution of the next token: residual at the first rejection, or the bonus row.
     row = jnp.minimum(accepted, k)

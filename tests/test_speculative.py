@@ -10,6 +10,7 @@
   also with top-k and top-p; a deliberately broken verifier is detected by the same test.
 """
 
+import dataclasses
 import itertools
 
 import jax
@@ -20,10 +21,10 @@ import scipy.stats
 
 import infer.verify
 from dspark_jax.sampling import SamplingConfig, warp_probs
-from dspark_jax.target.model import TargetModel
+from dspark_jax.target.model import TargetModel, output_kernel
 from infer.api import GenerationError, Target, generate
 from infer.speculative import SpecOptions, speculative_generate
-from infer.speculative_api import Draft
+from infer.speculative_api import Draft, lm_head_matches
 from tests.spec_helpers import oracle_draft, random_target
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
@@ -74,6 +75,36 @@ def test_greedy_exact_with_confidence_truncation(near_bigram, threshold_kind):
     assert res.token_ids == reference
     m = res.metrics
     assert 0 < m["draft_tokens_per_proposal"] < 7  # truncation really happened, and not always to 0
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_output_kernel_gives_the_same_logits(tied):
+    """The [d, V] kernel the decode loops lay out once equals the model's own output layer."""
+    cfg, params = random_target(seed=4)
+    if tied:
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=True)
+        params = {k: v for k, v in params.items() if k != "lm_head"}
+    model = TargetModel(cfg)
+    toks = jnp.asarray([[3, 1, 4, 1, 5]], jnp.int32)
+    pos = jnp.arange(5, dtype=jnp.int32)[None]
+    ref = model.apply({"params": params}, toks, pos).logits
+    got = model.apply({"params": params}, toks, pos, lm_head_kernel=output_kernel(cfg, params)).logits
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_shared_lm_head_changes_nothing(near_bigram, temperature):
+    """A draft whose frozen LM head is the target's runs on the target's kernel: same tokens, same stats."""
+    target, _ = near_bigram
+    dcfg, dp = oracle_draft(target.config, target.params, block_size=4, head="vanilla")
+    assert lm_head_matches(dp, target)
+    other = {**dp, "lm_head": {"kernel": dp["lm_head"]["kernel"] * 1.5}}
+    assert not lm_head_matches(other, target)
+    kw = dict(max_new_tokens=MAX_NEW, sampling=SamplingConfig(temperature=temperature), seed=3)
+    own = generate(target, PROMPTS, draft=Draft(config=dcfg, params=dp), **kw)
+    shared = generate(target, PROMPTS, draft=Draft(config=dcfg, params=dp, shares_target_lm_head=True), **kw)
+    assert shared.token_ids == own.token_ids
+    assert shared.metrics["acceptance_length"] == own.metrics["acceptance_length"]
 
 
 def test_bad_speculative_options(near_bigram):

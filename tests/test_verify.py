@@ -8,7 +8,7 @@ import pytest
 from dspark_jax.sampling import SamplingMode
 from infer.spec_metrics import RoundStats, summarize_stats
 from infer.speculative import truncate_proposal
-from infer.verify import acceptance_probabilities, rejection_sample, residual_distribution
+from infer.verify import acceptance_probabilities, greedy_verify, rejection_sample, residual_distribution
 
 SAMPLE = SamplingMode(greedy=False)
 GREEDY = SamplingMode(greedy=True)
@@ -72,6 +72,25 @@ def test_stop_token_among_accepted_truncates_and_terminates():
                            jnp.asarray([2, -1], jnp.int32), GREEDY)
     assert int(res.accepted[0]) == 2 and bool(res.terminated[0])
     assert res.prefix_accepted.tolist() == [[True, True, True]]
+
+
+def test_greedy_verify_equals_one_hot_rejection_sampling():
+    """Token-id greedy verification == rejection sampling on one-hot distributions, case by case."""
+    rng = np.random.default_rng(0)
+    b, k, v = 64, 5, 4  # small vocab: plenty of matching prefixes of every length
+    target_tokens = rng.integers(0, v, (b, k + 1)).astype(np.int32)
+    drafts = np.where(rng.random((b, k)) < 0.7, target_tokens[:, :k], rng.integers(0, v, (b, k))).astype(np.int32)
+    num = rng.integers(0, k + 1, b).astype(np.int32)
+    stops = jnp.asarray([3, -1], jnp.int32)
+    eye = np.eye(v, dtype=np.float32)
+    ref = rejection_sample(jax.random.PRNGKey(0), jnp.asarray(drafts), jnp.asarray(eye[drafts]),
+                           jnp.asarray(eye[target_tokens]), jnp.asarray(num), stops, GREEDY)
+    got = greedy_verify(jnp.asarray(drafts), jnp.asarray(target_tokens), jnp.asarray(num), stops)
+    for field in ("accepted", "terminated", "prefix_accepted"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(ref, field)), err_msg=field)
+    live = ~np.asarray(ref.terminated)  # next_token is meaningless where a stop token ended the row
+    np.testing.assert_array_equal(np.asarray(got.next_token)[live], np.asarray(ref.next_token)[live])
+    assert len(set(np.asarray(ref.accepted).tolist())) >= 4 and np.asarray(ref.terminated).any()
 
 
 def test_single_slot_sampling_matches_target_distribution():

@@ -29,7 +29,7 @@ from dspark_jax.config import TargetConfig
 from dspark_jax.layers import GatedMLP, Projection, RMSNorm, apply_rope, dtype_of, gqa_attention
 from dspark_jax.target.kv_cache import KVCache, write_rows
 
-__all__ = ["TargetModel", "TargetOutput"]
+__all__ = ["TargetModel", "TargetOutput", "output_kernel"]
 
 Array = jax.Array
 
@@ -120,6 +120,7 @@ class TargetModel(nn.Module):
         return_final_hidden: bool = False,
         logits_indices: Array | None = None,  # [B, N] int32: compute logits only at these indices
         compute_logits: bool = True,
+        lm_head_kernel: Array | None = None,  # [d, V]: use instead of the own output layer (`output_kernel`)
     ) -> TargetOutput:
         cfg = self.config
         dt = dtype_of(cfg.dtype)
@@ -157,7 +158,9 @@ class TargetModel(nn.Module):
         logits = None
         if compute_logits:
             hl = x if logits_indices is None else jnp.take_along_axis(x, logits_indices[..., None], axis=1)
-            if cfg.tie_word_embeddings:
+            if lm_head_kernel is not None:
+                logits = jnp.einsum("...d,dv->...v", hl.astype(dt), lm_head_kernel.astype(dt))
+            elif cfg.tie_word_embeddings:
                 logits = embed.attend(hl.astype(dt))
             else:
                 logits = Projection(cfg.vocab_size, ("embed", "vocab"), std=cfg.initializer_range,
@@ -169,3 +172,15 @@ class TargetModel(nn.Module):
             taps=tuple(taps[lid] for lid in tap_layers),
             final_hidden=x if return_final_hidden else None,
         )
+
+
+def output_kernel(config: TargetConfig, params) -> Array:
+    """The output layer as one [d, V] kernel: the tied embedding transposed, or lm_head's kernel.
+
+    Decode loops compute it once before the loop and pass it as `lm_head_kernel`: XLA:CPU's
+    matmul on the [V, d] embedding re-packs 8-32 MB of weights on every call with more than one
+    row, and a speculative drafter whose frozen LM head is the same kernel then shares one copy.
+    """
+    if config.tie_word_embeddings:
+        return jnp.transpose(params["embed_tokens"]["embedding"])
+    return params["lm_head"]["kernel"]
