@@ -5,8 +5,11 @@ draft, so temperature / top-k / top-p are applied identically on both sides of r
 (lossless sampling needs exactly that). Order follows Hugging Face: temperature, top-k, top-p.
 Greedy (temperature 0) is the one-hot argmax distribution.
 
-The *mode* (greedy or not, top-k on/off, top-p on/off) is static (part of the compiled program);
-the *values* (temperature, k, p) are traced, so changing them does not recompile.
+The *mode* (greedy or not, top-k on/off, top-p on/off, and a power-of-two bound >= 64 on k) is
+static (part of the compiled program); the *values* (temperature, k, p) are traced, so changing
+them does not recompile (unless k grows past 64 and crosses a power of two). With top-k on, the k largest logits come
+from `lax.top_k` at the static bound instead of a full vocabulary sort (70x faster on CPU at
+[32, 8192]); top-p alone still sorts.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class SamplingMode:
     greedy: bool = True
     use_top_k: bool = False
     use_top_p: bool = False
+    top_k_bound: int = 0  # static upper bound on the traced k (a power of two >= 64) when use_top_k
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,8 +65,9 @@ class SamplingConfig:
     def mode(self) -> SamplingMode:
         """The static part (greedy / top-k / top-p switches)."""
         greedy = self.temperature == 0.0
-        return SamplingMode(greedy=greedy, use_top_k=not greedy and self.top_k > 0,
-                            use_top_p=not greedy and self.top_p < 1.0)
+        use_top_k = not greedy and self.top_k > 0
+        return SamplingMode(greedy=greedy, use_top_k=use_top_k, use_top_p=not greedy and self.top_p < 1.0,
+                            top_k_bound=max(64, 1 << (int(self.top_k) - 1).bit_length()) if use_top_k else 0)
 
     def values(self) -> Array:
         """Traced values [temperature, top_k, top_p] as one float32 vector."""
@@ -80,19 +85,32 @@ def warp_probs(logits: Array, values: Array, mode: SamplingMode) -> Array:
     if mode.greedy:
         return jax.nn.one_hot(greedy_argmax(logits), vocab, dtype=jnp.float32)
     z = logits / values[0]
-    if mode.use_top_k or mode.use_top_p:
-        sorted_desc = -jnp.sort(-z, axis=-1)  # [..., V]
-        if mode.use_top_k:
-            k = jnp.clip(values[1].astype(jnp.int32), 1, vocab)
-            kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(k - 1, z.shape[:-1] + (1,)), axis=-1)
-            z = jnp.where(z >= kth, z, -jnp.inf)
-            sorted_desc = jnp.where(sorted_desc >= kth, sorted_desc, -jnp.inf)
+    if mode.use_top_k:
+        bound = min(vocab, max(mode.top_k_bound, 1))
+        # The barrier keeps XLA:CPU from fusing top_k into the V-wide comparisons below (which
+        # recomputed it per element: 40 ms instead of 1 ms at [32, 8192]).
+        top = jax.lax.optimization_barrier(jax.lax.top_k(z, bound)[0])  # [..., bound] descending
+        k = jnp.clip(values[1].astype(jnp.int32), 1, bound)
+        kth = jnp.take_along_axis(top, jnp.broadcast_to(k - 1, z.shape[:-1] + (1,)), axis=-1)
+        z = jnp.where(z >= kth, z, -jnp.inf)
         if mode.use_top_p:
-            p_sorted = jax.nn.softmax(sorted_desc, axis=-1)
+            # The kept set sorted is top[:k] followed by ties at kth, so the cut is inside top[:k]
+            # (or at kth itself); the normaliser runs over the whole kept set, ties included.
+            m = top[..., :1]
+            total = jnp.sum(jnp.exp(z - m), axis=-1, keepdims=True)
+            p_sorted = jnp.where(jnp.arange(bound) < k, jnp.exp(top - m), 0.0) / total
             mass_before = jnp.cumsum(p_sorted, axis=-1) - p_sorted
-            n_keep = jnp.maximum(jnp.sum(mass_before < values[2], axis=-1, keepdims=True), 1)
-            threshold = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
+            below = (mass_before < values[2]) & (jnp.arange(bound) < k)
+            n_keep = jnp.maximum(jnp.sum(below, axis=-1, keepdims=True), 1)
+            threshold = jnp.take_along_axis(top, n_keep - 1, axis=-1)
             z = jnp.where(z >= threshold, z, -jnp.inf)
+    elif mode.use_top_p:
+        sorted_desc = -jnp.sort(-z, axis=-1)  # [..., V]
+        p_sorted = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_before = jnp.cumsum(p_sorted, axis=-1) - p_sorted
+        n_keep = jnp.maximum(jnp.sum(mass_before < values[2], axis=-1, keepdims=True), 1)
+        threshold = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
+        z = jnp.where(z >= threshold, z, -jnp.inf)
     return jax.nn.softmax(z, axis=-1)
 
 

@@ -108,6 +108,27 @@ def test_top_k_keeps_ties(k, allowed):
     check_rows(logits, got, temperature=1.0, top_k=k)
 
 
+@pytest.mark.parametrize("k, p, allowed", [
+    (4, 0.999, {0, 2, 3, 4, 6}),  # the cut lands in the ties at the k-th value: all kept
+    (2, 0.5, {0, 2, 4}),
+    (5, 0.3, {0, 2, 4}),  # top-p inside the three-way tie for the maximum
+])
+def test_top_k_then_top_p_keeps_ties(k, p, allowed):
+    logits = np.asarray([[3.0, 1.0, 3.0, 2.0, 3.0, 0.0, 2.0]], np.float32)
+    got = warp(logits, 1.0, top_k=k, top_p=p)
+    assert set(np.flatnonzero(got[0] > 0)) == allowed
+    check_rows(logits, got, temperature=1.0, top_k=k, top_p=p)
+
+
+def test_top_k_bound_is_static_and_large_k_still_exact():
+    """k <= 64 shares one compiled mode; larger k gets a larger power-of-two bound, same semantics."""
+    assert SamplingConfig(temperature=1.0, top_k=3).mode == SamplingConfig(temperature=1.0, top_k=64).mode
+    assert SamplingConfig(temperature=1.0, top_k=100).mode.top_k_bound == 128
+    logits = np.random.RandomState(1).normal(size=(3, 300)).astype(np.float32)
+    check_rows(logits, warp(logits, 1.1, top_k=100), temperature=1.1, top_k=100)
+    check_rows(logits, warp(logits, 1.1, top_k=100, top_p=0.62), temperature=1.1, top_k=100, top_p=0.62)
+
+
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.6, 0.9, 0.97])
 def test_top_p(p):
     check_rows(LOGITS, warp(LOGITS, 1.3, top_p=p), temperature=1.3, top_p=p)
