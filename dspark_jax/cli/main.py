@@ -40,6 +40,8 @@ COMMANDS: dict[str, Command] = {
     "generate": Command("dspark_jax.cli.generate_cmd:main",
                         "generate text with a target model (optionally speculative with --draft)"),
     "train-target": Command("train.cli_target:train_target_main", "pretrain a small Qwen3-architecture target"),
+    "regenerate": Command("train.cli_regenerate:regenerate_main",
+                          "regenerate a corpus with the target (spec 4.1 step 2) for drafter training"),
     "train-draft": Command("train.cli_draft:train_draft_main",
                            "train a DSpark/DFlash drafter against a target (online target features)"),
     "eval": Command("dspark_jax.cli.eval_cmd:eval_main",
