@@ -1,0 +1,139 @@
+"""Why (and when) speculative decoding pays on this machine: verify cost vs tokens, and break-even τ.
+
+Speculative decoding is faster than autoregressive decoding only if a round (draft K tokens +
+verify K+1) costs less than τ autoregressive steps. On a GPU, scoring K+1 tokens costs about
+as much as scoring one (the step is bound by reading the weights); whether that holds here is
+measured, with the bundled pair (or any --target/--draft), greedy, batch 1:
+
+  A. in-loop target forward cost for T = 1 .. K_max+1 tokens on a cache (a `fori_loop` of
+     `--iters` forwards, each feeding its argmax back, the output layer laid out as in the
+     decode loops), as ms per forward and as a multiple of T = 1;
+  B. end to end with `infer.api.generate` on the default demo prompt: autoregressive ms/token,
+     then per block size K the measured τ, ms per round, round / AR step, the speed-up, and the
+     τ a round of that cost would need for 1.0x and for 1.5x.
+
+Both parts run in one process, interleaved; only ratios are meaningful on a shared machine.
+
+    ./run bench round_cost                         # bundled pair, K = 1, 2, 3, 5, 7
+    ./run bench round_cost --block-sizes 3,7 --max-new-tokens 96
+
+Prints two tables; saves JSON with commit and machine info to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_info, save_result  # noqa: E402
+
+from dspark_jax.sampling import greedy_argmax  # noqa: E402
+from dspark_jax.target.kv_cache import KVCache  # noqa: E402
+from dspark_jax.target.model import TargetModel, output_kernel  # noqa: E402
+from infer.api import generate, load_target_bundle  # noqa: E402
+from infer.demo import DEFAULT_PROMPT, bundled_paths  # noqa: E402
+from infer.speculative_api import load_draft_bundle  # noqa: E402
+
+
+def forward_cost_ms(target, tokens: int, *, context: int, iters: int, reps: int) -> float:
+    """Best-of-`reps` ms per in-loop target forward of `tokens` tokens at batch 1 after `context` cached."""
+    cfg = target.config
+    model = TargetModel(cfg)
+    cache_len = context + tokens + 64
+
+    @jax.jit
+    def run(params, toks):
+        head = output_kernel(cfg, params)
+        cache = KVCache.create(cfg, 1, cache_len).with_lengths(jnp.full((1,), context, jnp.int32))
+        positions = context + jnp.arange(tokens, dtype=jnp.int32)[None, :]
+
+        def body(_, carry):
+            toks, cache = carry
+            res = model.apply({"params": params}, toks, positions, cache, lm_head_kernel=head)
+            return greedy_argmax(res.logits), res.cache.with_lengths(cache.lengths)
+
+        return jax.lax.fori_loop(0, iters, body, (toks, cache))[0]
+
+    toks = jnp.ones((1, tokens), jnp.int32)
+    jax.block_until_ready(run(target.params, toks))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(target.params, toks))
+        best = min(best, (time.perf_counter() - t0) / iters * 1e3)
+    return best
+
+
+def best_run(fn, reps: int):
+    """Compile/warm with one call, then the fastest of `reps` results."""
+    fn()
+    return min((fn() for _ in range(reps)), key=lambda r: r.metrics["wall_s"])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", help="target model dir (default: the bundled one)")
+    ap.add_argument("--draft", help="draft dir (default: the bundled DSpark drafter)")
+    ap.add_argument("--block-sizes", default="1,2,3,5,7")
+    ap.add_argument("--max-new-tokens", type=int, default=192)
+    ap.add_argument("--context", type=int, default=128, help="cached tokens before the timed forwards (part A)")
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "round_cost_cpu.json"))
+    args = ap.parse_args(argv)
+    target_dir = args.target or bundled_paths()[0]
+    draft_dir = args.draft or bundled_paths()[1]
+    target = load_target_bundle(target_dir)
+    draft = load_draft_bundle(draft_dir, target)
+    ks = [int(k) for k in args.block_sizes.split(",")]
+    if max(ks) > draft.config.block_size:
+        raise SystemExit(f"block size {max(ks)} > the draft's {draft.config.block_size}")
+
+    forward = []
+    for t in range(1, max(ks) + 2):
+        ms = forward_cost_ms(target, t, context=args.context, iters=args.iters, reps=args.reps)
+        forward.append({"tokens": t, "forward_ms": ms})
+    for row in forward:
+        row["over_one_token"] = row["forward_ms"] / forward[0]["forward_ms"]
+
+    prompt = [DEFAULT_PROMPT]
+    n = args.max_new_tokens
+    ar = best_run(lambda: generate(target, prompt, max_new_tokens=n), args.reps)
+    ar_ms = ar.metrics["wall_s"] / ar.metrics["tokens"] * 1e3
+    rounds = []
+    for k in ks:
+        sp = best_run(lambda: generate(target, prompt, draft=draft, max_new_tokens=n, block_size=k), args.reps)
+        m = sp.metrics
+        round_ms = m["wall_s"] / m["rounds"] * 1e3
+        rounds.append({
+            "block_size": k, "tau": m["acceptance_length"], "round_ms": round_ms, "round_over_ar_step": round_ms / ar_ms,
+            "verify_forward_over_ar_forward": forward[k]["over_one_token"],
+            "speedup": ar.metrics["wall_s"] / m["wall_s"], "tau_for_1x": round_ms / ar_ms,
+            "tau_for_1_5x": 1.5 * round_ms / ar_ms, "tau_max": k + 1,
+            "greedy_outputs_equal": sp.token_ids == ar.token_ids,
+        })
+
+    print(f"A. target forward at batch 1, {args.context} tokens cached ({args.iters} in-loop forwards)")
+    print("tokens | ms/forward | x one token")
+    for r in forward:
+        print(f"{r['tokens']:6d} | {r['forward_ms']:10.3f} | {r['over_one_token']:6.2f}")
+    print(f"\nB. greedy generate, {n} new tokens: autoregressive {ar_ms:.3f} ms/token")
+    print("K | tau  | ms/round | round/AR | speed-up | tau for 1x | tau for 1.5x | max tau | lossless")
+    for r in rounds:
+        print(f"{r['block_size']} | {r['tau']:.2f} | {r['round_ms']:8.3f} | {r['round_over_ar_step']:8.2f} | "
+              f"{r['speedup']:8.2f} | {r['tau_for_1x']:10.2f} | {r['tau_for_1_5x']:12.2f} | {r['tau_max']:7d} | "
+              f"{r['greedy_outputs_equal']}")
+    save_result(args.out, {"benchmark": "round_cost", "config": vars(args), "target": target_dir, "draft": draft_dir,
+                           "autoregressive_ms_per_token": ar_ms, "forward": forward, "rounds": rounds,
+                           "machine": machine_info()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
