@@ -48,6 +48,10 @@ def side_by_side(target: Target, draft: Any, prompts: Sequence[str] | Sequence[S
     ar = min(runs["autoregressive"][1:], key=lambda r: r.metrics["wall_s"])
     sp = min(runs["speculative"][1:], key=lambda r: r.metrics["wall_s"])
     m = sp.metrics
+    # Cost of one round in autoregressive steps (loop iterations = the slowest row's rounds /
+    # tokens): speculative decoding wins exactly when tau exceeds it.
+    ar_step_s = ar.metrics["wall_s"] / max(len(t) for t in ar.token_ids)
+    round_s = sp.metrics["wall_s"] / max(m["rounds_per_row"])
     return {
         "texts": sp.texts,
         "token_ids": sp.token_ids,
@@ -61,6 +65,7 @@ def side_by_side(target: Target, draft: Any, prompts: Sequence[str] | Sequence[S
         "conditional_accept_rate": m["conditional_accept_rate"],
         "tokens": m["tokens"],
         "block_size": m["block_size"],
+        "round_over_ar_step": round_s / ar_step_s,
         "compile_s": {"autoregressive": runs["autoregressive"][0].metrics["compile_s"],
                       "speculative": runs["speculative"][0].metrics["compile_s"]},
     }

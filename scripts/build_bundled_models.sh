@@ -13,25 +13,32 @@ $D build-corpus --out "$W/corpus"
 $D train-tokenizer --corpus "$W/corpus" --out "$W/tokenizer" --vocab-size 8192
 $D train-target --corpus "$W/corpus" --tokenizer "$W/tokenizer" --out "$W/target" \
   --steps 1000 --compute-dtype bfloat16 --tie-word-embeddings true --ckpt-every 100 --eval-every 250 --no-progress
-# The two drafters train side by side (one core each).
-$D train-draft --target "$W/target" --corpus "$W/corpus" --out "$W/dspark_k7" --preset dspark \
-  --num-draft-layers 1 --block-size 7 --steps 400 --no-progress &
-$D train-draft --target "$W/target" --corpus "$W/corpus" --out "$W/dflash_k7" --preset dflash \
-  --num-draft-layers 1 --block-size 7 --steps 400 --no-progress &
+# Spec 4.1 step 2: the target rewrites the training text (DeepSpec's sampling: T 0.7, top-p 0.8, top-k 20).
+$D regenerate --target "$W/target" --corpus "$W/corpus" --out "$W/regen" --prompts-per-domain 4096 \
+  --batch-size 64 --no-progress
+# The two bundled drafters train side by side (one core each) on the regenerated corpus.
+$D train-draft --target "$W/target" --corpus "$W/regen" --out "$W/dspark_k7" --preset dspark \
+  --num-draft-layers 1 --block-size 7 --steps 1500 --ckpt-every 250 --no-progress &
+$D train-draft --target "$W/target" --corpus "$W/regen" --out "$W/dflash_k7" --preset dflash \
+  --num-draft-layers 1 --block-size 7 --steps 1500 --ckpt-every 250 --no-progress &
 wait
 $D calibrate --target "$W/target" --draft "$W/dspark_k7/draft" --corpus "$W/corpus" \
   --fit-data corpus:code corpus:prose --report-data corpus:code corpus:prose \
   --max-prompts 80 --max-new-tokens 128 --batch-size 8 --out "$W/calibration"
 .venv/bin/python scripts/export_bundle.py "$W"
-# K = 15 drafters for the block-size comparison (not bundled; evaluated from the work dir).
-for P in dspark dflash; do
-  $D train-draft --target "$W/target" --corpus "$W/corpus" --out "$W/${P}_k15" --preset $P \
-    --num-draft-layers 1 --block-size 15 --steps 400 --no-progress &
+# Block-size trend (not bundled): K = 7 and K = 15 pairs all trained with the short recipe (400
+# steps on the source corpus), each pair evaluated at its own K.
+for K in 7 15; do
+  for P in dspark dflash; do
+    $D train-draft --target "$W/target" --corpus "$W/corpus" --out "$W/${P}_k${K}_400" --preset $P \
+      --num-draft-layers 1 --block-size $K --steps 400 --no-progress &
+  done
+  wait
+  $D eval --target models/pystd-qwen3-target --draft dspark="$W/dspark_k${K}_400/draft" \
+    --draft dflash="$W/dflash_k${K}_400/draft" --corpus "$W/corpus" \
+    --datasets corpus:code corpus:prose ../shared/data/eval_prompts/humaneval.jsonl \
+    --block-sizes $K --temperature 1.0 --max-new-tokens 96 --max-prompts 16 --batch-size 8 --out "$W/eval_k${K}_400_t1"
 done
-wait
-$D eval --target models/pystd-qwen3-target --draft dspark="$W/dspark_k15/draft" --draft dflash="$W/dflash_k15/draft" \
-  --corpus "$W/corpus" --datasets corpus:code corpus:prose ../shared/data/eval_prompts/humaneval.jsonl \
-  --block-sizes 7,15 --temperature 1.0 --max-new-tokens 96 --max-prompts 16 --batch-size 8 --out "$W/eval_k15_t1"
 # The evaluation quoted in README.md / docs/results.md:
 for T in 1.0 0; do
   $D eval --target models/pystd-qwen3-target --draft dspark=models/pystd-dspark-k7 --draft dflash=models/pystd-dflash-k7 \

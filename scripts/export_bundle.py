@@ -80,7 +80,9 @@ def main(work: str) -> int:
         with open(os.path.join(out, "MODEL_CARD.md"), "w") as f:
             f.write(_card(f"{name}: {'DSpark' if 'dspark' in run else 'DFlash'} drafter for {TARGET_NAME}", {
                 "What": "DeepSpec-layout drafter (1 layer, block size 7) trained with online target features "
-                        "by `dspark train-draft`; frozen embedding / LM head copied from the target.",
+                        "by `dspark train-draft` on the corpus named under Final metrics (`regen`: the source "
+                        "corpus rewritten by the target with `dspark regenerate`, spec §4.1 step 2); frozen "
+                        "embedding / LM head copied from the target.",
                 "Config": "```json\n" + open(os.path.join(work, run, "train_config.json")).read() + "\n```",
                 "Final metrics": "```json\n" + json.dumps(summary, indent=1, default=str)[:6000] + "\n```",
                 "Reproduce": "```bash\n" + cmds + "\n```",

@@ -150,6 +150,7 @@ def test_generate_with_draft_is_lossless(tiny_qwen3_dir, reference, tmp_path, ca
     m = doc["metrics"]
     assert m["greedy_outputs_equal"] is True and m["block_size"] == 2
     assert m["speedup"] > 0 and m["autoregressive_tokens_per_s"] > 0 and m["speculative_tokens_per_s"] > 0
+    assert m["round_over_ar_step"] > 0
     assert [r["token_ids"] for r in doc["results"]] == [reference(p) for p in PROMPTS]
     code, out, err = run_cli(argv + ["--block-size", "9"], capsys)
     assert code == 2 and "block size 9 must be in [1, 3]" in err

@@ -325,6 +325,8 @@ def _compare(args, target, draft, prompts, sampling, stop_ids, spec_kw, load_s) 
     print(f"speculative    : {report['speculative_tokens_per_s']:8.1f} tok/s   speed-up {report['speedup']:.2f}x")
     print(f"acceptance length tau = {report['acceptance_length']:.2f}, verify rate {report['verify_rate']:.2f}")
     print(f"accept rate per position: {acc}")
+    print(f"one round costs {report['round_over_ar_step']:.2f} autoregressive steps here: speculative decoding "
+          f"is faster when tau exceeds that")
     if report["greedy_outputs_equal"] is not None:
         print(f"greedy outputs identical: {report['greedy_outputs_equal']}")
     return 0
