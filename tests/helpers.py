@@ -202,3 +202,11 @@ def build_tiny_corpus(root: str | os.PathLike, *, tokenizer_vocab: int = 64) -> 
                               fractions=(0.7, 0.2, 0.1)))
     texts = [d.text for dom in ("code", "prose") for d in iter_documents(corpus, dom, "train")]
     return corpus, train_tiny_tokenizer(vocab_size=tokenizer_vocab, texts=texts)
+
+
+def tiny_corpus_and_target(root) -> dict[str, str]:
+    """{corpus, target, root}: the tiny two-domain corpus and a random tiny Qwen3 target + its tokenizer."""
+    corpus, tokenizer = build_tiny_corpus(root)
+    _, target = make_hf_model("qwen3", root / "target", seed=0, with_tokenizer=False)
+    write_tokenizer_files(target, tokenizer)
+    return {"corpus": corpus, "target": str(target), "root": str(root)}

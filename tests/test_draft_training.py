@@ -27,7 +27,7 @@ from dspark_jax.checkpoint.deepspec import draft_params_from_target, load_draft
 from dspark_jax.config import TargetConfig
 from dspark_jax.draft import DraftConfig
 from dspark_jax.target.model import TargetModel
-from tests.helpers import build_tiny_corpus, make_hf_model, write_tokenizer_files
+from tests.helpers import tiny_corpus_and_target
 from train import draft_features as feats
 from train import draft_losses as dl
 from train.checkpointing import ConfigMismatchError
@@ -45,11 +45,7 @@ TINY = dict(num_draft_layers=1, block_size=4, markov_rank=8, num_anchors=8, loss
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
     """{corpus, target}: a built two-domain corpus and a random tiny Qwen3 target + its tokenizer."""
-    root = tmp_path_factory.mktemp("draft_data")
-    corpus, tokenizer = build_tiny_corpus(root)
-    _, target = make_hf_model("qwen3", root / "target", seed=0, with_tokenizer=False)
-    write_tokenizer_files(target, tokenizer)
-    return {"corpus": corpus, "target": str(target), "root": str(root)}
+    return tiny_corpus_and_target(tmp_path_factory.mktemp("draft_data"))
 
 
 def _run(env, out, **kw):

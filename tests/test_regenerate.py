@@ -17,7 +17,7 @@ import pytest
 from dspark_jax.cli.main import main
 from dspark_jax.data.corpus import DOMAINS, SPLITS, iter_documents, load_manifest
 from dspark_jax.tokenizer import Tokenizer
-from tests.helpers import build_tiny_corpus, make_hf_model, write_tokenizer_files
+from tests.helpers import tiny_corpus_and_target
 from train.data import load_tokenizer, tokenize_split
 from train.regenerate import RegenerateConfig, RegenerateError, sample_prompt_windows
 
@@ -28,11 +28,7 @@ FLAGS = [x for k, v in KNOBS.items() for x in ("--" + k.replace("_", "-"), str(v
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
     """{corpus, target, root}: the tiny two-domain corpus and a random tiny Qwen3 target + its tokenizer."""
-    root = tmp_path_factory.mktemp("regen_data")
-    corpus, tokenizer = build_tiny_corpus(root)
-    _, target = make_hf_model("qwen3", root / "target", seed=0, with_tokenizer=False)
-    write_tokenizer_files(target, tokenizer)
-    return {"corpus": corpus, "target": str(target), "root": str(root)}
+    return tiny_corpus_and_target(tmp_path_factory.mktemp("regen_data"))
 
 
 def _regen(env, out, *extra) -> int:
