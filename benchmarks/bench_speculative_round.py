@@ -36,7 +36,7 @@ from dspark_jax.draft.config import DraftConfig  # noqa: E402
 from dspark_jax.draft.model import DraftModel, init_draft_params  # noqa: E402
 from dspark_jax.sampling import SamplingConfig, warp_probs  # noqa: E402
 from dspark_jax.target.kv_cache import KVCache  # noqa: E402
-from dspark_jax.target.model import TargetModel  # noqa: E402
+from dspark_jax.target.model import TargetModel, output_kernel  # noqa: E402
 from infer.speculative import SpecOptions, draft_backbone, sample_block  # noqa: E402
 from infer.verify import rejection_sample  # noqa: E402
 
@@ -63,6 +63,10 @@ def run(batch: int, args) -> dict:
                                    mask_token_id=args.vocab - 1, markov_rank=args.markov_rank,
                                    target_layer_ids=tuple(range(min(5, args.layers - 1))))
     dparams = init_draft_params(dcfg, jax.random.PRNGKey(1))
+    # As in the decode loops: the output layer laid out once as [d, V]; a real drafter's frozen LM
+    # head is the target's, so the draft reads the same kernel.
+    head = jax.jit(output_kernel, static_argnums=0)(cfg, params)
+    dparams = {**dparams, "lm_head": {"kernel": head}}
     draft = DraftModel(dcfg)
     taps = tuple(dcfg.target_layer_ids)
     sampling = SamplingConfig(temperature=1.0)
@@ -81,8 +85,8 @@ def run(batch: int, args) -> dict:
     stop_ids = jnp.asarray([-1], jnp.int32)
 
     @jax.jit
-    def ar_step(params, tcache, anchor):
-        out = target.apply({"params": params}, anchor[:, None], tcache.lengths[:, None], tcache)
+    def ar_step(params, head, tcache, anchor):
+        out = target.apply({"params": params}, anchor[:, None], tcache.lengths[:, None], tcache, lm_head_kernel=head)
         return warp_probs(out.logits[:, 0], values, mode), out.cache
 
     @jax.jit
@@ -100,11 +104,11 @@ def run(batch: int, args) -> dict:
     positions = start[:, None] + jnp.arange(k + 1)[None, :]
 
     @jax.jit
-    def verify(params, tcache, verify_tokens):
-        out = target.apply({"params": params}, verify_tokens, positions, tcache, tap_layers=taps)
+    def verify(params, head, tcache, verify_tokens):
+        out = target.apply({"params": params}, verify_tokens, positions, tcache, tap_layers=taps, lm_head_kernel=head)
         return out.logits, out.taps, out.cache
 
-    logits, _, _ = verify(params, tcache, verify_tokens)
+    logits, _, _ = verify(params, head, tcache, verify_tokens)
 
     @jax.jit
     def sampling_step(logits, prop, key):
@@ -112,11 +116,11 @@ def run(batch: int, args) -> dict:
         return rejection_sample(key, prop.tokens, prop.probs, target_probs, prop.num, stop_ids, mode)
 
     @jax.jit
-    def full_round(params, dparams, tcache, dcache, pending, anchor, key):
+    def full_round(params, head, dparams, tcache, dcache, pending, anchor, key):
         h, u, dcache = draft_backbone(draft, dparams, dcfg, dcache, pending, pend_pos, pend_valid, anchor, start, k)
         prop = sample_block(dparams, dcfg, h, u, anchor, key, values, mode, options)
         toks = jnp.concatenate([anchor[:, None], prop.tokens], axis=1)
-        out = target.apply({"params": params}, toks, positions, tcache, tap_layers=taps)
+        out = target.apply({"params": params}, toks, positions, tcache, tap_layers=taps, lm_head_kernel=head)
         ver = rejection_sample(key, prop.tokens, prop.probs, warp_probs(out.logits, values, mode), prop.num,
                                stop_ids, mode)
         return ver, out.cache, dcache, out.taps
@@ -124,12 +128,12 @@ def run(batch: int, args) -> dict:
     reps = args.reps
     row = {
         "batch": batch,
-        "ar_step_ms": median_ms(ar_step, params, tcache, anchor, reps=reps),
+        "ar_step_ms": median_ms(ar_step, params, head, tcache, anchor, reps=reps),
         "draft_backbone_ms": median_ms(backbone, dparams, dcache, pending, anchor, reps=reps),
         "sequential_head_ms": median_ms(seq_head, dparams, h, u, anchor, key, reps=reps),
-        "target_verify_ms": median_ms(verify, params, tcache, verify_tokens, reps=reps),
+        "target_verify_ms": median_ms(verify, params, head, tcache, verify_tokens, reps=reps),
         "sampling_ms": median_ms(sampling_step, logits, prop, key, reps=reps),
-        "round_ms": median_ms(full_round, params, dparams, tcache, dcache, pending, anchor, key, reps=reps),
+        "round_ms": median_ms(full_round, params, head, dparams, tcache, dcache, pending, anchor, key, reps=reps),
     }
     row["sequential_head_share"] = row["sequential_head_ms"] / row["round_ms"]
     row["round_over_ar_step"] = row["round_ms"] / row["ar_step_ms"]
