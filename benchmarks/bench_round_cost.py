@@ -142,7 +142,8 @@ def main(argv=None) -> int:
         print(f"{r['block_size']} | {r['tau']:.2f} | {r['round_ms']:8.3f} | {r['round_over_ar_step']:8.2f} | "
               f"{r['speedup']:8.2f} | {r['tau_for_1x']:10.2f} | {r['tau_for_1_5x']:12.2f} | {r['tau_max']:7d} | "
               f"{r['greedy_outputs_equal']}")
-    save_result(args.out, {"benchmark": "round_cost", "config": vars(args), "target": target_dir, "draft": draft_dir,
+    save_result(args.out, {"benchmark": "round_cost", "config": vars(args), "target": os.path.relpath(target_dir),
+                           "draft": os.path.relpath(draft_dir),
                            "autoregressive_ms_per_token": ar_ms, "forward": forward, "rounds": rounds,
                            "machine": machine_info()})
     return 0

@@ -190,7 +190,7 @@ def load_dataset(spec: str, target: Any, config: EvalConfig, *, default_split: s
         if config.shuffle_seed is not None:
             random.Random(config.shuffle_seed).shuffle(prompts)
         prompts = prompts[: config.max_prompts]
-        source = os.path.abspath(info["path"])
+        source = info["path"]  # as given: records carry no machine-specific prefix
     if any(isinstance(p, str) for p in prompts) and target.tokenizer is None:
         raise PromptFileError(f"{spec}: text prompts need a tokenizer.json in the target directory "
                               "(or use 'token_ids' records)")

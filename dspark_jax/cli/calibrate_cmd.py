@@ -210,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
             "ece": [p["ece"] for p in m["positions"]], "auc": [p["auc"] for p in m["positions"]],
             "brier": [p["brier"] for p in m["positions"]]}
 
-    meta = {"target": os.path.abspath(args.target), "draft": os.path.abspath(args.draft), "block_size": k,
+    meta = {"target": args.target, "draft": args.draft, "block_size": k,
             "temperature": config.temperature, "max_new_tokens": config.max_new_tokens,
             "fit_data": {s.name: s.source for s in fit_sets}, "report_data": {s.name: s.source for s in report_sets},
             "report_before": brief(before), "report_after": brief(after), "notes": notes,
@@ -224,7 +224,7 @@ def _run(args: argparse.Namespace) -> int:
                          title=f"{os.path.basename(os.path.normpath(args.draft))}: raw vs STS (report data)")
     threshold_sweep_plot({"raw confidence": sweep["raw"], "calibrated (STS)": sweep["calibrated"]},
                          os.path.join(args.out, "threshold_sweep.png"))
-    report = {"draft": os.path.abspath(args.draft), "target": os.path.abspath(args.target), "block_size": k,
+    report = {"draft": args.draft, "target": args.target, "block_size": k,
               "temperature": config.temperature, "sts_file": written, "notes": notes,
               "fit": {"temperatures": list(temps), "num_rounds": fit.num_rounds, "counts": list(fit.counts),
                       "ece_raw": list(fit.ece_raw), "ece_after": list(fit.ece_after),

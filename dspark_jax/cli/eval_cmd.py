@@ -199,7 +199,7 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = evaluate(target, drafts, datasets, config, log=log)
     os.makedirs(args.out, exist_ok=True)
-    doc = {"target": os.path.abspath(args.target), "drafts": {n: os.path.abspath(p) for n, p in drafts_arg},
+    doc = {"target": args.target, "drafts": dict(drafts_arg),
            "datasets": {d.name: {"source": d.source, "num_prompts": len(d.prompts)} for d in datasets},
            "config": {k: v for k, v in vars(config).items()}, "backend": jax.default_backend(),
            "elapsed_s": time.perf_counter() - t0, "rows": result.rows}
