@@ -1,13 +1,12 @@
 """dspark-jax: DSpark confidence-scheduled speculative decoding in JAX/Flax.
 
-Curated public API:
+The library: model-level pieces `TargetConfig`, `TargetModel`, `KVCache`, `DraftConfig`,
+`DraftModel`, `SamplingConfig`, checkpoint I/O (`load_target`, `save_target`, `load_draft`,
+`save_draft`), `Tokenizer`, and the sharding helpers (`make_mesh`, `target_param_shardings`).
 
-    from dspark_jax import load_target_bundle, load_draft_bundle, generate, SamplingConfig
+Generation lives one floor up, in the `infer` package (the library never imports its callers)::
 
-Model-level pieces: `TargetConfig`, `TargetModel`, `KVCache`, `DraftConfig`, `DraftModel`,
-checkpoint I/O (`load_target`, `save_target`, `load_draft`, `save_draft`), `Tokenizer`, and the
-sharding helpers (`make_mesh`, `target_param_shardings`). The generation entry points live in the
-top-level `infer` package and are re-exported here lazily (so importing either package first works).
+    from infer import generate, load_target_bundle, load_draft_bundle
 """
 
 from dspark_jax.config import ConfigError, TargetConfig
@@ -18,7 +17,6 @@ __all__ = [
     "TargetModel", "KVCache", "DraftConfig", "DraftModel",
     "load_target", "save_target", "load_draft", "save_draft", "Tokenizer",
     "make_mesh", "target_param_shardings",
-    "generate", "load_target_bundle", "load_draft_bundle", "Target", "Draft", "GenerationResult", "GenerationError",
 ]
 
 _LAZY = {
@@ -33,13 +31,6 @@ _LAZY = {
     "Tokenizer": "dspark_jax.tokenizer",
     "make_mesh": "dspark_jax.sharding",
     "target_param_shardings": "dspark_jax.sharding",
-    "generate": "infer.api",
-    "load_target_bundle": "infer.api",
-    "Target": "infer.api",
-    "GenerationResult": "infer.api",
-    "GenerationError": "infer.api",
-    "load_draft_bundle": "infer.speculative_api",
-    "Draft": "infer.speculative_api",
 }
 
 

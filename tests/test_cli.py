@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dspark_jax.cli import generate_cmd
-from dspark_jax.cli.main import COMMANDS, main, resolve
+from dspark_cli import generate_cmd
+from dspark_cli.main import COMMANDS, main, resolve
 from dspark_jax.tokenizer import Tokenizer
 from tests.helpers import EOS_ID, load_hf_model
 
@@ -106,7 +106,7 @@ def test_generate_on_a_mesh_matches_single_device(tiny_qwen3_dir, reference):
     """--mesh 1,1,2 on 2 simulated CPU devices (subprocess: the device count is fixed at JAX start)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_PLATFORMS="cpu")
-    argv = [sys.executable, "-m", "dspark_jax.cli.main", "generate", "--target", str(tiny_qwen3_dir),
+    argv = [sys.executable, "-m", "dspark_cli.main", "generate", "--target", str(tiny_qwen3_dir),
             "--max-new-tokens", str(MAX_NEW), "--mesh", "1,1,2", "--json"]
     for p in PROMPTS:
         argv += ["--prompt", p]
@@ -214,7 +214,7 @@ def test_bad_input_exits_2_with_a_clear_message(tiny_qwen3_dir, extra, message, 
     code, out, err = run_cli(argv, capsys)
     assert code == 2
     assert out == ""
-    assert err.strip().splitlines()[-1].startswith(f"dspark: error: {message}")
+    assert err.strip().splitlines()[-1].startswith(f"dspark generate: error: {message}")
     assert "Traceback" not in err
 
 
@@ -228,16 +228,16 @@ def test_argparse_usage_errors_exit_2(capsys):
 
 
 def test_console_script_help_is_lazy():
-    """The installed `dspark` script (or `python -m dspark_jax.cli.main`) prints help without
+    """The installed `dspark` script (or `python -m dspark_cli.main`) prints help without
     importing any subcommand module (nor flax / torch)."""
     script = Path(sys.executable).parent / "dspark"
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "dspark_jax.cli.main"]
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "dspark_cli.main"]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd + ["--help"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "generate" in proc.stdout and "usage: dspark" in proc.stdout
     heavy = sorted({c.target.partition(":")[0] for c in COMMANDS.values()} | {"flax", "torch", "infer.api"})
-    probe = ("import sys; from dspark_jax.cli.main import main\n"
+    probe = ("import sys; from dspark_cli.main import main\n"
              "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
              f"print('LOADED', [m for m in {heavy!r} if m in sys.modules])")
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=REPO,

@@ -23,7 +23,7 @@ from dspark_jax.data import (
     load_manifest,
     split_for_path,
 )
-from dspark_jax.data.cli import build_corpus_main
+from dspark_cli.corpus_cmd import build_corpus_main
 
 FRACTIONS = (0.6, 0.2, 0.2)  # wide val/test so tiny fake corpora fill every split
 
@@ -257,7 +257,7 @@ def test_docs_package_download_failure_is_clear(tmp_path, monkeypatch, sources):
     assert not os.path.exists(tmp_path / "out" / "manifest.json")
     rc = build_corpus_main(["--out", str(tmp_path / "out"), "--stdlib-dir", sources[0],
                             "--cache-dir", str(tmp_path / "cache")])
-    assert rc == 1
+    assert rc == 2
 
 
 def test_fetch_debian_docs_extracts_a_deb(tmp_path, monkeypatch, sources):
@@ -295,8 +295,10 @@ def test_cli_build_corpus(tmp_path, sources, capsys):
     assert "code:" in capsys.readouterr().out
     rc = build_corpus_main(["--out", out, "--docs-dir", sources[1], "--fractions", "0.5,0.1,0.1"])
     err = capsys.readouterr().err
-    assert rc == 1 and err.count("\n") == 1 and "sum to 1" in err and "Traceback" not in err
-    assert build_corpus_main(["--out", out, "--fractions", "abc"]) == 2
+    assert rc == 2 and err.count("\n") == 1 and "sum to 1" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exc:  # argparse usage error
+        build_corpus_main(["--out", out, "--fractions", "abc"])
+    assert exc.value.code == 2
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ import pytest
 from dspark_jax.calibration import CALIBRATION_FILE, RoundData, threshold_sweep
 from dspark_jax.checkpoint.deepspec import save_draft
 from dspark_jax.checkpoint.hf import save_target
-from dspark_jax.cli.calibrate_cmd import calibrate_main, make_disjoint
-from dspark_jax.cli.eval_cmd import eval_main
+from dspark_cli.calibrate_cmd import calibrate_main, make_disjoint
+from dspark_cli.eval_cmd import eval_main
 from dspark_jax.sampling import SamplingConfig
 from infer.evaluate import (EvalConfig, PromptFileError, PromptSet, corpus_prompts, load_dataset,
                             parse_dataset_spec, read_prompt_file, run_speculative)
@@ -90,7 +90,7 @@ def test_cli_rejects_malformed_line_before_loading_models(tmp_path, capsys):
                     "--out", str(tmp_path / "out")])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "dspark: error:" in err and "bad.jsonl, line 3" in err
+    assert "dspark eval: error:" in err and "bad.jsonl, line 3" in err
     assert not (tmp_path / "out").exists()
 
 

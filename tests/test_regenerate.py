@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dspark_jax.cli.main import main
+from dspark_cli.main import main
 from dspark_jax.data.corpus import DOMAINS, SPLITS, iter_documents, load_manifest
 from dspark_jax.tokenizer import Tokenizer
 from tests.helpers import tiny_corpus_and_target

@@ -18,7 +18,7 @@ from dspark_jax.data import (
     load_manifest,
     train_tokenizer,
 )
-from dspark_jax.data.cli import train_tokenizer_main
+from dspark_cli.corpus_cmd import train_tokenizer_main
 
 FILES = (
     "tokenizer.json",
@@ -141,8 +141,8 @@ def test_cli_and_errors(trained, tmp_path, capsys):
             assert a.read() == b.read()
     rc = train_tokenizer_main(["--corpus", str(tmp_path / "missing"), "--out", cli_out])
     err = capsys.readouterr().err
-    assert rc == 1 and "manifest.json" in err and "Traceback" not in err and err.count("\n") == 1
-    assert train_tokenizer_main(["--corpus", corpus, "--out", cli_out, "--vocab-size", "100"]) == 1
-    assert train_tokenizer_main(["--corpus", corpus, "--out", cli_out, "--domains", "poetry"]) == 1
+    assert rc == 2 and "manifest.json" in err and "Traceback" not in err and err.count("\n") == 1
+    assert train_tokenizer_main(["--corpus", corpus, "--out", cli_out, "--vocab-size", "100"]) == 2
+    assert train_tokenizer_main(["--corpus", corpus, "--out", cli_out, "--domains", "poetry"]) == 2
     with pytest.raises(ValueError, match="vocab_size"):
         TokenizerTrainingConfig(corpus_dir=corpus, out_dir=cli_out, vocab_size=258)

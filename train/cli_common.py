@@ -15,16 +15,15 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import types
 import typing
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from dspark_cli.errors import EXIT_ERROR, report_error  # the one CLI error/exit stack of every command
+
 __all__ = ["EXIT_ERROR", "parse_bool", "parse_optional_int", "parse_str_list", "parse_int_list", "mesh_parser",
            "add_config_flags", "add_run_flags", "add_output_flags", "flag_overrides", "config_from_flags",
            "report_error", "input_error", "run_training_command"]
-
-EXIT_ERROR = 2  # bad input, like argparse
 
 
 # ---------------------------------------------------------------------------------------------- flag values
@@ -133,13 +132,6 @@ def config_from_flags(config_cls: Any, args: argparse.Namespace, *, base: Mappin
 
 
 # ---------------------------------------------------------------------------------------------- running
-def report_error(prog: str, message: object, *, one_line: bool = False) -> int:
-    """Print ``<prog>: error: <message>`` to stderr (whitespace collapsed with `one_line`); EXIT_ERROR."""
-    text = " ".join(str(message).split()) if one_line else message
-    print(f"{prog}: error: {text}", file=sys.stderr)
-    return EXIT_ERROR
-
-
 def input_error(args: argparse.Namespace, dirs: Iterable[tuple[str, str | None]],
                 extra: Iterable[tuple[bool, str]] = ()) -> str | None:
     """The first problem with the run arguments, or None.

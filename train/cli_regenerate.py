@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Sequence
 
-from dspark_jax.cli.eval_cmd import check_dir, expected_errors, log
+from dspark_cli.errors import check_dir, expected_errors, log
 from train.cli_common import EXIT_ERROR, report_error
 from train.regenerate import RegenerateConfig, RegenerateError, regenerate_corpus
 

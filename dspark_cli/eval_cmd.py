@@ -8,7 +8,7 @@ Datasets are reference JSONL files (``{"turns": [...]}``, first turn; or ``{"tok
 ``corpus:DOMAIN[:SPLIT]`` (prefixes of ``--corpus-prompt-tokens`` tokens of held-out documents; split
 ``test`` by default). For every dataset x drafter x block size the speculative loop and plain decoding run
 on the same prompts (see `infer.evaluate`). Writes ``OUT/results.json`` and ``OUT/results.md``
-(and ``OUT/rounds/*.npz`` with ``--save-rounds``). Expected failures print ``dspark: error: <message>``
+(and ``OUT/rounds/*.npz`` with ``--save-rounds``). Expected failures print ``dspark eval: error: <message>``
 and return 2.
 """
 
@@ -22,11 +22,10 @@ import sys
 import time
 from typing import Any, Sequence
 
-from dspark_jax.cli.common import EXIT_ERROR, CliError, positive_int
+from dspark_cli.errors import CliError, check_dir, check_output_dir, log, positive_int, run_command, seed_int
 
 __all__ = ["build_parser", "eval_main", "parse_int_list", "parse_draft_arg", "format_results_markdown",
-           "to_jsonable", "fmt_num", "CliError", "add_common_options", "eval_config_from_args", "precheck_datasets",
-           "check_dir", "run_cli", "expected_errors", "log"]
+           "to_jsonable", "fmt_num", "add_common_options", "eval_config_from_args", "precheck_datasets"]
 
 PROG = "dspark eval"
 
@@ -65,7 +64,7 @@ def add_common_options(p: argparse.ArgumentParser, *, max_new_tokens: int = 256)
                    help="use at most N prompts per dataset, after shuffling (default all)")
     p.add_argument("--batch-size", type=positive_int, default=1, metavar="B",
                    help="prompts decoded together (default 1 = per-prompt seeds seed+i as in the reference)")
-    p.add_argument("--seed", type=int, default=0, help="base seed (batch starting at prompt i uses seed + i)")
+    p.add_argument("--seed", type=seed_int, default=0, help="base seed (batch starting at prompt i uses seed + i)")
     p.add_argument("--no-shuffle", action="store_true", help="keep file order instead of the reference shuffle")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="parameter dtype (default float32)")
     p.add_argument("--out", metavar="DIR", required=True, help="output directory")
@@ -134,11 +133,6 @@ def format_results_markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def log(msg: str) -> None:
-    """Progress line on stderr."""
-    print(f"[dspark] {msg}", file=sys.stderr, flush=True)
-
-
 def eval_config_from_args(args: argparse.Namespace, block_sizes: tuple[int, ...] | None = None):
     """`infer.evaluate.EvalConfig` from the common options."""
     from infer.evaluate import REFERENCE_SHUFFLE_SEED, EvalConfig
@@ -165,12 +159,6 @@ def precheck_datasets(specs: Sequence[str], option: str, corpus_dir: str | None)
             raise CliError(f"{option} {spec}: corpus datasets need --corpus DIR")
         else:
             check_dir(corpus_dir, "--corpus")
-
-
-def check_dir(path: str, option: str) -> None:
-    """FileNotFoundError naming `option` unless `path` is a directory."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{option} directory not found: {path!r}")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -218,34 +206,9 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def expected_errors() -> tuple[type[BaseException], ...]:
-    """Error types reported as one ``dspark: error:`` line (only from modules already imported)."""
-    errors: list[type[BaseException]] = [CliError, FileNotFoundError, NotADirectoryError, PermissionError]
-    for module, name in (("dspark_jax.config", "ConfigError"), ("dspark_jax.sampling", "SamplingError"),
-                         ("dspark_jax.checkpoint.hf_layout", "CheckpointError"),
-                         ("dspark_jax.draft.config", "DraftConfigError"),
-                         ("dspark_jax.tokenizer", "TokenizerError"), ("infer.api", "GenerationError"),
-                         ("infer.evaluate", "PromptFileError")):
-        if module in sys.modules and hasattr(sys.modules[module], name):
-            errors.append(getattr(sys.modules[module], name))
-    return tuple(errors)
-
-
-def run_cli(parser: argparse.ArgumentParser, runner, argv: Sequence[str] | None) -> int:
-    """Parse `argv`, call `runner(args)`, turn expected errors into ``dspark: error:`` + exit 2."""
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        return runner(args)
-    except Exception as e:  # noqa: BLE001 - re-raised unless it is an expected error type
-        if isinstance(e, expected_errors()):
-            print(f"dspark: error: {e}", file=sys.stderr)
-            return EXIT_ERROR
-        raise
-
-
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """Run ``dspark eval`` with `argv` (arguments after ``eval``); return the exit status."""
-    return run_cli(build_parser(), _run, argv)
+    return run_command(PROG, build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Prompts are grouped into batches of ``--batch-size`` (one compiled program per b
 last partial batch is padded with copies of its last prompt, whose outputs are dropped, so it
 reuses that program). Batch ``i`` uses seed ``--seed + i``. stdout carries only the results;
 progress and log lines go to stderr. Expected failures (bad options, missing files, invalid
-checkpoints, invalid sampling values) print ``dspark: error: <message>`` to stderr and return 2.
+checkpoints, invalid sampling values) print ``dspark generate: error: <message>`` to stderr and return 2.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import sys
 import time
 from typing import Any, Sequence
 
-from dspark_jax.cli.common import EXIT_ERROR, CliError, positive_int
+from dspark_cli.errors import CliError, check_dir, log, positive_int, run_command, seed_int
 
-__all__ = ["build_parser", "main", "read_prompts_file", "parse_mesh", "CliError"]
+__all__ = ["build_parser", "main", "read_prompts_file", "parse_mesh"]
 
 PROG = "dspark generate"
 def parse_mesh(text: str) -> tuple[int, int, int]:
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 = greedy (default); > 0 samples from softmax(logits / temperature)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 = off (default)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (batch i uses seed + i; default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="sampling seed (batch i uses seed + i; default 0)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="parameter/activation dtype (default: float32)")
     p.add_argument("--mesh", type=str, default=None, metavar="DATA,FSDP,MODEL",
@@ -122,10 +122,6 @@ def _is_turns_record(line: str) -> bool:
     except json.JSONDecodeError:
         return False
     return isinstance(rec, dict) and "turns" in rec
-
-
-def _log(msg: str) -> None:
-    print(f"[dspark] {msg}", file=sys.stderr, flush=True)
 
 
 def _load_draft(draft_dir: str, target: Any, dtype: str | None = None) -> Any:
@@ -213,7 +209,7 @@ def _run(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     if target.tokenizer is None:
         raise CliError(f"{args.target!r} has no tokenizer.json; text prompts need one")
-    _log(f"loaded {target.config.family} target from {args.target} in {load_s:.2f}s "
+    log(f"loaded {target.config.family} target from {args.target} in {load_s:.2f}s "
          f"({target.config.num_hidden_layers} layers, dtype {target.config.dtype}"
          f"{', mesh ' + args.mesh if args.mesh else ''})")
     draft = _load_draft(args.draft, target, args.dtype) if args.draft else None
@@ -339,31 +335,13 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    """Error types reported as one `dspark: error:` line (imported lazily: they pull in JAX)."""
-    errors: list[type[BaseException]] = [CliError, FileNotFoundError, NotADirectoryError, PermissionError]
-    for module, name in (("dspark_jax.config", "ConfigError"), ("dspark_jax.sampling", "SamplingError"),
-                         ("dspark_jax.checkpoint.hf_layout", "CheckpointError"),
-                         ("dspark_jax.tokenizer", "TokenizerError"), ("infer.api", "GenerationError")):
-        if module in sys.modules:  # only what was actually imported can have been raised
-            errors.append(getattr(sys.modules[module], name))
-    return tuple(errors)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``dspark generate`` with `argv` (the arguments after ``generate``); return exit status.
 
     ``--help`` raises SystemExit(0) and argparse usage errors SystemExit(2); expected runtime
-    errors print ``dspark: error: <message>`` to stderr and return 2.
+    errors print ``dspark generate: error: <message>`` to stderr and return 2.
     """
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        return _run(args)
-    except Exception as e:  # noqa: BLE001 - re-raised unless it is an expected error type
-        if isinstance(e, _expected_errors()):
-            print(f"dspark: error: {e}", file=sys.stderr)
-            return EXIT_ERROR
-        raise
+    return run_command(PROG, build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ import sys
 import time
 from typing import Any, Sequence
 
-from dspark_jax.cli.eval_cmd import (CliError, add_common_options, check_dir, eval_config_from_args, fmt_num, log,
-                                     parse_int_list, precheck_datasets, run_cli, to_jsonable)
+from dspark_cli.errors import CliError, check_dir, check_output_dir, log, run_command
+from dspark_cli.eval_cmd import (add_common_options, eval_config_from_args, fmt_num, parse_int_list, precheck_datasets,
+                                 to_jsonable)
 
 __all__ = ["build_parser", "calibrate_main", "parse_thresholds", "make_disjoint"]
 
@@ -244,7 +245,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def calibrate_main(argv: Sequence[str] | None = None) -> int:
     """Run ``dspark calibrate`` with `argv` (arguments after ``calibrate``); return the exit status."""
-    return run_cli(build_parser(), _run, argv)
+    return run_command(PROG, build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,13 @@
 
 Adding a subcommand is one entry in `COMMANDS`::
 
-    "train-draft": Command("train.cli:train_draft_main", "Train a DSpark drafter against a target"),
+    "train-draft": Command("train.cli_draft:train_draft_main", "train a DSpark drafter"),
 
 The target is ``"module.path:function"``; the function takes the argument list after the
 subcommand name (``argv: list[str]``) and returns an exit status (``int``). It is imported only
 when that subcommand runs, so ``dspark --help`` does not import JAX. argparse's own behaviour is
 kept: ``--help`` raises ``SystemExit(0)`` and usage errors ``SystemExit(2)``; a subcommand may
-instead return those codes. The console script (``dspark = "dspark_jax.cli.main:main"``) turns
+instead return those codes. The console script (``dspark = "dspark_cli.main:main"``) turns
 the returned status into the process exit code.
 """
 
@@ -31,24 +31,19 @@ class Command(NamedTuple):
     help: str
 
 
-# name -> Command. Keep alphabetical-ish by pipeline stage; one line per subcommand.
+# name -> Command("module:function", one line of help). One line per subcommand, in pipeline order.
+# fmt: off
 COMMANDS: dict[str, Command] = {
-    "build-corpus": Command("dspark_jax.data.cli:build_corpus_main",
-                            "build the offline two-domain (code/prose) text corpus"),
-    "train-tokenizer": Command("dspark_jax.data.cli:train_tokenizer_main",
-                               "train a BPE tokenizer on a built corpus"),
-    "generate": Command("dspark_jax.cli.generate_cmd:main",
-                        "generate text with a target model (optionally speculative with --draft)"),
-    "train-target": Command("train.cli_target:train_target_main", "pretrain a small Qwen3-architecture target"),
-    "regenerate": Command("train.cli_regenerate:regenerate_main",
-                          "regenerate a corpus with the target (spec 4.1 step 2) for drafter training"),
-    "train-draft": Command("train.cli_draft:train_draft_main",
-                           "train a DSpark/DFlash drafter against a target (online target features)"),
-    "eval": Command("dspark_jax.cli.eval_cmd:eval_main",
-                    "evaluate drafters: tau, acceptance rates, tokens/s and speed-up vs autoregressive"),
-    "calibrate": Command("dspark_jax.cli.calibrate_cmd:calibrate_main",
-                         "fit confidence temperatures (STS) for a drafter and report calibration before/after"),
+    "build-corpus":    Command("dspark_cli.corpus_cmd:build_corpus_main", "build the offline two-domain (code/prose) text corpus"),
+    "train-tokenizer": Command("dspark_cli.corpus_cmd:train_tokenizer_main", "train a BPE tokenizer on a built corpus"),
+    "generate":        Command("dspark_cli.generate_cmd:main", "generate text with a target model (optionally speculative with --draft)"),
+    "train-target":    Command("train.cli_target:train_target_main", "pretrain a small Qwen3-architecture target"),
+    "regenerate":      Command("train.cli_regenerate:regenerate_main", "regenerate a corpus with the target (spec 4.1 step 2) for drafter training"),
+    "train-draft":     Command("train.cli_draft:train_draft_main", "train a DSpark/DFlash drafter against a target (online target features)"),
+    "eval":            Command("dspark_cli.eval_cmd:eval_main", "evaluate drafters: tau, acceptance rates, tokens/s and speed-up vs autoregressive"),
+    "calibrate":       Command("dspark_cli.calibrate_cmd:calibrate_main", "fit confidence temperatures (STS) for a drafter and report calibration"),
 }
+# fmt: on
 
 
 def resolve(name: str) -> Callable[[list[str]], int]:

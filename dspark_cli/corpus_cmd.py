@@ -1,8 +1,8 @@
 """Command-line entry points ``dspark build-corpus`` and ``dspark train-tokenizer``.
 
 Both return a process exit status (0 on success); expected failures (bad options, missing
-sources, a docs package that cannot be downloaded) print one ``error: ...`` line to stderr and
-return 1 instead of raising. argparse usage errors return 2.
+sources, a docs package that cannot be downloaded, a malformed corpus line) print one
+``<prog>: error: ...`` line to stderr and return 2 (`dspark_cli.errors`), like argparse usage errors.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from .corpus import DOMAINS, SPLITS, CorpusConfig, CorpusSourceError, build_corpus
-from .tokenizer_training import TokenizerTrainingConfig, train_tokenizer
+from dspark_cli.errors import run_command, seed_int
+from dspark_jax.data.corpus import DOMAINS, SPLITS, CorpusConfig, build_corpus
+from dspark_jax.data.tokenizer_training import TokenizerTrainingConfig, train_tokenizer
 
 __all__ = ["build_corpus_main", "train_tokenizer_main"]
 
-_EXPECTED_ERRORS = (CorpusSourceError, ValueError, OSError)
+# Config validation in the data package raises plain ValueError (fractions, vocabulary size, ...).
+_EXTRA_ERRORS = (ValueError, OSError)
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -29,22 +31,6 @@ def _fractions(text: str) -> tuple[float, float, float]:
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
     return values  # type: ignore[return-value]
-
-
-def _run(prog: str, body: Callable[[], int]) -> int:
-    try:
-        return body()
-    except _EXPECTED_ERRORS as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-
-
-def _exit_code(exc: SystemExit) -> int:
-    code = exc.code
-    return code if isinstance(code, int) else (0 if code is None else 2)
 
 
 def build_corpus_parser() -> argparse.ArgumentParser:
@@ -64,7 +50,7 @@ def build_corpus_parser() -> argparse.ArgumentParser:
         "--max-files-per-domain", type=int, default=None, metavar="N",
         help="keep at most N files per domain (seeded sample; default: all)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="split/sample seed (default 0)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="split/sample seed (default 0)")
     parser.add_argument(
         "--fractions", type=_fractions, default=(0.9, 0.05, 0.05), metavar="TRAIN,VAL,TEST",
         help="split fractions, must sum to 1 (default 0.9,0.05,0.05)",
@@ -91,13 +77,7 @@ def build_corpus_parser() -> argparse.ArgumentParser:
 
 def build_corpus_main(argv: Sequence[str] | None = None) -> int:
     """Run ``dspark build-corpus`` with ``argv`` (default ``sys.argv[1:]``); return exit status."""
-    parser = build_corpus_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return _exit_code(exc)
-
-    def body() -> int:
+    def body(args: argparse.Namespace) -> int:
         config = CorpusConfig(
             out_dir=args.out,
             seed=args.seed,
@@ -119,7 +99,7 @@ def build_corpus_main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {args.out} (content {manifest['content_hash']})")
         return 0
 
-    return _run("dspark build-corpus", body)
+    return run_command("dspark build-corpus", build_corpus_parser(), body, argv, extra_errors=_EXTRA_ERRORS)
 
 
 def train_tokenizer_parser() -> argparse.ArgumentParser:
@@ -151,13 +131,7 @@ def train_tokenizer_parser() -> argparse.ArgumentParser:
 
 def train_tokenizer_main(argv: Sequence[str] | None = None) -> int:
     """Run ``dspark train-tokenizer`` with ``argv`` (default ``sys.argv[1:]``); return status."""
-    parser = train_tokenizer_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return _exit_code(exc)
-
-    def body() -> int:
+    def body(args: argparse.Namespace) -> int:
         config = TokenizerTrainingConfig(
             corpus_dir=args.corpus,
             out_dir=args.out,
@@ -169,4 +143,4 @@ def train_tokenizer_main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(meta, indent=2))
         return 0
 
-    return _run("dspark train-tokenizer", body)
+    return run_command("dspark train-tokenizer", train_tokenizer_parser(), body, argv, extra_errors=_EXTRA_ERRORS)
