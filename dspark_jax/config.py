@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ConfigError", "RopeScaling", "TargetConfig", "load_hf_config"]
+__all__ = ["ConfigError", "RopeScaling", "TargetConfig", "load_hf_config", "read_config_json", "stored_dtype",
+           "field_int", "field_float", "field_bool", "DRAFTER_ARCHITECTURES"]
 
 # HF architecture string -> our family name.
 _ARCHITECTURES = {
@@ -24,10 +25,80 @@ _ARCHITECTURES = {
 }
 _MODEL_TYPES = {"qwen3": "qwen3", "llama": "llama"}
 _ROPE_TYPES = ("default", "linear", "llama3")
+# Drafter checkpoints (DeepSpec layout): a config.json carrying one of these is not a target.
+DRAFTER_ARCHITECTURES = ("Qwen3DSparkModel", "DFlashDraftModel")
+_DTYPES = ("float32", "bfloat16", "float16")
+_REQUIRED = object()
 
 
 class ConfigError(ValueError):
     """A `config.json` that this library cannot represent; the message names the field."""
+
+
+# ------------------------------------------------------------------------------- typed field readers
+def _present(hf: dict[str, Any], key: str, source: str, default: Any) -> tuple[bool, Any]:
+    if key not in hf or hf[key] is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"{source}: missing required field {key!r}")
+        return False, default
+    return True, hf[key]
+
+
+def field_int(hf: dict[str, Any], key: str, source: str, *, default: Any = _REQUIRED,
+              minimum: int | None = None) -> Any:
+    """`hf[key]` as an int (an integral float such as 1e6 is accepted; text, bools and fractions are
+    not); ConfigError naming the field and `source`. Missing -> `default` (required when not given)."""
+    given, value = _present(hf, key, source, default)
+    if not given:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(f"{source}: field {key!r} must be an integer, got {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{source}: field {key!r} must be >= {minimum}, got {value}")
+    return value
+
+
+def field_float(hf: dict[str, Any], key: str, source: str, *, default: Any = _REQUIRED,
+                positive: bool = False) -> Any:
+    """`hf[key]` as a finite float (> 0 with `positive`); ConfigError naming the field and `source`."""
+    given, value = _present(hf, key, source, default)
+    if not given:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{source}: field {key!r} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(f"{source}: field {key!r} must be > 0, got {value!r}")
+    return float(value)
+
+
+def field_bool(hf: dict[str, Any], key: str, source: str, *, default: bool) -> bool:
+    """`hf[key]` as a JSON boolean; ConfigError naming the field and `source` for anything else."""
+    given, value = _present(hf, key, source, default)
+    if given and not isinstance(value, bool):
+        raise ConfigError(f"{source}: field {key!r} must be true or false, got {value!r}")
+    return bool(value)
+
+
+def stored_dtype(hf: dict[str, Any]) -> str:
+    """The tensor dtype a `config.json` records (`dtype` / `torch_dtype`) if it is one we run in, else float32."""
+    value = hf.get("dtype") or hf.get("torch_dtype")
+    return value if value in _DTYPES else "float32"
+
+
+def read_config_json(path: str, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """Parse the JSON object in `path`; `error` naming the file for bad UTF-8, bad JSON or a non-object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(doc, dict):
+        raise error(f"{path}: expected a JSON object at the top level, got {type(doc).__name__}")
+    return doc
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,6 +157,16 @@ class TargetConfig:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.rope_scaling.rope_type not in _ROPE_TYPES:
             raise ConfigError(f"unsupported rope_type {self.rope_scaling.rope_type!r}; supported: {_ROPE_TYPES}")
+        for name, value in (("rope_theta", self.rope_theta), ("rms_norm_eps", self.rms_norm_eps),
+                            ("rope factor", self.rope_scaling.factor)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+        rs = self.rope_scaling
+        if rs.rope_type == "llama3" and not 0 < rs.low_freq_factor < rs.high_freq_factor:
+            raise ConfigError(f"llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor, got "
+                              f"{rs.low_freq_factor} and {rs.high_freq_factor}")
+        if int(self.max_position_embeddings) < 1:
+            raise ConfigError(f"max_position_embeddings must be >= 1, got {self.max_position_embeddings}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -127,58 +208,69 @@ class TargetConfig:
     # ------------------------------------------------------------------ HF conversion
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], *, dtype: str | None = None, source: str = "config.json") -> "TargetConfig":
-        """Build from a Hugging Face `config.json` dict (classic or transformers-5 rope layout)."""
-        family = None
+        """Build from a Hugging Face `config.json` dict (classic or transformers-5 rope layout).
+
+        Every numeric field is type- and range-checked (ConfigError naming the field and `source`).
+        `dtype` None -> the dtype the checkpoint records (`dtype` / `torch_dtype`), else float32.
+        """
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{source}: expected a JSON object at the top level, got {type(hf).__name__}")
         archs = hf.get("architectures") or []
-        for arch in archs:
-            family = _ARCHITECTURES.get(arch, family)
-        if family is None:
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ConfigError(f"{source}: field 'architectures' must be a list of strings, got {archs!r}")
+        drafter = [a for a in archs if a in DRAFTER_ARCHITECTURES]
+        if drafter:
+            raise ConfigError(f"{source}: this is a DSpark/DFlash drafter (architectures={archs!r}), not a target "
+                              f"model; pass it as the draft (--draft)")
+        if archs:
+            known = [_ARCHITECTURES[a] for a in archs if a in _ARCHITECTURES]
+            family = known[0] if known else None
+        else:
             family = _MODEL_TYPES.get(hf.get("model_type", ""))
         if family is None:
             raise ConfigError(
                 f"{source}: unknown architecture {archs or hf.get('model_type')!r}; "
                 f"supported: {sorted(_ARCHITECTURES)}")
 
-        def need(key: str):
-            if key not in hf or hf[key] is None:
-                raise ConfigError(f"{source}: missing required field {key!r}")
-            return hf[key]
-
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"{source}: hidden_act {act!r} not supported (only 'silu')")
         if hf.get("use_sliding_window"):
             raise ConfigError(f"{source}: use_sliding_window=true is not supported")
-        heads = int(need("num_attention_heads"))
-        hidden = int(need("hidden_size"))
-        head_dim = hf.get("head_dim") or hidden // heads
+        heads = field_int(hf, "num_attention_heads", source, minimum=1)
+        hidden = field_int(hf, "hidden_size", source, minimum=1)
+        head_dim = field_int(hf, "head_dim", source, default=None, minimum=1) or hidden // heads
         theta, scaling = _read_rope(hf, source)
         eos = hf.get("eos_token_id")
-        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
-        if dtype is None:
-            dtype = "float32"
-        return cls(
-            family=family,
-            vocab_size=int(need("vocab_size")),
-            hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_hidden_layers=int(need("num_hidden_layers")),
-            num_attention_heads=heads,
-            num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            initializer_range=float(hf.get("initializer_range", 0.02)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            pad_token_id=hf.get("pad_token_id"),
-            dtype=dtype,
-        )
+        eos_list = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        eos_ids = tuple(field_int({"eos_token_id": e}, "eos_token_id", source, minimum=0) for e in eos_list)
+        try:
+            return cls(
+                family=family,
+                vocab_size=field_int(hf, "vocab_size", source, minimum=1),
+                hidden_size=hidden,
+                intermediate_size=field_int(hf, "intermediate_size", source, minimum=1),
+                num_hidden_layers=field_int(hf, "num_hidden_layers", source, minimum=1),
+                num_attention_heads=heads,
+                num_key_value_heads=field_int(hf, "num_key_value_heads", source, default=heads, minimum=1),
+                head_dim=head_dim,
+                rms_norm_eps=field_float(hf, "rms_norm_eps", source, default=1e-6, positive=True),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                max_position_embeddings=field_int(hf, "max_position_embeddings", source, default=32768, minimum=1),
+                tie_word_embeddings=field_bool(hf, "tie_word_embeddings", source, default=False),
+                attention_bias=field_bool(hf, "attention_bias", source, default=False),
+                mlp_bias=field_bool(hf, "mlp_bias", source, default=False),
+                initializer_range=field_float(hf, "initializer_range", source, default=0.02),
+                bos_token_id=field_int(hf, "bos_token_id", source, default=None, minimum=0),
+                eos_token_ids=eos_ids,
+                pad_token_id=field_int(hf, "pad_token_id", source, default=None, minimum=0),
+                dtype=dtype or stored_dtype(hf),
+            )
+        except ConfigError as e:
+            if str(e).startswith(source):
+                raise
+            raise type(e)(f"{source}: {e}") from None
 
     def to_hf_config(self) -> dict[str, Any]:
         """The Hugging Face `config.json` dict (transformers-5 `rope_parameters` layout)."""
@@ -221,41 +313,63 @@ class TargetConfig:
         return out
 
 
+def _rope_spec(hf: dict[str, Any], source: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(rope_parameters, rope_scaling) as dicts (None when absent); ConfigError for other types."""
+    out = []
+    for key in ("rope_parameters", "rope_scaling"):
+        value = hf.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{source}: field {key!r} must be an object or null, got {value!r}")
+        out.append(value or None)
+    return out[0], out[1]
+
+
 def _read_rope(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling]:
-    """(rope_theta, RopeScaling) from either rope layout."""
-    params = hf.get("rope_parameters")
-    if isinstance(params, dict) and ("rope_theta" in params or "rope_type" in params):
-        spec = dict(params)
-        theta = spec.get("rope_theta", hf.get("rope_theta", 10000.0))
+    """(rope_theta, RopeScaling) from either rope layout; both layouts given must agree."""
+    params, legacy = _rope_spec(hf, source)
+    if params is not None and ("rope_theta" in params or "rope_type" in params):
+        spec, field = dict(params), "rope_parameters"
+        theta = field_float(spec, "rope_theta", f"{source} rope_parameters", default=None, positive=True)
+        if theta is None:
+            theta = field_float(hf, "rope_theta", source, default=10000.0, positive=True)
+        if legacy is not None:
+            other = _parse_rope_spec(legacy, f"{source} rope_scaling")
+            mine = _parse_rope_spec(spec, f"{source} rope_parameters")
+            if other != mine:
+                raise ConfigError(f"{source}: rope_parameters ({mine.rope_type}) and rope_scaling "
+                                  f"({other.rope_type}) disagree; keep one of them")
     else:
-        spec = dict(hf.get("rope_scaling") or {})
-        theta = hf.get("rope_theta", 10000.0)
+        spec, field = dict(legacy or {}), "rope_scaling"
+        theta = field_float(hf, "rope_theta", source, default=10000.0, positive=True)
+    return theta, _parse_rope_spec(spec, f"{source} {field}" if spec else source)
+
+
+def _parse_rope_spec(spec: dict[str, Any], where: str) -> RopeScaling:
     rope_type = spec.get("rope_type", spec.get("type", "default"))
     if rope_type not in _ROPE_TYPES:
-        raise ConfigError(f"{source}: unsupported rope_type {rope_type!r}; supported: {list(_ROPE_TYPES)}")
+        raise ConfigError(f"{where}: unsupported rope_type {rope_type!r}; supported: {list(_ROPE_TYPES)}")
     kw: dict[str, Any] = {"rope_type": rope_type}
     if rope_type in ("linear", "llama3"):
         if "factor" not in spec:
-            raise ConfigError(f"{source}: rope scaling {rope_type!r} needs 'factor'")
-        kw["factor"] = float(spec["factor"])
+            raise ConfigError(f"{where}: rope scaling {rope_type!r} needs 'factor'")
+        kw["factor"] = field_float(spec, "factor", where, positive=True)
     if rope_type == "llama3":
         for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             if key not in spec:
-                raise ConfigError(f"{source}: llama3 rope scaling needs {key!r}")
-        kw.update(low_freq_factor=float(spec["low_freq_factor"]),
-                  high_freq_factor=float(spec["high_freq_factor"]),
-                  original_max_position_embeddings=int(spec["original_max_position_embeddings"]))
-    return float(theta), RopeScaling(**kw)
+                raise ConfigError(f"{where}: llama3 rope scaling needs {key!r}")
+        kw.update(low_freq_factor=field_float(spec, "low_freq_factor", where, positive=True),
+                  high_freq_factor=field_float(spec, "high_freq_factor", where, positive=True),
+                  original_max_position_embeddings=field_int(spec, "original_max_position_embeddings", where,
+                                                             minimum=1))
+    return RopeScaling(**kw)
 
 
 def load_hf_config(model_dir: str | os.PathLike, *, dtype: str | None = None) -> TargetConfig:
-    """Read `<model_dir>/config.json` into a `TargetConfig` (clear error if missing or invalid)."""
+    """Read `<model_dir>/config.json` into a `TargetConfig` (clear error if missing or invalid).
+
+    `dtype` None -> the dtype the checkpoint records (float32 if it records none we support).
+    """
     path = os.path.join(os.fspath(model_dir), "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"no config.json in {os.fspath(model_dir)!r}")
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON ({e})") from e
-    return TargetConfig.from_hf_config(hf, dtype=dtype, source=path)
+    return TargetConfig.from_hf_config(read_config_json(path), dtype=dtype, source=path)

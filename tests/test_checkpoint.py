@@ -111,10 +111,10 @@ def test_ours_to_transformers_sharded_bf16(tiny_llama_dir: Path, tmp_path: Path)
     rounded = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in _state(load_hf_model(tiny_llama_dir)).items()}
     assert all(np.array_equal(v, rounded[k]) for k, v in _state(hf).items())
 
-    cfg32, p32 = load_target(out)  # default: float32
+    cfg32, p32 = load_target(out, dtype="float32")
     assert cfg32.dtype == "float32" and p32["norm"]["scale"].dtype == jnp.float32
     _assert_close(_logits(cfg32, p32), hf_forward(load_hf_model(out), TOKENS)[0])
-    cfg16, p16 = load_target(out, dtype="bfloat16")
+    cfg16, p16 = load_target(out)  # default: the checkpoint's dtype
     assert cfg16.dtype == "bfloat16"
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(p16))
     assert np.array_equal(np.asarray(p16["lm_head"]["kernel"], np.float32), np.asarray(p32["lm_head"]["kernel"]))
@@ -125,7 +125,7 @@ def test_transformers_bf16_checkpoint_loads(tmp_path: Path) -> None:
     hf, _ = make_hf_model("qwen3", seed=5)
     hf.to(torch.bfloat16).save_pretrained(tmp_path)
     assert {str(v.dtype) for v in _tensors(tmp_path / SINGLE_FILE).values()} == {"bfloat16"}
-    config, params = load_target(tmp_path)
+    config, params = load_target(tmp_path, dtype="float32")
     assert np.array_equal(np.asarray(params["embed_tokens"]["embedding"]), _state(hf)["model.embed_tokens.weight"])
     _assert_close(_logits(config, params), hf_forward(load_hf_model(tmp_path), TOKENS)[0])
 

@@ -35,7 +35,7 @@ def deepspec_config(**over):
         "tie_word_embeddings": False, "num_target_layers": LT, "block_size": K, "mask_token_id": MASK,
         "target_layer_ids": IDS, "num_anchors": 16, "layer_types": ["full_attention"] * LD,
         "enable_confidence_head": True, "confidence_head_with_markov": True, "markov_rank": R,
-        "markov_head_type": "vanilla", "bos_token_id": 0, "eos_token_id": 0, "torch_dtype": "bfloat16",
+        "markov_head_type": "vanilla", "bos_token_id": 0, "eos_token_id": 0, "torch_dtype": "float32",
     }
     cfg.update(over)
     return {k: v for k, v in cfg.items() if v is not ...}
@@ -142,7 +142,7 @@ def _fns(cfg):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_load_matches_numpy_reference(tmp_path, dtype):
     sd = hand_state_dict(dtype=dtype)
-    cfg, params = load_draft(write_checkpoint(tmp_path / "ck", sd, deepspec_config()))
+    cfg, params = load_draft(write_checkpoint(tmp_path / "ck", sd, deepspec_config()), dtype="float32")
     assert cfg.markov_rank == R and cfg.target_layer_ids == tuple(IDS) and cfg.block_size == K
     assert params["fc"]["kernel"].shape == (len(IDS) * D, D)
     assert params["markov_head"]["markov_w2"]["kernel"].shape == (R, V)

@@ -33,12 +33,12 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from dspark_jax.checkpoint.hf import check_tensor_dtypes, open_safetensors, read_safetensors_headers, read_tensor
 from dspark_jax.checkpoint.hf_layout import (CheckpointError, expected_hf_shapes, get_path, set_path, swap_in_dir,
                                             target_key_map)
-from dspark_jax.config import TargetConfig
+from dspark_jax.config import TargetConfig, read_config_json
 from dspark_jax.draft.config import DraftConfig
 from dspark_jax.draft.model import init_draft_params
 from dspark_jax.layers import dtype_of
@@ -151,57 +151,40 @@ def _unbox(tree: Any) -> Any:
 
 
 def read_safetensors_dir(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of `model.safetensors` or of a sharded index in directory `path` (numpy)."""
-    path = os.fspath(path)
-    index = os.path.join(path, _INDEX)
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: invalid safetensors index ({e})") from e
-        files: dict[str, list[str]] = {}
-        for key, fname in weight_map.items():
-            files.setdefault(fname, []).append(key)
-    elif os.path.isfile(os.path.join(path, _SINGLE)):
-        files = {_SINGLE: None}
-    else:
-        raise CheckpointError(f"no {_SINGLE} or {_INDEX} in {path!r}")
+    """All tensors of `model.safetensors` or of a sharded index in directory `path` (numpy).
+
+    Validated like a target checkpoint (`dspark_jax.checkpoint.hf.read_safetensors_headers`): shards
+    confined to the directory, every index entry present; then every tensor (exporters' rotary buffers
+    aside) must be floating point and finite. CheckpointError names the file and tensor otherwise.
+    """
+    headers = read_safetensors_headers(path)
+    used = [k for k in headers if not any(a in k for a in _IGNORED)]
+    check_tensor_dtypes(headers, used)
+    by_file: dict[str, list[str]] = {}
+    for key in used:
+        by_file.setdefault(headers[key][0], []).append(key)
     tensors: dict[str, np.ndarray] = {}
-    for fname, keys in files.items():
-        fpath = os.path.join(path, fname)
-        if not os.path.isfile(fpath):
-            raise CheckpointError(f"{path}: shard {fname!r} listed in the index is missing")
-        try:
-            with safe_open(fpath, framework="np") as f:
-                names = list(f.keys())
-                if keys is not None:
-                    absent = sorted(set(keys) - set(names))
-                    if absent:
-                        raise CheckpointError(f"{fpath}: tensor(s) {absent[:5]} listed in the index are missing")
-                for k in names:
-                    tensors[k] = f.get_tensor(k)
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise CheckpointError(f"{fpath}: unreadable safetensors file ({e})") from e
+    for file, keys in by_file.items():
+        with open_safetensors(file) as f:
+            for key in keys:
+                tensors[key] = read_tensor(f, key, file)
     return tensors
 
 
 def load_draft(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[DraftConfig, dict]:
     """Read a DeepSpec draft directory -> (DraftConfig, params as numpy arrays of `dtype`).
 
-    `dtype` (default 'float32') becomes `DraftConfig.dtype` and the parameter dtype.
+    `dtype` (default: the dtype the checkpoint records, else float32) becomes `DraftConfig.dtype` and
+    the parameter dtype. As strict as `load_target`: config fields type- and range-checked, a target
+    directory recognised as such, tensors floating point and finite, shards inside the directory.
     """
     path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"draft directory {path!r} does not exist")
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"no config.json in {path!r}")
-    try:
-        with open(cfg_path) as f:
-            hf = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from e
+    hf = read_config_json(cfg_path, CheckpointError)
     config = DraftConfig.from_deepspec_config(hf, dtype=dtype, source=cfg_path)
     tensors = read_safetensors_dir(path)
     params = deepspec_to_params(tensors, config, source=path, dtype=_NP_DTYPES[config.dtype])

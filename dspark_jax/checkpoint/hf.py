@@ -28,9 +28,10 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from dspark_jax.checkpoint.hf_layout import CheckpointError, expected_hf_shapes, set_path, swap_in_dir, target_key_map
-from dspark_jax.config import TargetConfig, load_hf_config
+from dspark_jax.config import TargetConfig, load_hf_config, read_config_json
 
-__all__ = ["load_target", "save_target", "read_safetensors_headers", "SINGLE_FILE", "INDEX_FILE"]
+__all__ = ["load_target", "save_target", "read_safetensors_headers", "check_tensor_dtypes", "read_tensor",
+           "foreign_checkpoint_hint", "open_safetensors", "SINGLE_FILE", "INDEX_FILE"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -54,7 +55,7 @@ def _dtype_name(dtype: Any) -> str | None:
     return name
 
 
-def _open(path: str):
+def open_safetensors(path: str):
     """`safe_open` with library errors re-raised as CheckpointError naming the file."""
     try:
         return safe_open(path, framework="numpy")
@@ -72,14 +73,13 @@ def read_safetensors_headers(model_dir: str | os.PathLike) -> dict[str, tuple[st
     d = os.fspath(model_dir)
     index_path, single_path = os.path.join(d, INDEX_FILE), os.path.join(d, SINGLE_FILE)
     if os.path.isfile(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
-            raise CheckpointError(f"{index_path}: invalid safetensors index (need a 'weight_map' object): {e!r}") from e
+        weight_map = read_config_json(index_path, CheckpointError).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_path}: invalid safetensors index (need a 'weight_map' object of "
+                                  f"tensor name -> shard file name)")
         files = sorted(set(weight_map.values()))
         for name in files:
+            _check_shard_name(name, index_path)
             if not os.path.isfile(os.path.join(d, name)):
                 keys = sorted(k for k, v in weight_map.items() if v == name)
                 raise CheckpointError(f"{index_path} references shard {name!r} (for {keys[:3]}"
@@ -94,7 +94,7 @@ def read_safetensors_headers(model_dir: str | os.PathLike) -> dict[str, tuple[st
     out: dict[str, tuple[str, tuple[int, ...], str]] = {}
     for name in files:
         path = os.path.join(d, name)
-        with _open(path) as f:
+        with open_safetensors(path) as f:
             for key in f.keys():
                 if key in out:
                     raise CheckpointError(f"tensor {key!r} is stored twice: in {out[key][0]} and {path}")
@@ -105,6 +105,57 @@ def read_safetensors_headers(model_dir: str | os.PathLike) -> dict[str, tuple[st
             if key not in out or out[key][0] != os.path.join(d, name):
                 raise CheckpointError(f"{index_path} maps {key!r} to {name!r}, but that shard has no such tensor")
     return out
+
+
+def _check_shard_name(name: str, index_path: str) -> None:
+    """CheckpointError unless shard `name` is a relative path inside the model directory (no '..', not absolute)."""
+    parts = name.replace("\\", "/").split("/")
+    if not name or os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+        raise CheckpointError(f"{index_path}: shard path {name!r} points outside the model directory; "
+                              f"shards must be files inside it")
+
+
+def check_tensor_dtypes(headers: Mapping[str, tuple[str, tuple[int, ...], str]], keys: Iterable[str]) -> None:
+    """CheckpointError naming the file, key and dtype for a tensor among `keys` that is not floating point
+    (an int / bool tensor is never cast to float silently)."""
+    for key in sorted(keys):
+        path, _, tag = headers[key]
+        if tag not in _READABLE:
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {tag}; only F32/F16/BF16 are supported")
+
+
+def read_tensor(f: Any, key: str, file: str) -> np.ndarray:
+    """Tensor `key` of the open safetensors file `f`; CheckpointError naming file and key if it is unreadable
+    or holds NaN / infinity (a damaged or diverged checkpoint must not generate silent garbage)."""
+    try:
+        arr = f.get_tensor(key)
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot read tensor {key!r}: {e}") from e
+    finite = np.isfinite(arr)
+    if not finite.all():
+        raise CheckpointError(f"{file}: tensor {key!r} holds {int(finite.size - finite.sum())} non-finite "
+                              f"value(s) (NaN/inf); the checkpoint is damaged or came from a diverged run")
+    return arr
+
+
+# Tensor-name prefixes of checkpoints this library does not read, for a helpful "what is this" hint.
+_FOREIGN_LAYOUTS = (("transformer.h.", "a GPT-2 checkpoint (transformer.h.*)"),
+                    ("transformer.wte", "a GPT-2 checkpoint (transformer.wte)"),
+                    ("h.0.attn.c_attn", "a GPT-2 checkpoint (h.*.attn.c_attn)"),
+                    ("gpt_neox.", "a GPT-NeoX checkpoint (gpt_neox.*)"),
+                    ("model.decoder.", "an OPT-style checkpoint (model.decoder.*)"),
+                    ("model.language_model.", "a multimodal checkpoint (model.language_model.*)"))
+
+
+def foreign_checkpoint_hint(keys: Iterable[str]) -> str:
+    """A sentence saying what a checkpoint with these tensor names is, when it is recognisably not ours."""
+    keys = list(keys)
+    if "fc.weight" in keys and "hidden_norm.weight" in keys:
+        return "; this is a DSpark/DFlash drafter (fc / hidden_norm tensors): pass it as the draft (--draft)"
+    for prefix, what in _FOREIGN_LAYOUTS:
+        if any(k.startswith(prefix) or ("." + prefix) in k for k in keys):
+            return f"; the tensor names look like {what}, whatever config.json says"
+    return ""
 
 
 def _validate(headers: Mapping[str, tuple[str, tuple[int, ...], str]], config: TargetConfig, where: str) -> None:
@@ -119,17 +170,16 @@ def _validate(headers: Mapping[str, tuple[str, tuple[int, ...], str]], config: T
             f"{where}: unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
             f"(in {os.path.basename(headers[unexpected[0]][0])}) not used by a {config.family} model with this "
             f"config.json (tie_word_embeddings={config.tie_word_embeddings}, attention_bias="
-            f"{config.attention_bias}, mlp_bias={config.mlp_bias})")
+            f"{config.attention_bias}, mlp_bias={config.mlp_bias}){foreign_checkpoint_hint(present)}")
     missing = sorted(wanted - present)
     if missing:
         raise CheckpointError(f"{where}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     shapes = expected_hf_shapes(config)
     for key in sorted(wanted):
-        path, shape, tag = headers[key]
+        path, shape, _ = headers[key]
         if shape != shapes[key]:
             raise CheckpointError(f"{path}: tensor {key!r} has shape {shape}, expected {shapes[key]} from config.json")
-        if tag not in _READABLE:
-            raise CheckpointError(f"{path}: tensor {key!r} has dtype {tag}; only F32/F16/BF16 are supported")
+    check_tensor_dtypes(headers, wanted)
 
 
 def _sharding_at(shardings: Any, path: tuple[str, ...]) -> jax.sharding.Sharding | None:
@@ -152,7 +202,8 @@ def load_target(model_dir: str | os.PathLike, *, dtype: Any = None,
     Args:
       model_dir: directory with `config.json` and `model.safetensors` or a sharded safetensors
         checkpoint. F32 / F16 / BF16 tensors are accepted; tied checkpoints may omit `lm_head.weight`.
-      dtype: parameter dtype ('float32' | 'bfloat16' | 'float16' or a dtype); None -> float32.
+      dtype: parameter dtype ('float32' | 'bfloat16' | 'float16' or a dtype); None -> the dtype the
+        checkpoint records in config.json (`dtype` / `torch_dtype`; float32 if none we support).
         The returned config's `dtype` is set to it.
       shardings: where to place each tensor as it is read: None (default device), one
         `jax.sharding.Sharding` for all, a pytree of shardings with the params' structure (missing
@@ -160,8 +211,9 @@ def load_target(model_dir: str | os.PathLike, *, dtype: Any = None,
     Returns:
       (config, params) with params a nested dict of jax arrays ready for `TargetModel.apply`.
     Raises:
-      CheckpointError naming the file and key for unusable files; ConfigError for a config.json
-      this library cannot represent (e.g. an unknown architecture).
+      CheckpointError naming the file and key for unusable files (including a tensor holding NaN/inf
+      and an index whose shard paths leave the directory); ConfigError naming the field for a
+      config.json this library cannot represent (e.g. an unknown architecture, text in a numeric field).
     """
     d = os.fspath(model_dir)
     if not os.path.isdir(d):
@@ -181,12 +233,9 @@ def load_target(model_dir: str | os.PathLike, *, dtype: Any = None,
         by_file.setdefault(headers[hf_key][0], []).append((hf_key, path, transpose))
     params: dict = {}
     for file, entries in by_file.items():
-        with _open(file) as f:
+        with open_safetensors(file) as f:
             for hf_key, path, transpose in entries:
-                try:
-                    arr = f.get_tensor(hf_key)  # [out, in] for linear weights
-                except Exception as e:
-                    raise CheckpointError(f"{file}: cannot read tensor {hf_key!r}: {e}") from e
+                arr = read_tensor(f, hf_key, file)  # [out, in] for linear weights
                 arr = np.ascontiguousarray(arr.T if transpose else arr, dtype=np_dtype)  # one host copy
                 set_path(params, path, jax.device_put(arr, _sharding_at(shardings, path)))
                 del arr

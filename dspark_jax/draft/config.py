@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from dspark_jax.config import ConfigError, RopeScaling, TargetConfig
+from dspark_jax.config import (DRAFTER_ARCHITECTURES, ConfigError, RopeScaling, TargetConfig, field_bool, field_int,
+                               stored_dtype)
 
 __all__ = ["DraftConfig", "DraftConfigError", "HEAD_TYPES", "default_target_layer_ids"]
 
@@ -209,55 +210,70 @@ class DraftConfig:
     @classmethod
     def from_deepspec_config(cls, hf: dict[str, Any], *, dtype: str | None = None,
                              source: str = "config.json") -> "DraftConfig":
-        """Parse a DeepSpec draft `config.json` dict (spec §6). Only `Qwen3DSparkModel` is supported."""
+        """Parse a DeepSpec draft `config.json` dict (spec §6). Only `Qwen3DSparkModel` is supported.
+
+        Fields are type- and range-checked (DraftConfigError naming the field and `source`); a target
+        model's config is recognised as such. `dtype` None -> the dtype the checkpoint records.
+        """
+        if not isinstance(hf, dict):
+            raise DraftConfigError(f"{source}: expected a JSON object at the top level, got {type(hf).__name__}")
         archs = hf.get("architectures") or []
-        if not archs or archs[0] != _ARCHITECTURE:
+        if isinstance(archs, list) and archs and archs[0] in ("Qwen3ForCausalLM", "LlamaForCausalLM"):
+            raise DraftConfigError(f"{source}: this is a target model (architectures={archs!r}), not a DSpark "
+                                   f"drafter; pass it as the target (--target)")
+        if not isinstance(archs, list) or not archs or archs[0] != _ARCHITECTURE:
             raise DraftConfigError(f"{source}: architectures={archs!r}; expected [{_ARCHITECTURE!r}] "
                                    f"(Gemma4 drafts are not supported)")
-
-        def need(key: str):
-            if key not in hf or hf[key] is None:
-                raise DraftConfigError(f"{source}: missing required draft field {key!r}")
-            return hf[key]
-
-        base = dict(hf)
-        base["architectures"] = ["Qwen3ForCausalLM"]
-        base.setdefault("model_type", "qwen3")
         try:
-            lc = TargetConfig.from_hf_config(base, source=source)
+            return cls._from_checked_deepspec(hf, dtype=dtype, source=source)
         except DraftConfigError:
             raise
         except ConfigError as e:
-            raise DraftConfigError(str(e)) from e
-        num_layers = int(need("num_hidden_layers"))
+            raise DraftConfigError(str(e)) from None
+
+    @classmethod
+    def _from_checked_deepspec(cls, hf: dict[str, Any], *, dtype: str | None, source: str) -> "DraftConfig":
+        base = {k: v for k, v in hf.items() if k not in ("dtype", "torch_dtype")}
+        base["architectures"] = ["Qwen3ForCausalLM"]
+        base.setdefault("model_type", "qwen3")
+        lc = TargetConfig.from_hf_config(base, source=source)
+        num_layers = field_int(hf, "num_hidden_layers", source, minimum=1)
         layer_types = hf.get("layer_types")
         if layer_types is not None:
-            if len(layer_types) != num_layers or any(t != "full_attention" for t in layer_types):
+            if (not isinstance(layer_types, list) or len(layer_types) != num_layers
+                    or any(t != "full_attention" for t in layer_types)):
                 raise DraftConfigError(f"{source}: layer_types={layer_types!r}; expected "
                                        f"['full_attention'] x num_hidden_layers={num_layers}")
         if hf.get("tie_word_embeddings"):
             raise DraftConfigError(f"{source}: tie_word_embeddings=true; DeepSpec drafts store a separate lm_head")
-        rank = int(hf.get("markov_rank") or 0)
+        rank = field_int(hf, "markov_rank", source, default=0, minimum=0)
         head_type = hf.get("markov_head_type") or "vanilla"
-        conf = bool(hf.get("enable_confidence_head", False))
+        conf = field_bool(hf, "enable_confidence_head", source, default=False)
         if conf and "confidence_head_with_markov" not in hf:
             raise DraftConfigError(f"{source}: enable_confidence_head=true but confidence_head_with_markov is missing")
-        with_markov = bool(hf.get("confidence_head_with_markov", False)) if conf else False
+        with_markov = field_bool(hf, "confidence_head_with_markov", source, default=False) if conf else False
         extra = tuple(sorted((k, json.dumps(v)) for k, v in hf.items() if k not in _MODELLED_KEYS))
-        ids = need("target_layer_ids")
+        ids = hf.get("target_layer_ids")
+        if ids is None:
+            raise DraftConfigError(f"{source}: missing required draft field 'target_layer_ids'")
         if not isinstance(ids, (list, tuple)):
             raise DraftConfigError(f"{source}: target_layer_ids must be a list, got {ids!r}")
-        return cls(
-            vocab_size=lc.vocab_size, hidden_size=lc.hidden_size, intermediate_size=lc.intermediate_size,
-            num_attention_heads=lc.num_attention_heads, num_key_value_heads=lc.num_key_value_heads,
-            head_dim=lc.head_dim, rms_norm_eps=lc.rms_norm_eps, rope_theta=lc.rope_theta,
-            rope_scaling=lc.rope_scaling, attention_bias=lc.attention_bias,
-            max_position_embeddings=lc.max_position_embeddings, initializer_range=lc.initializer_range,
-            num_hidden_layers=num_layers, num_target_layers=int(need("num_target_layers")),
-            block_size=int(need("block_size")), mask_token_id=int(need("mask_token_id")),
-            target_layer_ids=tuple(int(i) for i in ids), markov_rank=rank, markov_head_type=head_type,
-            enable_confidence_head=conf, confidence_head_with_markov=with_markov,
-            num_anchors=int(hf.get("num_anchors", 512)), dtype=dtype or "float32", extra_fields=extra)
+        ids = tuple(field_int({"target_layer_ids": i}, "target_layer_ids", source) for i in ids)
+        try:
+            return cls(
+                vocab_size=lc.vocab_size, hidden_size=lc.hidden_size, intermediate_size=lc.intermediate_size,
+                num_attention_heads=lc.num_attention_heads, num_key_value_heads=lc.num_key_value_heads,
+                head_dim=lc.head_dim, rms_norm_eps=lc.rms_norm_eps, rope_theta=lc.rope_theta,
+                rope_scaling=lc.rope_scaling, attention_bias=lc.attention_bias,
+                max_position_embeddings=lc.max_position_embeddings, initializer_range=lc.initializer_range,
+                num_hidden_layers=num_layers, num_target_layers=field_int(hf, "num_target_layers", source, minimum=1),
+                block_size=field_int(hf, "block_size", source), mask_token_id=field_int(hf, "mask_token_id", source),
+                target_layer_ids=ids, markov_rank=rank, markov_head_type=head_type,
+                enable_confidence_head=conf, confidence_head_with_markov=with_markov,
+                num_anchors=field_int(hf, "num_anchors", source, default=512, minimum=1),
+                dtype=dtype or stored_dtype(hf), extra_fields=extra)
+        except ConfigError as e:
+            raise DraftConfigError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
 
     def to_deepspec_config(self, *, dtype: str | None = None) -> dict[str, Any]:
         """The DeepSpec `config.json` dict (spec §6); `dtype` = stored tensor dtype (default self.dtype)."""
