@@ -30,11 +30,15 @@ import numpy as np
 
 __all__ = ["CALIBRATION_FILE", "PRED_EPS", "RoundData", "STSConfig", "STSFit", "ece", "auc_from_histograms",
            "brier", "reliability_table", "survival_predictions", "position_metrics", "fit_sts",
-           "threshold_sweep", "save_temperatures", "load_temperatures"]
+           "threshold_sweep", "save_temperatures", "load_temperatures", "CalibrationFileError"]
 
 CALIBRATION_FILE = "sts_temperatures.json"  # same name infer.speculative_api.load_draft_bundle reads
 PRED_EPS = 1e-8
 FORMAT = "dspark-sts/v1"
+
+
+class CalibrationFileError(ValueError):
+    """An unusable ``sts_temperatures.json`` (the message names the file and the problem)."""
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -383,13 +387,33 @@ def save_temperatures(path: str | os.PathLike, fit: STSFit, *, pad_to: int | Non
     return file
 
 
-def load_temperatures(path: str | os.PathLike) -> tuple[float, ...]:
-    """Per-slot temperatures from a ``sts_temperatures.json`` file or a directory containing one."""
+def load_temperatures(path: str | os.PathLike, *, num_slots: int | None = None) -> tuple[float, ...]:
+    """Per-slot temperatures from a ``sts_temperatures.json`` file or a directory containing one.
+
+    Every temperature must be a finite number > 0 (zero, negative, NaN or infinite temperatures would
+    silently switch confidence scheduling off or on); with `num_slots` (the drafter's block size) there
+    must be exactly one per slot. CalibrationFileError names the file and the problem, also for
+    unreadable or malformed JSON.
+    """
     path = os.fspath(path)
     file = os.path.join(path, CALIBRATION_FILE) if os.path.isdir(path) else path
-    with open(file, encoding="utf-8") as f:
-        doc = json.load(f)
+    try:
+        with open(file, encoding="utf-8") as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise CalibrationFileError(f"{file}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise CalibrationFileError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CalibrationFileError(f"{file}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     temps = doc.get("temperatures") if isinstance(doc, dict) else None
-    if not isinstance(temps, list) or not temps or not all(isinstance(t, (int, float)) and t > 0 for t in temps):
-        raise ValueError(f"{file}: 'temperatures' must be a non-empty list of positive numbers")
+    if not isinstance(temps, list) or not temps:
+        raise CalibrationFileError(f"{file}: 'temperatures' must be a non-empty list of positive numbers")
+    for i, t in enumerate(temps):
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise CalibrationFileError(f"{file}: temperatures[{i}] = {t!r}; every temperature must be a finite "
+                                       f"number > 0")
+    if num_slots is not None and len(temps) != num_slots:
+        raise CalibrationFileError(f"{file}: {len(temps)} temperatures for a drafter with {num_slots} slots "
+                                   f"(block_size); need exactly one per slot")
     return tuple(float(t) for t in temps)

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -44,6 +43,7 @@ def load_draft_bundle(draft_dir: str | os.PathLike, target=None, *, dtype: str |
     If `sts_temperatures.json` lies beside the checkpoint, its per-slot temperatures are applied to
     confidence logits wherever survival probabilities are used.
     """
+    from dspark_jax.calibration import load_temperatures
     from dspark_jax.checkpoint.deepspec import load_draft
 
     config, params = load_draft(draft_dir, dtype=dtype)
@@ -51,11 +51,8 @@ def load_draft_bundle(draft_dir: str | os.PathLike, target=None, *, dtype: str |
     if target is not None:
         config.validate_against_target(target.config)
         shares = lm_head_matches(params, target)
-    temps = None
     cal = os.path.join(os.fspath(draft_dir), CALIBRATION_FILE)
-    if os.path.isfile(cal):
-        with open(cal) as f:
-            temps = tuple(float(t) for t in json.load(f)["temperatures"])
+    temps = load_temperatures(cal, num_slots=config.block_size) if os.path.isfile(cal) else None
     return Draft(config=config, params=params, temperatures=temps, path=os.fspath(draft_dir),
                  shares_target_lm_head=shares)
 

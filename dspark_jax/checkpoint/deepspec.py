@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -36,8 +35,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from dspark_jax.checkpoint.hf import check_tensor_dtypes, open_safetensors, read_safetensors_headers, read_tensor
-from dspark_jax.checkpoint.hf_layout import (CheckpointError, expected_hf_shapes, get_path, set_path, swap_in_dir,
-                                            target_key_map)
+from dspark_jax.checkpoint.atomic import is_remote, local_copy, publish_dir, recover_dir, staging_dir_for
+from dspark_jax.checkpoint.hf_layout import CheckpointError, expected_hf_shapes, get_path, set_path, target_key_map
 from dspark_jax.config import TargetConfig, read_config_json
 from dspark_jax.draft.config import DraftConfig
 from dspark_jax.draft.model import init_draft_params
@@ -178,7 +177,12 @@ def load_draft(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[Dr
     the parameter dtype. As strict as `load_target`: config fields type- and range-checked, a target
     directory recognised as such, tensors floating point and finite, shards inside the directory.
     """
+    if is_remote(path):
+        with local_copy(path) as local:
+            return load_draft(local, dtype=dtype)
     path = os.fspath(path)
+    if not os.path.isdir(path):
+        recover_dir(path)  # a save interrupted between its two renames
     if not os.path.isdir(path):
         raise CheckpointError(f"draft directory {path!r} does not exist")
     cfg_path = os.path.join(path, "config.json")
@@ -195,22 +199,20 @@ def save_draft(params: dict, config: DraftConfig, path: str | os.PathLike, *, dt
                max_shard_bytes: int | None = 5 * 1024 ** 3) -> None:
     """Write `config.json` + safetensors (DeepSpec layout) atomically, replacing `path` if it exists.
 
+    `path` may be local or remote (``gs://`` via `etils.epath`); the new draft is written beside the
+    old one and swapped in (`dspark_jax.checkpoint.atomic`), so a crash leaves one of them complete.
     Tensors are cast to `dtype`; above `max_shard_bytes` the weights are sharded with an index.
     """
     if dtype not in _NP_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_NP_DTYPES)}, got {dtype!r}")
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not os.path.isdir(path):
+    remote = is_remote(path)
+    path = os.fspath(path) if remote else os.path.abspath(os.fspath(path))
+    if not remote and os.path.exists(path) and not os.path.isdir(path):
         raise CheckpointError(f"{path!r} exists and is not a directory")
     tensors = params_to_deepspec(params, config, dtype=_NP_DTYPES[dtype])
     shards = _plan_shards(tensors, max_shard_bytes)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    tmp = staging_dir_for(path)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config.to_deepspec_config(dtype=dtype), f, indent=2, sort_keys=True)
             f.write("\n")
@@ -228,7 +230,7 @@ def save_draft(params: dict, config: DraftConfig, path: str | os.PathLike, *, dt
             with open(os.path.join(tmp, _INDEX), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
                           f, indent=2)
-        swap_in_dir(tmp, path)
+        publish_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Callable, Iterable, Mapping, Union
 
 import jax
@@ -27,7 +26,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from dspark_jax.checkpoint.hf_layout import CheckpointError, expected_hf_shapes, set_path, swap_in_dir, target_key_map
+from dspark_jax.checkpoint.atomic import (is_remote, local_copy, path_exists, publish_dir, recover_dir, recover_files,
+                                         staging_dir_for)
+from dspark_jax.checkpoint.hf_layout import CheckpointError, expected_hf_shapes, set_path, target_key_map
 from dspark_jax.config import TargetConfig, load_hf_config, read_config_json
 
 __all__ = ["load_target", "save_target", "read_safetensors_headers", "check_tensor_dtypes", "read_tensor",
@@ -215,9 +216,15 @@ def load_target(model_dir: str | os.PathLike, *, dtype: Any = None,
       and an index whose shard paths leave the directory); ConfigError naming the field for a
       config.json this library cannot represent (e.g. an unknown architecture, text in a numeric field).
     """
+    if is_remote(model_dir):
+        with local_copy(model_dir) as d:
+            return load_target(d, dtype=dtype, shardings=shardings)
     d = os.fspath(model_dir)
     if not os.path.isdir(d):
+        recover_dir(d)  # a save interrupted between its two renames
+    if not os.path.isdir(d):
         raise CheckpointError(f"model directory {d!r} does not exist")
+    recover_files(d)  # an in-place export (publish_files) interrupted after it was complete
     if not os.path.isfile(os.path.join(d, "config.json")):
         raise CheckpointError(f"no config.json in model directory {d!r}")
     name = _dtype_name(dtype)
@@ -270,19 +277,24 @@ def save_target(params: Mapping[str, Any], config: TargetConfig, out_dir: str | 
       params: nested param dict as used by `TargetModel` (jax or numpy arrays; sharded arrays are
         gathered one tensor at a time).
       config: the model's TargetConfig; written as `config.json` with `dtype` set to the saved dtype.
-      out_dir: destination directory; created atomically (temp dir next to it, then rename).
+      out_dir: destination directory (local, or remote such as ``gs://`` via `etils.epath`); written
+        beside the old one and swapped in atomically (`dspark_jax.checkpoint.atomic`): a crash at any
+        point leaves the old or the new model there, complete.
       dtype: tensor dtype on disk ('bfloat16' | 'float16' | 'float32'); None -> `config.dtype`.
       max_shard_bytes: above this total size, write `model-0000i-of-0000n.safetensors` shards and
         `model.safetensors.index.json`; otherwise a single `model.safetensors`.
       overwrite: replace an existing `out_dir` (otherwise it is an error).
       copy_files: extra files (e.g. tokenizer.json, generation_config.json) copied into the directory.
     Returns:
-      The absolute path of `out_dir`.
+      The absolute path of `out_dir` (a remote path as given).
     """
     name = _dtype_name(dtype) or config.dtype
     np_dtype = _NP_DTYPES[name]
-    out = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out) and not overwrite:
+    remote = is_remote(out_dir)
+    out = os.fspath(out_dir) if remote else os.path.abspath(os.fspath(out_dir))
+    if not remote:
+        recover_dir(out)
+    if path_exists(out) and not overwrite:
         raise CheckpointError(f"{out!r} already exists (pass overwrite=True to replace it)")
     shapes = expected_hf_shapes(config)
     entries: dict[str, tuple[Any, bool]] = {}
@@ -300,9 +312,7 @@ def save_target(params: Mapping[str, Any], config: TargetConfig, out_dir: str | 
     sizes = [(k, int(np.prod(shapes[k])) * np_dtype.itemsize) for k in entries]
     shards = _plan_shards(sizes, max_shard_bytes)
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    tmp = staging_dir_for(out)
     try:
         n = len(shards)
         names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -321,7 +331,7 @@ def save_target(params: Mapping[str, Any], config: TargetConfig, out_dir: str | 
         _write_json(os.path.join(tmp, "config.json"), config.replace(dtype=name).to_hf_config())
         for src in copy_files:
             shutil.copy2(os.fspath(src), os.path.join(tmp, os.path.basename(os.fspath(src))))
-        swap_in_dir(tmp, out)  # overwrite=True: swap, then delete the old directory
+        publish_dir(tmp, out)  # overwrite=True: swap, then delete the old directory
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

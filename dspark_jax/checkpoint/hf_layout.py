@@ -13,7 +13,7 @@ import numpy as np
 from dspark_jax.config import TargetConfig
 
 __all__ = ["CheckpointError", "target_key_map", "expected_hf_shapes", "hf_to_params", "params_to_hf", "set_path",
-           "get_path", "swap_in_dir"]
+           "get_path"]
 
 
 class CheckpointError(ValueError):
@@ -129,22 +129,3 @@ def params_to_hf(params: dict, config: TargetConfig) -> dict[str, np.ndarray]:
         arr = np.asarray(get_path(params, path))
         out[hf_key] = np.ascontiguousarray(arr.T) if transpose else arr
     return out
-
-
-def swap_in_dir(tmp: str, out: str) -> None:
-    """Atomically put the finished directory `tmp` at `out`, replacing an existing `out`.
-
-    The old directory is renamed aside first and deleted only after the new one is in place, so a
-    crash never leaves `out` half-written.
-    """
-    import os
-    import shutil
-    import tempfile
-
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(os.path.abspath(out)))
-        os.rename(out, os.path.join(old, "x"))
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
