@@ -88,7 +88,8 @@ def stored_dtype(hf: dict[str, Any]) -> str:
 
 
 def read_config_json(path: str, error: type[Exception] = ConfigError) -> dict[str, Any]:
-    """Parse the JSON object in `path`; `error` naming the file for bad UTF-8, bad JSON or a non-object."""
+    """Parse the JSON object in `path` (any JSON settings file: config.json, an index, a manifest, ...);
+    `error` naming the file for bad UTF-8, bad JSON or a top level that is not an object."""
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)

@@ -149,7 +149,8 @@ def test_draft_config_fields_validated(draft_dir: Path, changes: dict, message: 
     ('{"temperatures": [NaN, 1, 1, 1, 1, 1, 1]}', "temperatures[0] = nan"),
     ('{"temperatures": [1.0, 1.0]}', "2 temperatures for a drafter with 7 slots"),
     ('{"temperatures": [1.0, ', "invalid JSON (Expecting value at line 1"),
-    ('[1.0]', "'temperatures' must be a non-empty list"),
+    ('[1.0]', "expected a JSON object at the top level, got list"),
+    ('{"temperatures": []}', "'temperatures' must be a non-empty list"),
 ])
 def test_sts_temperatures_validated_at_draft_load(draft_dir: Path, content: str, message: str) -> None:
     from infer.speculative_api import load_draft_bundle

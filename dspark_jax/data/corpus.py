@@ -28,6 +28,8 @@ import sysconfig
 import uuid
 from collections.abc import Iterator
 
+from dspark_jax.config import read_config_json
+
 from .debian_docs import CorpusSourceError, fetch_debian_docs, find_html_root
 from .html_text import html_to_text
 
@@ -361,15 +363,7 @@ def load_manifest(corpus_dir: str) -> dict:
         raise FileNotFoundError(
             f"not a corpus directory (no {MANIFEST_NAME}; run `dspark build-corpus`): {corpus_dir}"
         )
-    try:
-        with open(path, encoding="utf-8") as fh:
-            manifest = json.load(fh)
-    except UnicodeDecodeError as e:
-        raise CorpusFormatError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise CorpusFormatError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(manifest, dict):
-        raise CorpusFormatError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    manifest = read_config_json(path, CorpusFormatError)
     if manifest.get("format") != FORMAT:
         raise ValueError(f"unsupported corpus format {manifest.get('format')!r} in {path}")
     return manifest

@@ -23,6 +23,8 @@ import json
 import os
 from collections.abc import Iterator
 
+from dspark_jax.config import read_config_json
+
 from .corpus import DOMAINS, CorpusFormatError, atomic_write_bytes, iter_documents, load_manifest
 
 __all__ = [
@@ -201,15 +203,7 @@ def read_tokenizer_meta(path: str) -> dict:
 
     Raises CorpusFormatError naming the file and the field (bad UTF-8, bad JSON, wrong types).
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except UnicodeDecodeError as e:
-        raise CorpusFormatError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise CorpusFormatError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    if not isinstance(meta, dict):
-        raise CorpusFormatError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    meta = read_config_json(path, CorpusFormatError)
     for key in _META_INT_FIELDS:
         value = meta.get(key)
         if key in meta and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
