@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from typing import Any
 
@@ -147,8 +148,11 @@ class TargetConfig:
         if self.family not in _MODEL_TYPES.values():
             raise ConfigError(f"unknown model family {self.family!r}; supported: qwen3, llama")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
-            if int(getattr(self, name)) < 1:
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+            if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
@@ -166,8 +170,6 @@ class TargetConfig:
         if rs.rope_type == "llama3" and not 0 < rs.low_freq_factor < rs.high_freq_factor:
             raise ConfigError(f"llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor, got "
                               f"{rs.low_freq_factor} and {rs.high_freq_factor}")
-        if int(self.max_position_embeddings) < 1:
-            raise ConfigError(f"max_position_embeddings must be >= 1, got {self.max_position_embeddings}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
