@@ -120,3 +120,20 @@ def test_compile_cache_is_a_bounded_lru():
     finally:
         compiled.set_cache_size(compiled.DEFAULT_CACHE_SIZE)
         compiled.clear_compiled()
+
+
+def test_library_does_not_import_its_callers():
+    """`dspark_jax` stands alone (no infer / dspark_cli / train import, no re-exported generate);
+    generation is imported from `infer`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = ("import sys, dspark_jax, dspark_jax.checkpoint.hf, dspark_jax.checkpoint.deepspec\n"
+             "assert not hasattr(dspark_jax, 'generate')\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('infer', 'train', 'dspark_cli')))\n"
+             "from infer import generate, load_target_bundle, load_draft_bundle\n")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=repo, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
