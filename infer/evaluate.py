@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -76,6 +77,12 @@ class EvalConfig:
     autoregressive: bool = True
 
     def __post_init__(self):
+        ints = {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, "seed": self.seed,
+                "corpus_prompt_tokens": self.corpus_prompt_tokens, "max_prompts": self.max_prompts,
+                "shuffle_seed": self.shuffle_seed, **{f"block_sizes[{i}]": k for i, k in enumerate(self.block_sizes or ())}}
+        for name, value in ints.items():  # no float silently truncated into a size or seed
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.corpus_prompt_tokens < 1:
             raise ValueError("max_new_tokens, batch_size and corpus_prompt_tokens must be >= 1")
         if self.max_prompts is not None and self.max_prompts < 1:

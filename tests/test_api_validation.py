@@ -137,3 +137,12 @@ def test_library_does_not_import_its_callers():
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=repo, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_eval_config_refuses_float_sizes():
+    from infer.evaluate import EvalConfig
+
+    with pytest.raises(ValueError, match=r"block_sizes\[1\] must be an integer, got 7\.0"):
+        EvalConfig(block_sizes=(3, 7.0))
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer"):
+        EvalConfig(max_new_tokens=64.5)
