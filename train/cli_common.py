@@ -219,7 +219,10 @@ def run_training_command(argv: Sequence[str] | None, *, parser: argparse.Argumen
     if message is not None:
         return error(message)
     errors = train_errors()
-    initialize_from_args(args)
+    try:
+        initialize_from_args(args)
+    except (RuntimeError, ValueError) as e:  # unreachable coordinator, bad environment on a pod, ...
+        return error(f"jax.distributed.initialize failed: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}")
     try:
         result = train(config, args)
     except errors as e:

@@ -61,7 +61,10 @@ def _run(args: argparse.Namespace) -> dict:
     problem = distributed_error(args)
     if problem is not None:
         raise RegenerateError(problem)
-    initialize_from_args(args)
+    try:
+        initialize_from_args(args)
+    except (RuntimeError, ValueError) as e:
+        raise RegenerateError(f"jax.distributed.initialize failed: {str(e).strip()[:300]}") from None
     from infer.api import load_target_bundle  # late import: JAX only past the input checks
 
     target = load_target_bundle(args.target)
