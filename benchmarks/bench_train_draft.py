@@ -71,15 +71,15 @@ def _child(args: argparse.Namespace) -> dict:
     offline = []
     for bt in batches:
         ctx, last = jax.device_get(feat_fn(tparams, jnp.asarray(bt["input_ids"])))
-        offline.append(prog.put_batch({**bt, "ctx_feats": np.asarray(ctx), "last_hidden": np.asarray(last)}))
-    online = [prog.put_batch(bt) for bt in batches]
+        offline.append(prog.program.put_batch({**bt, "ctx_feats": np.asarray(ctx), "last_hidden": np.asarray(last)}))
+    online = [prog.program.put_batch(bt) for bt in batches]
 
-    state = prog.init(cfg.seed, tparams)
+    state = prog.program.init(cfg.seed, tparams)
     box = {"state": state, "i": 0}
 
     def step(data, tp):
         def run():
-            box["state"], m = prog.step(box["state"], tp, data[box["i"] % 4])
+            box["state"], m = prog.program.step(box["state"], data[box["i"] % 4], tp)
             box["i"] += 1
             return m
         return run

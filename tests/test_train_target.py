@@ -289,3 +289,95 @@ def test_bf16_compute_keeps_float32_master_weights():
         assert {x.dtype for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim} == {np.dtype(np.float32)}
     assert losses["bfloat16"][-1] < losses["bfloat16"][0]
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], atol=0.05)
+
+
+# ---------------------------------------------------------------------------------------- hardening (issue 10)
+def test_non_finite_training_stops_without_export(corpus_and_tokenizer, tmp_path, capsys):
+    corpus, tok = corpus_and_tokenizer
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    out = tmp_path / "diverged"
+    code, err = _cli(capsys, "--corpus", corpus, "--tokenizer", tok, "--out", out, *flags, "--lr", "1e9",
+                     "--ckpt-every", "1")
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[-1].startswith("dspark train-target: error: non-finite training at step "), err
+    bad_step = int(lines[-1].split("at step ")[1].split()[0])
+    assert "Traceback" not in err
+    kept = TrainCheckpointer(out / "checkpoints").valid_steps()
+    assert kept and max(kept) == bad_step - 1  # the last good step is kept, the bad one never saved
+    assert f"last good checkpoint is step {bad_step - 1}" in lines[-1]
+    assert not any(p.name.endswith(".safetensors") for p in out.iterdir())  # nothing exported
+
+
+def test_resume_skips_a_corrupted_latest_checkpoint(reference_run, corpus_and_tokenizer, tmp_path, capsys):
+    corpus, tok = corpus_and_tokenizer
+    out = tmp_path / "run"
+    shutil.copytree(os.path.join(reference_run.out_dir, "checkpoints"), out / "checkpoints")
+    for f in (out / "checkpoints" / "8" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"")  # a torn write: every array file of the latest step truncated
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    code, err = _cli(capsys, "--corpus", corpus, "--tokenizer", tok, "--out", out, *flags, "--resume")
+    assert code == 0, err
+    assert "Traceback" not in err and "checkpoint step 8" in err and "unreadable" in err
+    note = next(line for line in err.splitlines() if "unreadable" in line)
+    assert "8.corrupt-" in note and len(note) < 600
+    assert [p.name.split(".")[0] for p in (out / "checkpoints").iterdir() if "corrupt" in p.name] == ["8"]
+    # resumed from step 4: steps 5..8 equal the uninterrupted run
+    assert _losses(str(out)) == [r for r in _losses(reference_run.out_dir) if r[0] > 4]
+
+
+def test_token_cache_keys_on_corpus_content(corpus_and_tokenizer, tmp_path):
+    from train.data import load_tokenizer, tokenize_split
+
+    corpus, tok_dir = corpus_and_tokenizer
+    edited = tmp_path / "corpus"
+    shutil.copytree(corpus, edited)
+    tok = load_tokenizer(tok_dir)
+    cache = str(tmp_path / "cache")
+    before = tokenize_split(str(edited), "prose", "train", tok, cache_dir=cache)
+    path = edited / "prose" / "train.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    record = json.loads(lines[0])
+    record["text"] = "model model model " + record["text"]
+    path.write_text(json.dumps(record) + "\n" + "".join(lines[1:]))  # hand edit; manifest untouched
+    after = tokenize_split(str(edited), "prose", "train", tok, cache_dir=cache)
+    fresh = tokenize_split(str(edited), "prose", "train", tok)  # no cache
+    np.testing.assert_array_equal(after, fresh)
+    assert len(after) > len(before)
+
+
+def test_malformed_corpus_line_and_tokenizer_meta(corpus_and_tokenizer, tmp_path, capsys):
+    corpus, tok = corpus_and_tokenizer
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    bad_corpus = tmp_path / "corpus"
+    shutil.copytree(corpus, bad_corpus)
+    path = bad_corpus / "code" / "train.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + '{"path": "x", "text": "unterminated\n' + "".join(lines[2:]))
+    code, err = _cli(capsys, "--corpus", bad_corpus, "--tokenizer", tok, "--out", tmp_path / "o1", *flags)
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert f"{path}:3: malformed JSON" in err, err
+    bad_tok = tmp_path / "tok"
+    shutil.copytree(tok, bad_tok)
+    (bad_tok / "tokenizer_meta.json").write_text('{\n  "eos_id": 0,\n  "pad_id": oops\n}\n')
+    code, err = _cli(capsys, "--corpus", corpus, "--tokenizer", bad_tok, "--out", tmp_path / "o2", *flags)
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert f"{bad_tok / 'tokenizer_meta.json'}:3: malformed JSON" in err, err
+
+
+def test_flag_errors_name_the_flag_not_the_config_file(corpus_and_tokenizer, tmp_path, capsys):
+    corpus, tok = corpus_and_tokenizer
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(TINY))
+    base = ["--corpus", corpus, "--tokenizer", tok, "--out", tmp_path / "o", "--config", good]
+    code, err = _cli(capsys, *base, "--hidden-size", "0")
+    assert code == 2 and "--hidden-size 0: hidden_size must be a positive integer" in err, err
+    assert str(good) not in err
+    code, err = _cli(capsys, *base, "--mesh", "3,1,1")
+    assert code == 2 and "--mesh 3,1,1:" in err and str(good) not in err, err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**TINY, "hidden_size": -1}))
+    code, err = _cli(capsys, "--corpus", corpus, "--tokenizer", tok, "--out", tmp_path / "o", "--config", bad)
+    assert code == 2 and f"{bad}: hidden_size must be a positive integer" in err, err
+    code, err = _cli(capsys, *base, "--num-processes", "2")
+    assert code == 2 and "must be given together" in err, err

@@ -11,15 +11,24 @@ and renames it to `<step>` once complete. On top of orbax's checks, `TrainCheckp
 treats a step directory as valid if it contains the commit marker; step directories without
 it (an interrupted or foreign write) are moved aside to `<step>.uncommitted-<time>` when the
 manager opens, so they are never restored and never block a later save of that step.
+
+Unreadable checkpoints: `restore_newest_good` / `read_newest_good_meta` try the committed steps
+newest first; a step that fails to read (truncated or deleted array files, broken JSON) is moved
+aside to `<step>.corrupt-<time>` with a one-line note naming it, and the next older step is used.
+
+Paths go through `etils.epath` (as orbax does), so `gs://bucket/run/checkpoints` works. With
+several processes, only process 0 renames directories; the others wait for it (`barrier`).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import orbax.checkpoint as ocp
+
+from train.distributed import barrier, is_primary, out_path
 
 __all__ = ["COMMIT_MARKER", "CheckpointError", "ConfigMismatchError", "TrainCheckpointer",
            "config_differences", "check_same_config"]
@@ -74,28 +83,71 @@ class TrainCheckpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.fspath(directory))
-        os.makedirs(self.directory, exist_ok=True)
-        self.quarantined = self._quarantine_uncommitted()
+        self._path = out_path(directory)
+        self.directory = os.fspath(self._path)
+        self.quarantined: list[str] = []
+        if is_primary():
+            self._path.mkdir(parents=True, exist_ok=True)
+            self.quarantined = self._quarantine_uncommitted()
+        barrier("train-checkpointer-open")
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=async_save)
-        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._mngr = ocp.CheckpointManager(self._path, options=options, item_names=("state", "meta"))
+
+    def _move_aside(self, path, tag: str) -> str:
+        dest = path.parent / f"{path.name}.{tag}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        path.rename(dest)
+        return os.fspath(dest)
 
     def _quarantine_uncommitted(self) -> list[str]:
         """Move step dirs that lack the commit marker out of orbax's sight; return their new paths."""
-        moved = []
-        for name in sorted(os.listdir(self.directory)):
-            path = os.path.join(self.directory, name)
-            if _is_step_name(name) and os.path.isdir(path) and not os.path.isfile(os.path.join(path, COMMIT_MARKER)):
-                dest = f"{path}.uncommitted-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-                os.rename(path, dest)
-                moved.append(dest)
-        return moved
+        return [self._move_aside(path, "uncommitted") for path in sorted(self._path.iterdir())
+                if _is_step_name(path.name) and path.is_dir() and not (path / COMMIT_MARKER).exists()]
 
     def valid_steps(self) -> list[int]:
         """Committed steps, ascending."""
-        return sorted(s for s in self._mngr.all_steps()
-                      if os.path.isfile(os.path.join(self.directory, str(s), COMMIT_MARKER)))
+        return sorted(s for s in self._mngr.all_steps() if (self._path / str(s) / COMMIT_MARKER).exists())
+
+    def set_aside_corrupt(self, step: int) -> str:
+        """Move the unreadable committed `step` to `<step>.corrupt-<time>`; returns its new path."""
+        self._mngr.wait_until_finished()
+        dest = self._move_aside(self._path / str(int(step)), "corrupt") if is_primary() else ""
+        barrier(f"train-checkpointer-corrupt-{int(step)}")
+        self._mngr.reload()
+        return dest
+
+    def _newest_good(self, read: Callable[[int], Any], note: Callable[[str], None], below: int | None) -> Any:
+        """`read(step)` of the newest readable committed step (<= `below`), corrupt ones set aside."""
+        errors = []
+        for step in reversed(self.valid_steps()):
+            if below is not None and step > below:
+                continue
+            try:
+                out = read(step)
+            except Exception as e:  # noqa: BLE001 - orbax / tensorstore raise many types for broken files
+                reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+                dest = self.set_aside_corrupt(step)
+                errors.append(f"step {step}: {reason}")
+                note(f"checkpoint step {step} in {self.directory} is unreadable ({reason}); moved it to {dest}; "
+                     f"trying the next older checkpoint")
+                continue
+            return out
+        if errors:
+            raise CheckpointError(f"no readable checkpoint in {self.directory} ({'; '.join(errors)}); start a new run "
+                                  f"with another --out directory or without --resume after removing it")
+        return None
+
+    def read_newest_good_meta(self, note: Callable[[str], None]) -> tuple[int, dict] | None:
+        """(step, meta) of the newest committed step whose meta reads; None without checkpoints."""
+        return self._newest_good(lambda s: (s, self.read_meta(s)), note, None)
+
+    def restore_newest_good(self, abstract_state: Any, note: Callable[[str], None], *,
+                            below: int | None = None) -> tuple[int, Any, dict]:
+        """(step, state, meta) of the newest fully readable committed step <= `below` (see `restore`)."""
+        out = self._newest_good(lambda s: (s, *self.restore(s, abstract_state)), note, below)
+        if out is None:
+            raise CheckpointError(f"no committed checkpoint in {self.directory}")
+        return out
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""

@@ -7,6 +7,7 @@
   * `config_from_flags`: base (e.g. a preset) <- ``--config FILE`` <- explicit flags;
   * `run_training_command`: parse, ``--print-config``, input checks, train, print the JSON
     summary; expected failures print ``<prog>: error: <message>`` to stderr and return `EXIT_ERROR`.
+    With the multi-process flags, `jax.distributed.initialize` runs after the input checks.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import typing
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from dspark_cli.errors import EXIT_ERROR, report_error  # the one CLI error/exit stack of every command
+from train.distributed import add_distributed_flags, distributed_error, initialize_from_args
 
 __all__ = ["EXIT_ERROR", "parse_bool", "parse_optional_int", "parse_str_list", "parse_int_list", "mesh_parser",
            "add_config_flags", "add_run_flags", "add_output_flags", "flag_overrides", "config_from_flags",
@@ -100,11 +102,13 @@ def add_config_flags(group: Any, config_cls: type, *, aliases: Mapping[str, list
 
 
 def add_run_flags(p: argparse.ArgumentParser, *, mesh_expected: str, mesh_example: str) -> None:
-    """``--resume``, ``--stop-at STEP``, ``--mesh DATA,FSDP,MODEL``."""
+    """``--resume``, ``--stop-at STEP``, ``--mesh DATA,FSDP,MODEL`` and the multi-process flags
+    (`train.distributed.add_distributed_flags`)."""
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--stop-at", type=int, metavar="STEP", help="stop this invocation after STEP (checkpointed)")
     p.add_argument("--mesh", type=mesh_parser(mesh_expected), metavar="DATA,FSDP,MODEL",
                    help=f"device mesh, e.g. {mesh_example}")
+    add_distributed_flags(p)
 
 
 def add_output_flags(p: argparse.ArgumentParser, *, export_what: str) -> None:
@@ -123,12 +127,39 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def _flag_source(args: argparse.Namespace, overrides: Mapping[str, Any], message: str) -> str:
+    """The flags (``--name value``) whose fields `message` mentions, e.g. ``--hidden-size 0``."""
+    named = []
+    for field, value in overrides.items():
+        if field in message:
+            if field.startswith("mesh_") and args.mesh is not None:
+                text = "--mesh " + ",".join(map(str, args.mesh))
+            else:
+                text = f"--{field.replace('_', '-')} {value if not isinstance(value, tuple) else ','.join(map(str, value))}"
+            if text not in named:
+                named.append(text)
+    return ", ".join(named) if named else "command-line flags"
+
+
 def config_from_flags(config_cls: Any, args: argparse.Namespace, *, base: Mapping[str, Any] | None = None) -> Any:
-    """Defaults <- `base` <- ``--config`` JSON <- explicit flags; the class's `config_error` on bad values."""
+    """Defaults <- `base` <- ``--config`` JSON <- explicit flags; the class's `config_error` on bad values.
+
+    An invalid value is blamed on where it came from: the config file when the file alone is
+    invalid, else the flag(s) naming the offending field (``--hidden-size 0: hidden_size must be ...``).
+    """
     overrides = flag_overrides(args)
+    data = {**dict(base or {})}
     if args.config:
-        return config_cls.from_json_file(args.config, base=base, **overrides)
-    return config_cls.from_dict({**dict(base or {}), **overrides}, source="command line")
+        from train.config_io import read_json_object
+
+        file_data = read_json_object(args.config, config_cls.config_error)
+        config_cls.from_dict({**data, **file_data}, source=args.config)  # the file alone must be valid
+        data.update(file_data)
+    try:
+        return config_cls.from_dict({**data, **overrides}, source="command line")
+    except config_cls.config_error as e:
+        message = str(e).removeprefix("command line: ")
+        raise config_cls.config_error(f"{_flag_source(args, overrides, message)}: {message}") from None
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -137,19 +168,22 @@ def input_error(args: argparse.Namespace, dirs: Iterable[tuple[str, str | None]]
     """The first problem with the run arguments, or None.
 
     `dirs`: (flag, path) pairs that must be existing directories when given; ``--out`` must not
-    be a file; `extra`: further (is-bad, message) checks; ``--stop-at`` must be >= 1.
+    be a file; `extra`: further (is-bad, message) checks; ``--stop-at`` must be >= 1; the
+    multi-process flags must be complete and consistent.
     """
     for flag, path in dirs:
         if path is not None and not os.path.isdir(path):
             return f"{flag} directory not found: {path}"
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
+    from train.distributed import is_remote
+
+    if not is_remote(args.out) and os.path.exists(args.out) and not os.path.isdir(args.out):
         return f"--out exists and is not a directory: {args.out}"
     for bad, message in extra:
         if bad:
             return message
     if args.stop_at is not None and args.stop_at < 1:
         return f"--stop-at must be >= 1, got {args.stop_at}"
-    return None
+    return distributed_error(args)
 
 
 def run_training_command(argv: Sequence[str] | None, *, parser: argparse.ArgumentParser,
@@ -176,6 +210,10 @@ def run_training_command(argv: Sequence[str] | None, *, parser: argparse.Argumen
     if message is not None:
         return error(message)
     errors = train_errors()
+    try:
+        initialize_from_args(args)
+    except (RuntimeError, ValueError) as e:  # unreachable coordinator, bad environment on a pod, ...
+        return error(f"jax.distributed.initialize failed: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}")
     try:
         result = train(config, args)
     except errors as e:

@@ -3,6 +3,7 @@
     dspark train-draft --target runs/target --corpus CORPUS --out runs/draft
     dspark train-draft ... --preset dflash --block-size 4 --head gated --steps 200
     dspark train-draft ... --resume                              # continue from the latest checkpoint
+    dspark train-draft ... --mesh 16,1,4 --distributed auto     # one process per host (docs/multi_host.md)
     dspark train-draft ... --feature-cache runs/feats --write-feature-cache   # cache features, then train
     dspark train-draft ... --feature-cache runs/feats            # reuse that cache (same target / data)
     dspark generate --target runs/target --draft runs/draft/draft --prompt "def fib(n):"
@@ -70,11 +71,12 @@ def _train_errors() -> tuple[type[Exception], ...]:
     from dspark_jax.config import ConfigError
     from train.checkpointing import CheckpointError, ConfigMismatchError
     from train.data import DataError
+    from train.loop import NonFiniteError
     from train.draft_features import FeatureCacheError
     from train.draft_trainer import DraftSetupError
 
     return (DraftSetupError, DataError, ConfigMismatchError, CheckpointError, ModelCheckpointError, ConfigError,
-            FeatureCacheError, DraftConfigFileError)
+            FeatureCacheError, DraftConfigFileError, NonFiniteError)
 
 
 def _summary(result: Any) -> dict:

@@ -24,6 +24,7 @@ from typing import Sequence
 
 from dspark_cli.errors import check_dir, expected_errors, log
 from train.cli_common import EXIT_ERROR, report_error
+from train.distributed import add_distributed_flags, distributed_error, initialize_from_args
 from train.regenerate import RegenerateConfig, RegenerateError, regenerate_corpus
 
 __all__ = ["build_parser", "regenerate_main", "EXIT_ERROR"]
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, metavar="V",
                        help=f"{_HELP[f.name]} (default {f.default!r})")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    add_distributed_flags(p)
     return p
 
 
@@ -56,6 +58,13 @@ def _run(args: argparse.Namespace) -> dict:
     check_dir(args.target, "--target")
     check_dir(args.corpus, "--corpus")
     config = RegenerateConfig(corpus_dir=args.corpus, out_dir=args.out, **{f.name: getattr(args, f.name) for f in _KNOBS})
+    problem = distributed_error(args)
+    if problem is not None:
+        raise RegenerateError(problem)
+    try:
+        initialize_from_args(args)
+    except (RuntimeError, ValueError) as e:
+        raise RegenerateError(f"jax.distributed.initialize failed: {str(e).strip()[:300]}") from None
     from infer.api import load_target_bundle  # late import: JAX only past the input checks
 
     target = load_target_bundle(args.target)

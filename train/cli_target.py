@@ -4,6 +4,8 @@
     dspark train-target --corpus CORPUS --tokenizer TOK --out runs/target --config target.json --steps 500
     dspark train-target ... --resume                  # continue from the latest checkpoint in --out
     dspark train-target ... --mesh 2,2,2              # data x fsdp x model over 8 devices
+    dspark train-target ... --mesh 1,16,4 --distributed auto --out gs://bucket/run   # TPU pod, every host
+    dspark train-target ... --coordinator-address 10.0.0.2:8476 --num-processes 2 --process-id 0
     dspark generate --target runs/target --prompt "def fib(n):"
 
 Every `TargetTrainConfig` field is also a flag (`--hidden-size 128`, `--compute-dtype bfloat16`,
@@ -63,10 +65,11 @@ def _train_errors() -> tuple[type[Exception], ...]:
     from dspark_jax.config import ConfigError
     from train.checkpointing import CheckpointError, ConfigMismatchError
     from train.data import DataError
+    from train.loop import NonFiniteError
     from train.target_trainer import TrainSetupError
 
     return (DataError, TrainSetupError, ConfigMismatchError, CheckpointError, HFCheckpointError, ConfigError,
-            ConfigFileError)
+            ConfigFileError, NonFiniteError)
 
 
 def train_target_main(argv: Sequence[str] | None = None) -> int:

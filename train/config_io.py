@@ -10,6 +10,12 @@ stored in every checkpoint. `TrainConfigBase` gives both:
   * `num_devices`, `tokens_per_step`, and the checks of the fields both configs have
     (`_check_positive`, `_check_common`), called from the subclasses' `__post_init__`.
 
+The field blocks both configs share are small frozen dataclasses composed into them by
+inheritance (as levanter composes its trainer / optimizer configs): `OptimizerFields`
+(steps, batch, AdamW, schedule, dtype, seed), `MeshFields` (data x fsdp x model) and
+`IntervalFields` (log / eval / checkpoint intervals, export dtype). A config redeclares a field
+only to change its default. The configs stay flat: the same CLI flags and the same saved JSON.
+
 `BOOKKEEPING_FIELDS` are the fields both configs allow to change on resume (they do not change
 the math of a step: bookkeeping, or the device layout, which orbax reshards on restore).
 """
@@ -21,7 +27,8 @@ import json
 import os
 from typing import Any, Iterable, Mapping, TypeVar
 
-__all__ = ["TrainConfigBase", "BOOKKEEPING_FIELDS", "DTYPES", "read_json_object"]
+__all__ = ["TrainConfigBase", "OptimizerFields", "MeshFields", "IntervalFields", "BOOKKEEPING_FIELDS", "DTYPES",
+           "read_json_object"]
 
 BOOKKEEPING_FIELDS: frozenset[str] = frozenset({
     "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints",
@@ -47,12 +54,54 @@ def read_json_object(path: str, error: type[Exception]) -> dict[str, Any]:
     return data
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerFields:
+    """Optimisation block: steps and global batch, AdamW + warmup/cosine schedule, compute dtype, seed."""
+
+    steps: int = 2000
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    warmup_fraction: float = 0.04
+    weight_decay: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    compute_dtype: str = "float32"
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshFields:
+    """Device mesh block: data x fsdp x model (the product is the number of devices used)."""
+
+    mesh_data: int = 1
+    mesh_fsdp: int = 1
+    mesh_model: int = 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IntervalFields:
+    """Bookkeeping block: log / eval / checkpoint intervals, kept checkpoints, export dtype."""
+
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 4
+    ckpt_every: int = 500
+    keep_checkpoints: int = 3
+    export_dtype: str = "bfloat16"
+
+
+SHARED_POSITIVE_FIELDS = ("steps", "batch_size", "mesh_data", "mesh_fsdp", "mesh_model", "log_every", "eval_every",
+                          "eval_batches", "ckpt_every", "keep_checkpoints")
+
+
 class TrainConfigBase:
     """Mixin for a flat frozen training-config dataclass (see the module docstring).
 
-    Subclasses set `config_error` (the exception class of bad files / keys / values) and have the
-    fields `mesh_data`, `mesh_fsdp`, `mesh_model`, `batch_size`, `seq_len`, `warmup_fraction`,
-    `learning_rate`, `grad_clip` and `domains`.
+    Subclasses also inherit `OptimizerFields`, `MeshFields` and `IntervalFields`, set
+    `config_error` (the exception class of bad files / keys / values) and have the fields
+    `seq_len` and `domains`.
     """
 
     config_error: type[ValueError] = ValueError
@@ -74,7 +123,8 @@ class TrainConfigBase:
 
     # ------------------------------------------------------------------ checks (from __post_init__)
     def _check_positive(self, names: Iterable[str]) -> None:
-        for name in names:
+        """Each of `names` and of the shared blocks' counts must be a positive int (not bool)."""
+        for name in (*SHARED_POSITIVE_FIELDS, *names):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -129,10 +179,11 @@ class TrainConfigBase:
         return cls.from_dict({**dict(base or {}), **data, **overrides}, source=p)
 
     def write_json(self, path: str | os.PathLike) -> None:
-        """Write the config as pretty JSON (atomically: temp file then rename)."""
-        p = os.fspath(path)
-        tmp = f"{p}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, p)
+        """Write the config as pretty JSON (local: temp file then rename; URLs via `etils.epath`)."""
+        from train.distributed import out_path
+
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        target = out_path(path)
+        tmp = target.parent / f"{target.name}.tmp-{os.getpid()}"
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(target)

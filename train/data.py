@@ -3,8 +3,12 @@
 * `load_tokenizer(dir)` reads `tokenizer.json` (+ `tokenizer_meta.json` when present) and the
   ids of `<|endoftext|>` / `<|pad|>`.
 * `tokenize_split` turns one domain/split of a corpus (`dspark_jax.data.corpus` layout) into one
-  int32 stream: every document followed by `<|endoftext|>`, documents in path order. Streams
-  are cached as `.npy` keyed by the corpus content hash and the tokenizer's sha256.
+  int32 stream: every document followed by `<|endoftext|>`, documents in path order. With several
+  processes each one parses and tokenizes only its contiguous share of the documents and the
+  shares are exchanged (`train.distributed.allgather_concat`), so every process ends up with the
+  same stream as a single process. Shares are cached as `.npy` keyed by the *content* of the
+  split file (size + sha256 of the bytes read, not the manifest's claim), the tokenizer's sha256
+  and the share; a malformed line is a `DataError` naming the file and line.
 * `pack_stream` cuts a stream into windows of `seq_len + 1` tokens with stride `seq_len` (inputs
   = window[:-1], targets = window[1:]); the last partial window is padded with `<|pad|>` and
   its padded targets get mask 0.
@@ -18,16 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from dspark_jax.data.corpus import CorpusFormatError, iter_documents, load_manifest
+from dspark_jax.data.corpus import DOMAINS, SPLITS, CorpusFormatError, load_manifest
 from dspark_jax.data.tokenizer_training import read_tokenizer_meta
 from dspark_jax.data.tokenizer_training import EOS_TOKEN, PAD_TOKEN
 
-__all__ = ["DataError", "TokenizerInfo", "load_tokenizer", "check_corpus", "tokenize_split",
+__all__ = ["DataError", "TokenizerInfo", "load_tokenizer", "check_corpus", "read_split_share", "tokenize_split",
            "PackedSequences", "pack_stream", "DataState", "BatchIterator", "validation_batches"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer_meta.json")
@@ -84,7 +89,11 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike) -> TokenizerInfo:
     if eos is None or pad is None:
         raise DataError(f"{path}: tokenizer lacks {EOS_TOKEN!r} or {PAD_TOKEN!r}")
     vocab = tok.get_vocab_size(with_added_tokens=True)
-    if "vocab_size" in meta and int(meta["vocab_size"]) != vocab:
+    for name in ("eos_id", "pad_id"):
+        value = meta.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
+            raise DataError(f"{meta_path}: {name} must be a token id in [0, {vocab}), got {value!r}")
+    if "vocab_size" in meta and meta["vocab_size"] != vocab:
         raise DataError(f"{meta_path} says vocab_size {meta['vocab_size']} but tokenizer.json has {vocab} tokens")
     files = tuple(n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(d, n)))
     return TokenizerInfo(tokenizer=tok, directory=d, vocab_size=vocab, eos_id=int(eos), pad_id=int(pad),
@@ -102,40 +111,88 @@ def check_corpus(corpus_dir: str | os.PathLike) -> dict:
         raise DataError(str(e)) from e
 
 
+def read_split_share(corpus_dir: str, domain: str, split: str, share: tuple[int, int] = (0, 1)
+                     ) -> tuple[list[str], str]:
+    """(texts of share `(index, count)` of the documents of `domain/split`, content key of the file).
+
+    The documents (non-blank JSONL lines, in file order) are cut into `count` contiguous shares;
+    only the lines of share `index` are parsed. The key is sha256 over the file's size and bytes.
+    A missing file, a line that is not UTF-8 JSON with a string "text" is a DataError naming
+    the file and the 1-based line number.
+    """
+    if domain not in DOMAINS or split not in SPLITS:
+        raise DataError(f"unknown corpus domain/split {domain!r}/{split!r}; expected one of {DOMAINS} / {SPLITS}")
+    path = os.path.join(os.fspath(corpus_dir), domain, f"{split}.jsonl")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise DataError(f"corpus file missing: {path}") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    key = hashlib.sha256(f"{len(raw)}\0".encode() + raw).hexdigest()
+    lines = [(n, line) for n, line in enumerate(raw.split(b"\n"), start=1) if line.strip()]
+    index, count = share
+    lo, hi = len(lines) * index // count, len(lines) * (index + 1) // count
+    texts = []
+    for n, line in lines[lo:hi]:
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{n}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"{path}:{n}: expected a JSON object with a string \"text\" field")
+        texts.append(record["text"])
+    return texts, key
+
+
 def tokenize_split(corpus_dir: str, domain: str, split: str, tok: TokenizerInfo, *,
                    cache_dir: str | None = None, chunk_docs: int = 256) -> np.ndarray:
-    """int32 [n_tokens] stream of `domain/split`: each document's ids followed by EOS (cached)."""
-    manifest = check_corpus(corpus_dir)
-    cache_path = None
-    if cache_dir is not None:
-        key = hashlib.sha256(f"{manifest.get('content_hash')}\0{tok.sha256}\0{domain}\0{split}".encode()).hexdigest()
-        cache_path = os.path.join(cache_dir, f"{domain}-{split}-{key[:16]}.npy")
-        if os.path.isfile(cache_path):
-            return np.load(cache_path)
+    """int32 [n_tokens] stream of `domain/split`: each document's ids followed by EOS (cached).
+
+    With several JAX processes, this process tokenizes only its share of the documents and the
+    shares are gathered (collective: every process must call it with the same arguments).
+    `cache_dir` may be a local path or a URL (`etils.epath`).
+    """
+    from train import distributed
+
+    import jax
+
+    check_corpus(corpus_dir)
+    share = (jax.process_index(), jax.process_count())
     try:
-        docs = iter_documents(corpus_dir, domain, split)
-    except (FileNotFoundError, ValueError) as e:
-        raise DataError(str(e)) from e
+        texts, content_key = read_split_share(corpus_dir, domain, split, share)
+        local = _tokenize_texts(texts, tok, cache_dir, chunk_docs,
+                                name=f"{domain}-{split}-{content_key[:16]}-{tok.sha256[:16]}-{share[0]}of{share[1]}")
+    except DataError as e:
+        distributed.raise_if_any_failed(e)
+        raise
+    distributed.raise_if_any_failed(None)
+    return distributed.allgather_concat(local)
+
+
+def _tokenize_texts(texts: list[str], tok: TokenizerInfo, cache_dir: str | None, chunk_docs: int, *,
+                    name: str) -> np.ndarray:
+    """Concatenated ids (+ EOS per text) of `texts`, read from / written to `<cache_dir>/<name>.npy`."""
+    from train.distributed import out_path
+
+    cache = None if cache_dir is None else out_path(cache_dir) / f"{name}.npy"
+    if cache is not None and cache.exists():
+        with cache.open("rb") as f:
+            return np.load(f)
     parts: list[np.ndarray] = []
-    batch: list[str] = []
-
-    def flush():
-        for enc in tok.tokenizer.encode_batch(batch, add_special_tokens=False):
+    for i in range(0, len(texts), chunk_docs):
+        for enc in tok.tokenizer.encode_batch(texts[i:i + chunk_docs], add_special_tokens=False):
             parts.append(np.asarray(enc.ids + [tok.eos_id], np.int32))
-        batch.clear()
-
-    for doc in docs:
-        batch.append(doc.text)
-        if len(batch) >= chunk_docs:
-            flush()
-    if batch:
-        flush()
     stream = np.concatenate(parts) if parts else np.zeros((0,), np.int32)
-    if cache_path is not None:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{cache_path}.tmp-{os.getpid()}.npy"
-        np.save(tmp, stream)
-        os.replace(tmp, cache_path)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.parent / f"{name}.tmp-{os.getpid()}.npy"
+        with tmp.open("wb") as f:
+            np.save(f, stream)
+        tmp.replace(cache)
     return stream
 
 

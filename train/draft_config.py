@@ -21,7 +21,7 @@ import dataclasses
 from typing import Any
 
 from dspark_jax.draft.config import HEAD_TYPES
-from train.config_io import BOOKKEEPING_FIELDS, TrainConfigBase
+from train.config_io import BOOKKEEPING_FIELDS, IntervalFields, MeshFields, OptimizerFields, TrainConfigBase
 
 __all__ = ["DraftTrainConfig", "DraftConfigFileError", "PRESETS", "RESUME_COMPATIBLE_FIELDS"]
 
@@ -41,7 +41,7 @@ class DraftConfigFileError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DraftTrainConfig(TrainConfigBase):
+class DraftTrainConfig(TrainConfigBase, OptimizerFields, MeshFields, IntervalFields):
     """Draft-training settings: draft shape, losses, data, optimisation, mesh, intervals.
 
     `target_layer_ids=None` -> `default_target_layer_ids(L_t, min(num_context_layers, L_t - 1))`
@@ -73,29 +73,15 @@ class DraftTrainConfig(TrainConfigBase):
     seq_len: int = 256
     domains: tuple[str, ...] = ("code", "prose")
     feature_dtype: str = "bfloat16"
-    # ---- optimisation (spec §4.5 conventions)
+    # ---- optimisation: OptimizerFields (spec §4.5 conventions), draft-sized defaults
     steps: int = 500
     batch_size: int = 8
     learning_rate: float = 2e-3
-    warmup_fraction: float = 0.04
-    weight_decay: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    compute_dtype: str = "float32"
     seed: int = 42
-    # ---- device mesh (product = number of devices): target over `model`, batch over data x fsdp
-    mesh_data: int = 1
-    mesh_fsdp: int = 1
-    mesh_model: int = 1
-    # ---- intervals / output
-    log_every: int = 10
+    # ---- device mesh: MeshFields (target over `model`, batch over data x fsdp)
+    # ---- intervals / output: IntervalFields, draft-sized defaults
     eval_every: int = 100
-    eval_batches: int = 4
     ckpt_every: int = 250
-    keep_checkpoints: int = 3
-    export_dtype: str = "bfloat16"
 
     config_error = DraftConfigFileError  # not a field (no annotation)
 
@@ -105,9 +91,7 @@ class DraftTrainConfig(TrainConfigBase):
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
         self._check_positive(("num_draft_layers", "block_size", "num_context_layers", "num_anchors",
-                              "loss_chunk_anchors", "seq_len", "steps", "batch_size", "mesh_data", "mesh_fsdp",
-                              "mesh_model", "log_every", "eval_every", "eval_batches", "ckpt_every",
-                              "keep_checkpoints"))
+                              "loss_chunk_anchors", "seq_len"))
         if isinstance(self.markov_rank, bool) or not isinstance(self.markov_rank, int) or self.markov_rank < 0:
             raise ValueError(f"markov_rank must be a non-negative integer, got {self.markov_rank!r}")
         if self.markov_head_type not in HEAD_TYPES:

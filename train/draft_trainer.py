@@ -28,27 +28,31 @@ import os
 import time
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dspark_jax.checkpoint.deepspec import draft_params_from_target, save_draft
 from dspark_jax.config import TargetConfig, load_hf_config
 from dspark_jax.data.tokenizer_training import MASK_TOKEN
 from dspark_jax.draft import DraftConfig, DraftConfigError, DraftModel, default_target_layer_ids, trainable_mask
 from dspark_jax.sharding import batch_sharding, target_param_shardings
+from dspark_jax.target.model import TargetModel
 from train import draft_features as feats
 from train import draft_losses as dl
 from train.checkpointing import TrainCheckpointer
 from train.data import (BatchIterator, DataState, PackedSequences, TokenizerInfo, check_corpus, load_tokenizer,
                         pack_stream, tokenize_split, validation_batches)
 from train.draft_config import RESUME_COMPATIBLE_FIELDS, DraftTrainConfig
-from train.loop import check_resume, config_mesh, end_step, report_quarantined, run_steps
-from train.metrics import MetricsLogger, ProgressBar, read_jsonl
+from train.distributed import (barrier, gather_to_host, is_primary, is_remote, local_staging, out_path,
+                               publish_files)
+from train.loop import (check_finite, check_resume, config_mesh, open_run_log, report_quarantined, restore_or_init,
+                        run_steps)
+from train.metrics import ProgressBar, read_jsonl
 from train.optim import OptimizerConfig, cast_floating, make_optimizer
-from train.parallel import TrainState, abstract_with_shardings, mesh_context
+from train.parallel import TrainProgram, build_train_program, mesh_context
 
 __all__ = ["DraftSetupError", "DraftTrainResult", "DraftProgram", "resolve_draft_config", "make_draft_loss",
            "build_draft_program", "training_rows", "train_draft"]
@@ -144,29 +148,32 @@ def make_draft_loss(config: DraftTrainConfig, dcfg: DraftConfig, tcfg: TargetCon
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DraftProgram:
-    """Jitted init / step / evaluate of one configuration on one mesh.
+    """The shared `TrainProgram` of a draft run (`program`) and the target weights' shardings.
 
-    init(seed, target_params) -> TrainState; step(state, target_params, batch) -> (state, metrics)
-    (state donated); evaluate(params, target_params, batch, rng) -> metrics (no update).
+    program.init(seed, target_params) -> TrainState; program.step(state, batch, target_params or
+    None with offline features) -> (state, metrics) (state donated); program.evaluate(params, batch,
+    target_params, rng) -> (loss, 1, metrics) (no update). The draft and its optimizer state are
+    replicated; batches are split over data x fsdp (`program.put_batch`, multi-process aware).
     """
 
-    mesh: Any
-    init: Callable
-    step: Callable
-    evaluate: Callable
-    abstract_state: Callable  # (state) -> ShapeDtypeStruct tree with shardings (orbax restore target)
+    program: TrainProgram
     target_shardings: Any
 
-    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Place a host batch on the mesh, split over data x fsdp."""
-        return {k: jax.device_put(v, batch_sharding(self.mesh, v.ndim, v.shape[0])) for k, v in batch.items()}
+    @property
+    def mesh(self):
+        """The (data, fsdp, model) mesh."""
+        return self.program.mesh
 
 
 _PROGRAMS: dict[tuple, DraftProgram] = {}
 
 
 def build_draft_program(config: DraftTrainConfig, dcfg: DraftConfig, tcfg: TargetConfig, mesh) -> DraftProgram:
-    """Build (or reuse: cached per config / draft / target / mesh) the jitted functions of a run."""
+    """Build (or reuse: cached per config / draft / target / mesh) the jitted functions of a run.
+
+    The step is `train.parallel.build_train_program` with the frozen target weights as its
+    `frozen` input and a loss of weight 1 (the draft loss is already a mean, spec §4.3).
+    """
     math = {k: v for k, v in config.to_dict().items() if k not in RESUME_COMPATIBLE_FIELDS - {"loss_chunk_anchors"}}
     key = (json.dumps(math, sort_keys=True), dcfg, tcfg, mesh)
     if key in _PROGRAMS:
@@ -174,45 +181,21 @@ def build_draft_program(config: DraftTrainConfig, dcfg: DraftConfig, tcfg: Targe
     inner, schedule = make_optimizer(OptimizerConfig.from_train_config(config))
     labels = lambda p: jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trainable_mask(p))  # noqa: E731
     tx = optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()}, labels)
-    loss_fn = make_draft_loss(config, dcfg, tcfg)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    rep = NamedSharding(mesh, P())
+    draft_loss = make_draft_loss(config, dcfg, tcfg)
 
-    def step_fn(state: TrainState, target_params, batch):
-        rng, step_rng = jax.random.split(state.rng)
-        (_, metrics), grads = grad_fn(state.params, target_params, batch, step_rng)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=jnp.asarray(schedule(state.step), jnp.float32))
-        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                             opt_state=opt_state, rng=rng), metrics
+    def loss_fn(params, batch, rng, target_params):
+        loss, metrics = draft_loss(params, target_params, batch, rng)
+        return loss, (jnp.ones((), jnp.float32), {k: v for k, v in metrics.items() if k != "loss"})
 
-    def eval_fn(params, target_params, batch, rng):
-        return loss_fn(params, target_params, batch, rng)[1]
+    def init_params(rng, target_params):
+        return cast_floating(draft_params_from_target(target_params, tcfg, dcfg, rng), jnp.float32)
 
-    jit_step = jax.jit(step_fn, out_shardings=(rep, rep), donate_argnums=0)
-    jit_eval = jax.jit(eval_fn, out_shardings=rep)
-    jit_opt_init = jax.jit(tx.init, out_shardings=rep)
-
-    def init(seed: int, target_params) -> TrainState:
-        init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
-        with mesh_context(mesh):
-            params = jax.device_put(draft_params_from_target(target_params, tcfg, dcfg, init_rng), rep)
-            params = cast_floating(params, jnp.float32)
-            return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
-                              opt_state=jit_opt_init(params), rng=jax.device_put(state_rng, rep))
-
-    def run(fn):
-        def wrapped(*args):
-            with mesh_context(mesh):
-                return fn(*args)
-        return wrapped
-
-    def abstract(state):
-        shapes = jax.eval_shape(lambda: state)
-        return abstract_with_shardings(shapes, jax.tree_util.tree_map(lambda _: rep, shapes))
-
-    prog = DraftProgram(mesh=mesh, init=init, step=run(jit_step), evaluate=run(jit_eval), abstract_state=abstract,
-                        target_shardings=target_param_shardings(tcfg, mesh))
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    target_abstract = nn.unbox(jax.eval_shape(
+        lambda: TargetModel(tcfg).init(jax.random.PRNGKey(0), tokens, tokens))["params"])
+    program = build_train_program(mesh=mesh, init_params=init_params, loss_fn=loss_fn, optimizer=tx,
+                                  schedule=schedule, compute_dtype="float32", frozen_abstract=target_abstract)
+    prog = DraftProgram(program=program, target_shardings=target_param_shardings(tcfg, mesh))
     _PROGRAMS[key] = prog
     return prog
 
@@ -246,8 +229,9 @@ def _evaluate(prog: DraftProgram, params, target_params, batches: dict, pad_id: 
         for i, b in enumerate(items):
             ids = np.ascontiguousarray(b["tokens"][:, :-1])  # [B, S]
             rows = {"input_ids": ids, "loss_mask": (ids != pad_id).astype(np.float32)}
-            m = dl.as_host_floats(prog.evaluate(params, target_params, prog.put_batch(rows),
-                                                jax.random.fold_in(jax.random.PRNGKey(seed), i)))
+            loss, weight, aux = prog.program.evaluate(params, prog.program.put_batch(rows), target_params,
+                                                      jax.random.fold_in(jax.random.PRNGKey(seed), i))
+            m = dl.as_host_floats({"loss": loss / weight, **{k: v / weight for k, v in aux.items()}})
             w = m["weight_sum"]
             total += w
             for k, v in m.items():
@@ -266,6 +250,29 @@ def _load_rows(config: DraftTrainConfig, corpus_dir: str, tok: TokenizerInfo, ca
     return rows
 
 
+def _export_draft(host_params, dcfg: DraftConfig, config: DraftTrainConfig, export_dir: str, info: dict) -> None:
+    """Write the draft (DeepSpec layout) + train_summary.json to `export_dir` (local: atomic swap; URL: copied)."""
+    kind = "DSpark" if dcfg.markov_rank > 0 else "DFlash"
+    head = f"markov {dcfg.markov_head_type} r={dcfg.markov_rank}" if dcfg.markov_rank else "no markov head"
+    summary = {
+        "model": f"{kind} draft: {dcfg.num_hidden_layers} layer(s), block_size {dcfg.block_size}, {head}, "
+                 f"confidence head {'on' if dcfg.enable_confidence_head else 'off'}",
+        "target_layer_ids": list(dcfg.target_layer_ids), "steps": config.steps, "train_config": config.to_dict(),
+        "usage": f"dspark generate --target {info['target']} --draft {export_dir}",
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+    text = json.dumps(summary, indent=2, sort_keys=True, default=str)
+    if not is_remote(export_dir):
+        save_draft(host_params, dcfg, export_dir, dtype=config.export_dtype)
+        out_path(export_dir).joinpath("train_summary.json").write_text(text, encoding="utf-8")
+        return
+    with local_staging(export_dir) as tmp:
+        save_draft(host_params, dcfg, os.path.join(tmp, "draft"), dtype=config.export_dtype)
+        with open(os.path.join(tmp, "draft", "train_summary.json"), "w", encoding="utf-8") as f:
+            f.write(text)
+        publish_files(os.path.join(tmp, "draft"), export_dir,
+                      stale=lambda n: n.startswith("model") and n.endswith((".safetensors", ".json")))
+
+
 def train_draft(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, out_dir: str,
                 tokenizer_dir: str | None = None, resume: bool = False, stop_at_step: int | None = None,
                 progress: bool = True, export: bool = True, feature_cache: str | None = None,
@@ -278,20 +285,26 @@ def train_draft(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, o
     checkpoint, as if interrupted. `feature_cache`: read target features from this v2 cache, or
     with `write_feature_cache` compute them once, write the cache, then train from it.
     """
-    out_dir, target_dir = os.path.abspath(out_dir), os.path.abspath(target_dir)
+    out_dir, target_dir = os.fspath(out_path(out_dir)), os.path.abspath(target_dir)
     manifest = check_corpus(corpus_dir)
     tcfg = load_hf_config(target_dir, dtype=config.compute_dtype)
     tok = load_tokenizer(tokenizer_dir or target_dir)
     dcfg = resolve_draft_config(config, tcfg, tok)
     mesh = config_mesh(config, DraftSetupError)
+    if write_feature_cache and jax.process_count() > 1:
+        raise DraftSetupError("--write-feature-cache runs in one process; write the cache first, then train "
+                              "with --feature-cache on every host")
+    primary = is_primary()
     fingerprint = _fingerprint(target_dir, manifest, tok)
-    os.makedirs(out_dir, exist_ok=True)
     ckpt = TrainCheckpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+    bar = ProgressBar(total=config.steps, enabled=False)
+    note = (lambda m: bar.write(f"train-draft: {m}")) if primary else (lambda m: None)
     try:
         latest = check_resume(ckpt, resume=resume, out_dir=out_dir, config=config, fingerprint=fingerprint,
                               ignore=RESUME_COMPATIBLE_FIELDS, data_what="target / corpus / tokenizer",
-                              error=DraftSetupError)
-        config.write_json(os.path.join(out_dir, "train_config.json"))
+                              error=DraftSetupError, note=note)
+        if primary:
+            config.write_json(os.path.join(out_dir, "train_config.json"))
         cache_dir = os.path.join(out_dir, "cache")
         rows = _load_rows(config, corpus_dir, tok, cache_dir)
         n_rows = rows["input_ids"].shape[0]
@@ -300,9 +313,9 @@ def train_draft(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, o
         val = validation_batches(corpus_dir, config.domains, tok, seq_len=config.seq_len,
                                  batch_size=config.batch_size, max_batches=config.eval_batches, cache_dir=cache_dir)
         prog = build_draft_program(config, dcfg, tcfg, mesh)
+        program = prog.program
         from dspark_jax.checkpoint.hf import load_target
         _, target_params = load_target(target_dir, dtype=config.compute_dtype, shardings=prog.target_shardings)
-        bar = ProgressBar(total=config.steps, enabled=False)
         report_quarantined(ckpt, "train-draft", bar)
         cache = None
         if feature_cache:
@@ -325,9 +338,8 @@ def train_draft(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, o
             else:
                 cache = feats.FeatureCache(feature_cache)
             cache.validate(target_layer_ids=dcfg.target_layer_ids, hidden_size=dcfg.hidden_size, expected=expected)
-        state = prog.init(config.seed, target_params)
-        if latest is not None:
-            state, meta = ckpt.restore(latest, prog.abstract_state(state))
+        state, meta = restore_or_init(ckpt, latest, program, lambda: program.init(config.seed, target_params), note)
+        if meta is not None:
             index.restore(DataState.from_dict(meta["data_state"]))
     except BaseException:
         ckpt.close()
@@ -339,20 +351,19 @@ def train_draft(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, o
             return cache.batch(idx, config.seq_len, tok.pad_id)
         return {"input_ids": rows["input_ids"][idx], "loss_mask": rows["loss_mask"][idx]}
 
-    start = int(jax.device_get(state.step))
-    end = end_step(start, stop_at_step, config.steps)
-    logger = MetricsLogger(os.path.join(out_dir, "metrics.jsonl"), resume_step=start if latest else None)
-    bar = ProgressBar(total=config.steps, initial=start, desc="train-draft", enabled=progress)
-    bar.write(f"train-draft: {n_rows} sequences x {config.seq_len} tokens, draft {dcfg.num_hidden_layers} layer(s) "
-              f"K={dcfg.block_size} r={dcfg.markov_rank} taps {list(dcfg.target_layer_ids)}, features "
-              f"{'cache ' + cache.directory if cache is not None else 'online'}, mesh {dict(mesh.shape)}, "
-              f"steps {start}->{end} of {config.steps}")
+    start, end, logger, bar = open_run_log(out_dir, state, meta, config=config, stop_at_step=stop_at_step,
+                                           desc="train-draft", progress=progress)
+    if primary:
+        bar.write(f"train-draft: {n_rows} sequences x {config.seq_len} tokens, draft {dcfg.num_hidden_layers} "
+                  f"layer(s) K={dcfg.block_size} r={dcfg.markov_rank} taps {list(dcfg.target_layer_ids)}, features "
+                  f"{'cache ' + cache.directory if cache is not None else 'online'}, mesh {dict(mesh.shape)}, "
+                  f"{jax.process_count()} process(es), steps {start}->{end} of {config.steps}")
     meta_now = lambda s: {"step": s, "config": config.to_dict(), "data_state": index.state.to_dict(),  # noqa: E731
                           "fingerprint": fingerprint, "draft_config": dcfg.to_deepspec_config()}
     eval_metrics: dict[str, dict[str, float]] = {}
 
     def on_log(s: int, metrics, rate) -> None:
-        last = dl.as_host_floats(metrics)
+        last = dl.as_host_floats({k: v for k, v in metrics.items() if k != "weight"})
         tps = rate.rate()
         aps = tps / config.seq_len * last["sampled_anchors_abs"]
         logger.log({"step": s, **last, "tokens_per_s": tps, "anchors_per_s": aps, "epoch": index.state.epoch})
@@ -362,33 +373,27 @@ def train_draft(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, o
         nonlocal eval_metrics
         eval_metrics = _evaluate(prog, state.params, target_params, val, tok.pad_id, config.seed)
         logger.log({"step": s, "eval": eval_metrics})
-        bar.write(f"step {s}: eval " + ", ".join(
-            f"{d} loss {m['loss']:.4f} tau {m.get('tau_probabilistic', float('nan')):.3f}"
-            for d, m in eval_metrics.items()))
+        if primary:
+            bar.write(f"step {s}: eval " + ", ".join(
+                f"{d} loss {m['loss']:.4f} tau {m.get('tau_probabilistic', float('nan')):.3f}"
+                for d, m in eval_metrics.items()))
 
     step_target = None if cache is not None else target_params
     state = run_steps(state, config=config, start=start, end=end,
-                      step=lambda st: prog.step(st, step_target, prog.put_batch(next_batch())), on_log=on_log,
+                      step=lambda st: program.step(st, program.put_batch(next_batch()), step_target), on_log=on_log,
                       on_eval=on_eval, meta=meta_now, ckpt=ckpt, bar=bar, logger=logger)
     logged = [r for r in read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if "loss" in r]
     export_dir = None
     if export and end == config.steps:
         export_dir = os.path.join(out_dir, "draft")
-        save_draft(state.params, dcfg, export_dir, dtype=config.export_dtype)
-        kind = "DSpark" if dcfg.markov_rank > 0 else "DFlash"
-        head = f"markov {dcfg.markov_head_type} r={dcfg.markov_rank}" if dcfg.markov_rank else "no markov head"
-        summary = {
-            "model": f"{kind} draft: {dcfg.num_hidden_layers} layer(s), block_size {dcfg.block_size}, {head}, "
-                     f"confidence head {'on' if dcfg.enable_confidence_head else 'off'}",
-            "target": target_dir, "corpus": os.path.abspath(corpus_dir),
-            "target_layer_ids": list(dcfg.target_layer_ids),
-            "steps": config.steps, "train_config": config.to_dict(), "fingerprint": fingerprint,
-            "final_train_metrics": logged[-1] if logged else None, "eval_metrics": eval_metrics,
-            "usage": f"dspark generate --target {target_dir} --draft {export_dir}",
-            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        with open(os.path.join(export_dir, "train_summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2, sort_keys=True, default=str)
-        bar.write(f"train-draft: exported {config.export_dtype} draft to {export_dir}")
+        host_params = gather_to_host(state.params)
+        if primary:
+            check_finite(host_params, export_dir)
+            _export_draft(host_params, dcfg, config, export_dir, {
+                "target": target_dir, "corpus": os.path.abspath(corpus_dir), "fingerprint": fingerprint,
+                "final_train_metrics": logged[-1] if logged else None, "eval_metrics": eval_metrics})
+            bar.write(f"train-draft: exported {config.export_dtype} draft to {export_dir}")
+        barrier("train-draft-export")
     return DraftTrainResult(out_dir=out_dir, export_dir=export_dir, start_step=start, final_step=end,
                             first_loss=logged[0]["loss"] if logged else None,
                             final_loss=logged[-1]["loss"] if logged else None, eval_metrics=eval_metrics,

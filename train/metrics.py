@@ -3,6 +3,7 @@
 * `MetricsLogger`: an append-only JSONL log (one object per line, flushed per line). On resume it
   first drops the records of steps after the restored checkpoint (written by the interrupted
   run after its last save), so the log of a resumed run equals the log of an uninterrupted one.
+  Object stores (``gs://``) cannot append: there the whole file is rewritten at every record.
 * `ProgressBar`: a tqdm bar over optimizer steps (ETA from tqdm) with a compact postfix; can be
   disabled (tests, non-interactive runs) while messages still reach stderr.
 * `RateMeter`: tokens per second over wall-clock intervals, excluding compilation when asked.
@@ -35,40 +36,52 @@ def to_jsonable(value: Any) -> Any:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """All records of a JSONL file ([] when it does not exist)."""
-    p = os.fspath(path)
-    if not os.path.isfile(p):
+    """All records of a JSONL file, local or URL ([] when it does not exist)."""
+    from train.distributed import out_path
+
+    p = out_path(path)
+    if not p.exists():
         return []
-    with open(p, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 class MetricsLogger:
     """JSONL metrics writer. `resume_step=None` starts a fresh file; an int keeps records with step <= it."""
 
     def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None, enabled: bool = True):
+        from train.distributed import is_remote, out_path
+
         self.path = os.fspath(path)
         self.enabled = enabled
         self._f = None
+        self._lines: list[str] | None = None  # the whole file, for object stores (no append)
         if not enabled:
             return
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        target = out_path(self.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step is not None:
-            kept = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= resume_step]
-        tmp = f"{self.path}.tmp-{os.getpid()}"
+            kept = [r for r in read_jsonl(target) if int(r.get("step", 0)) <= resume_step]
+        lines = [json.dumps(r, sort_keys=True) + "\n" for r in kept]
+        if is_remote(self.path):
+            self._target, self._lines = target, lines
+            target.write_text("".join(lines), encoding="utf-8")
+            return
+        tmp = f"{target}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
-            for r in kept:
-                f.write(json.dumps(r, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
-        self._f = open(self.path, "a", encoding="utf-8")
+            f.writelines(lines)
+        os.replace(tmp, target)
+        self._f = open(target, "a", encoding="utf-8")
 
     def log(self, record: Mapping[str, Any]) -> None:
         """Append one record (values converted with `to_jsonable`) and flush."""
-        if self._f is None:
-            return
-        self._f.write(json.dumps(to_jsonable(record), sort_keys=True) + "\n")
-        self._f.flush()
+        line = json.dumps(to_jsonable(record), sort_keys=True) + "\n"
+        if self._lines is not None:
+            self._lines.append(line)
+            self._target.write_text("".join(self._lines), encoding="utf-8")
+        elif self._f is not None:
+            self._f.write(line)
+            self._f.flush()
 
     def close(self) -> None:
         """Close the file."""

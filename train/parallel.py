@@ -8,7 +8,10 @@ parameters and the AdamW moments are sharded by the parameters' logical axis nam
 
 Loss-function contract (one micro-batch):
 
-    loss_fn(params, batch, rng) -> (loss_sum, (weight, aux_sums))
+    loss_fn(params, batch, rng, frozen) -> (loss_sum, (weight, aux_sums))
+
+`frozen` is a pytree of inputs that take no gradient and are passed to every function of the
+program (the draft trainer's target weights, sharded by their own rules; None for the target trainer).
 
 `loss_sum` is the *sum* of per-token losses, `weight` the number of counted tokens, and
 `aux_sums` a dict of further weight-summed scalars. With `grad_accum_steps=k` the global batch
@@ -32,11 +35,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dspark_jax.sharding import LOGICAL_AXIS_RULES, batch_sharding, param_shardings
+from train.distributed import local_rows
 from train.optim import cast_floating
 
-__all__ = ["TrainState", "TrainProgram", "build_train_program", "mesh_context", "abstract_with_shardings"]
+__all__ = ["TrainState", "TrainProgram", "build_train_program", "put_global_batch", "mesh_context",
+           "abstract_with_shardings"]
 
-LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, tuple[jax.Array, dict]]]
+LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array, Any], tuple[jax.Array, tuple[jax.Array, dict]]]
 
 
 @flax.struct.dataclass
@@ -66,10 +71,11 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
 class TrainProgram:
     """Jitted, mesh-aware training functions (see `build_train_program`).
 
-    init(seed) -> TrainState placed with `state_shardings`.
-    step(state, batch) -> (state, metrics); the input state is donated. metrics: loss, grad_norm
-      (before clipping), lr (of this step), weight (tokens counted) plus `aux_sums / weight`.
-    evaluate(params, batch) -> (loss_sum, weight) float32 scalars (no gradient).
+    init(seed, frozen=None) -> TrainState placed with `state_shardings`.
+    step(state, batch, frozen=None) -> (state, metrics); the input state is donated. metrics: loss,
+      grad_norm (before clipping), lr (of this step), weight (tokens counted) plus `aux_sums / weight`.
+    evaluate(params, batch, frozen=None, rng=PRNGKey(0)) -> (loss_sum, weight, aux_sums), float32
+      scalars (no gradient).
     """
 
     mesh: Mesh
@@ -81,18 +87,27 @@ class TrainProgram:
     rules: tuple = LOGICAL_AXIS_RULES
 
     def put_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Place a host batch (leading dim = global batch) on the mesh, sharded over data x fsdp."""
-        out = {}
-        for k, v in batch.items():
-            v = np.asarray(v)
-            sharding = batch_sharding(self.mesh, v.ndim, v.shape[0])
-            if jax.process_count() > 1:  # each process holds its contiguous slice of the rows
-                n = v.shape[0] // jax.process_count()
-                local = v[jax.process_index() * n:(jax.process_index() + 1) * n]
-                out[k] = jax.make_array_from_process_local_data(sharding, local, v.shape)
-            else:
-                out[k] = jax.device_put(v, sharding)
-        return out
+        """Place a host batch (leading dim = global batch) on the mesh, sharded over data x fsdp.
+
+        With several processes each one passes only the rows its devices hold (`local_rows`):
+        any (data, fsdp, model) layout works, also data x fsdp < processes, where processes
+        holding replicas of one batch shard feed the same rows.
+        """
+        return put_global_batch(self.mesh, batch)
+
+
+def put_global_batch(mesh: Mesh, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """`batch` (host arrays, leading dim = global batch) as global arrays sharded over data x fsdp."""
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        sharding = batch_sharding(mesh, v.ndim, v.shape[0])
+        if jax.process_count() > 1:
+            lo, hi = local_rows(sharding, v.shape)
+            out[k] = jax.make_array_from_process_local_data(sharding, v[lo:hi], v.shape)
+        else:
+            out[k] = jax.device_put(v, sharding)
+    return out
 
 
 def _split_micro(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array]:
@@ -103,62 +118,66 @@ def _split_micro(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array]
 def build_train_program(
     *,
     mesh: Mesh,
-    init_params: Callable[[jax.Array], Any],  # rng -> params boxed with nn.Partitioned (logical names)
+    init_params: Callable[[jax.Array, Any], Any],  # (rng, frozen) -> params (boxed: logical names)
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
     grad_accum_steps: int = 1,
     compute_dtype: str = "float32",
     rules=LOGICAL_AXIS_RULES,
+    frozen_abstract: Any = None,
 ) -> TrainProgram:
     """Build the jitted init / step / evaluate functions of one training run on `mesh`.
 
-    `init_params(rng)` must return float32 params boxed with logical axis names (e.g.
-    `model.init(...)["params"]`); it is only traced. `loss_fn` receives params cast to
-    `compute_dtype` (float32 master weights stay in the state; gradients are float32).
+    `init_params(rng, frozen)` must return float32 params, boxed with logical axis names (e.g.
+    `model.init(...)["params"]`) where they should be sharded (unboxed leaves are replicated); it
+    is only traced. `frozen_abstract` is the shape tree of the `frozen` argument (None: no frozen
+    input; the arrays arrive placed by the caller). `loss_fn` receives params cast to `compute_dtype`
+    (float32 master weights stay in the state; gradients are float32).
     """
     k = int(grad_accum_steps)
     cdt = jnp.dtype(compute_dtype)
 
-    def init_boxed(seed) -> TrainState:
+    def init_boxed(seed, frozen) -> TrainState:
         rng = jax.random.PRNGKey(seed)
         init_rng, state_rng = jax.random.split(rng)
-        boxed = init_params(init_rng)
+        boxed = init_params(init_rng, frozen)
         return TrainState(step=jnp.zeros((), jnp.int32), params=boxed, opt_state=optimizer.init(boxed),
                           rng=state_rng)
 
     with mesh_context(mesh, rules):
-        boxed_abstract = jax.eval_shape(init_boxed, 0)
+        boxed_abstract = jax.eval_shape(init_boxed, 0, frozen_abstract)
     # Partitioned leaves (params and the params-shaped AdamW moments) follow their logical axes;
     # everything else (counts, rng, step) is replicated.
     state_shardings = param_shardings(boxed_abstract, mesh, rules)
     abstract = abstract_with_shardings(nn.unbox(boxed_abstract), state_shardings)
     replicated = NamedSharding(mesh, P())
 
-    def init_fn(seed):
-        return nn.unbox(init_boxed(seed))
+    def init_fn(seed, frozen):
+        return nn.unbox(init_boxed(seed, frozen))
 
-    def compute_loss(params32, batch, rng):
-        return loss_fn(cast_floating(params32, cdt), batch, rng)
+    def compute_loss(params32, batch, rng, frozen):
+        return loss_fn(cast_floating(params32, cdt), batch, rng, frozen)
 
     grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
 
-    def step_fn(state: TrainState, batch):
+    def step_fn(state: TrainState, batch, frozen):
         rng, step_rng = jax.random.split(state.rng)
         if k == 1:
-            (loss_sum, (weight, aux)), grads = grad_fn(state.params, batch, step_rng)
+            (loss_sum, (weight, aux)), grads = grad_fn(state.params, batch, step_rng, frozen)
         else:
             micro = _split_micro(batch, k)
 
             def body(carry, xs):
                 g_acc, l_acc, w_acc, a_acc = carry
                 i, mb = xs
-                (l, (w, a)), g = grad_fn(state.params, mb, jax.random.fold_in(step_rng, i))
+                (l, (w, a)), g = grad_fn(state.params, mb, jax.random.fold_in(step_rng, i), frozen)
                 add = lambda u, v: jax.tree_util.tree_map(jnp.add, u, v)  # noqa: E731
                 return (add(g_acc, g), l_acc + l, w_acc + w, add(a_acc, a)), None
 
             zeros_g = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-            first = jax.eval_shape(grad_fn, state.params, jax.tree_util.tree_map(lambda x: x[0], micro), step_rng)
+            first = jax.eval_shape(grad_fn, state.params, jax.tree_util.tree_map(lambda x: x[0], micro), step_rng,
+                                   frozen)
             zeros_a = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), first[0][1][1])
             init = (zeros_g, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros_a)
             (grads, loss_sum, weight, aux), _ = jax.lax.scan(body, init, (jnp.arange(k), micro))
@@ -172,19 +191,26 @@ def build_train_program(
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
         return new_state, metrics
 
-    def eval_fn(params, batch):
-        loss_sum, (weight, _) = compute_loss(params, batch, jax.random.PRNGKey(0))
-        return loss_sum.astype(jnp.float32), weight.astype(jnp.float32)
+    def eval_fn(params, batch, frozen, rng):
+        loss_sum, (weight, aux) = compute_loss(params, batch, rng, frozen)
+        f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+        return f32(loss_sum), f32(weight), {name: f32(v) for name, v in aux.items()}
 
     jit_init = jax.jit(init_fn, out_shardings=state_shardings)
     jit_step = jax.jit(step_fn, out_shardings=(state_shardings, replicated), donate_argnums=0)
-    jit_eval = jax.jit(eval_fn, out_shardings=(replicated, replicated))
+    jit_eval = jax.jit(eval_fn, out_shardings=replicated)
 
-    def run(fn):
-        def wrapped(*args):
-            with mesh_context(mesh, rules):
-                return fn(*args)
-        return wrapped
+    def init(seed, frozen=None):
+        with mesh_context(mesh, rules):
+            return jit_init(jnp.asarray(seed, jnp.int32), frozen)
 
-    return TrainProgram(mesh=mesh, state_shardings=state_shardings, abstract_state=abstract,
-                        init=run(lambda seed: jit_init(jnp.asarray(seed, jnp.int32))), step=run(jit_step), evaluate=run(jit_eval), rules=tuple(rules))
+    def step(state, batch, frozen=None):
+        with mesh_context(mesh, rules):
+            return jit_step(state, batch, frozen)
+
+    def evaluate(params, batch, frozen=None, rng=None):
+        with mesh_context(mesh, rules):
+            return jit_eval(params, batch, frozen, jax.random.PRNGKey(0) if rng is None else rng)
+
+    return TrainProgram(mesh=mesh, state_shardings=state_shardings, abstract_state=abstract, init=init,
+                        step=step, evaluate=evaluate, rules=tuple(rules))

@@ -10,6 +10,10 @@ prompt text followed by the continuation, written in the corpus layout
 
     dspark regenerate --target models/pystd-qwen3-target --corpus runs/bundle/corpus \
         --out runs/bundle/regen --prompts-per-domain 4096
+
+With several JAX processes (`train.distributed`), each one decodes a contiguous share of every
+split's batches on its own devices; the lines are gathered in batch order and process 0 writes
+the files, so the output is byte-identical to a single-process run.
 """
 
 from __future__ import annotations
@@ -108,6 +112,9 @@ def regenerate_corpus(config: RegenerateConfig, target, *, progress: Callable[[s
     padded with copies of its last prompt, whose outputs are dropped), so one program is compiled.
     """
     from infer.api import generate  # late import: JAX only when regenerating
+    import jax
+
+    from train.distributed import allgather_concat, barrier, is_primary
 
     if target.tokenizer is None:
         raise RegenerateError("the target has no tokenizer (tokenizer.json next to its config.json)")
@@ -123,17 +130,20 @@ def regenerate_corpus(config: RegenerateConfig, target, *, progress: Callable[[s
     if config.prompt_tokens + config.new_tokens > limit:
         raise RegenerateError(f"prompt_tokens {config.prompt_tokens} + new_tokens {config.new_tokens} exceeds the "
                               f"target's max_position_embeddings {limit}")
-    os.makedirs(config.out_dir, exist_ok=True)
+    primary = is_primary()
     manifest_path = os.path.join(config.out_dir, MANIFEST_NAME)
-    if os.path.exists(manifest_path):  # an interrupted rebuild must not look complete
-        os.unlink(manifest_path)
+    if primary:
+        os.makedirs(config.out_dir, exist_ok=True)
+        if os.path.exists(manifest_path):  # an interrupted rebuild must not look complete
+            os.unlink(manifest_path)
     content = hashlib.sha256()
     domains: dict[str, dict] = {}
     t0 = time.perf_counter()
     generated = 0
     for d_index, domain in enumerate(DOMAINS):
         stats = {}
-        os.makedirs(os.path.join(config.out_dir, domain), exist_ok=True)
+        if primary:
+            os.makedirs(os.path.join(config.out_dir, domain), exist_ok=True)
         for s_index, (split, count) in enumerate(config.split_counts().items()):
             try:
                 src = list(iter_documents(config.corpus_dir, domain, split))
@@ -151,8 +161,11 @@ def regenerate_corpus(config: RegenerateConfig, target, *, progress: Callable[[s
                                                 config.seed * 1009 + d_index * 31 + s_index)
             except RegenerateError as e:
                 raise RegenerateError(f"{domain}/{split} of {config.corpus_dir}: {e}") from None
-            lines, texts = [], []
-            for b0 in range(0, count, config.batch_size):
+            lines = []
+            starts = list(range(0, count, config.batch_size))
+            share = starts[len(starts) * jax.process_index() // jax.process_count():
+                           len(starts) * (jax.process_index() + 1) // jax.process_count()]
+            for b0 in share:
                 batch = windows[b0:b0 + config.batch_size]
                 prompts = [token_ids(i)[o:o + config.prompt_tokens] for i, o in batch]
                 padded = prompts + [prompts[-1]] * (config.batch_size - len(prompts))  # one compiled shape
@@ -161,14 +174,15 @@ def regenerate_corpus(config: RegenerateConfig, target, *, progress: Callable[[s
                 for (i, o), prompt, cont in zip(batch, prompts, res.token_ids):
                     generated += len(cont)
                     text = target.tokenizer.decode(prompt + cont)
-                    texts.append(text)
                     lines.append(json.dumps({"path": f"{src[i].path}@{o}", "text": text}, ensure_ascii=False) + "\n")
-                if progress is not None:
+                if progress is not None and primary:
                     rate = generated / max(time.perf_counter() - t0, 1e-9)
                     progress(f"{domain}/{split}: {min(b0 + config.batch_size, count)}/{count} prompts, "
                              f"{generated} tokens generated ({rate:.0f} tok/s)")
-            payload = "".join(lines).encode("utf-8")
-            atomic_write_bytes(os.path.join(config.out_dir, domain, f"{split}.jsonl"), payload)
+            payload = allgather_concat(np.frombuffer("".join(lines).encode("utf-8"), np.uint8)).tobytes()
+            texts = [json.loads(line)["text"] for line in payload.split(b"\n") if line]
+            if primary:
+                atomic_write_bytes(os.path.join(config.out_dir, domain, f"{split}.jsonl"), payload)
             content.update(f"{domain}/{split}.jsonl\0{len(payload)}\0".encode())
             content.update(payload)
             stats[split] = {"files": count, "chars": sum(len(t) for t in texts),
@@ -180,9 +194,11 @@ def regenerate_corpus(config: RegenerateConfig, target, *, progress: Callable[[s
                                          "content_hash": source.get("content_hash")},
                     "target": None if getattr(target, "path", None) is None else os.path.abspath(target.path)},
         "regeneration": {**{k: v for k, v in dataclasses.asdict(config).items() if k not in ("corpus_dir", "out_dir")},
-                         "generated_tokens": generated},
+                         "generated_tokens": int(allgather_concat(np.asarray([generated], np.int64)).sum())},
         "domains": domains,
         "content_hash": "sha256:" + content.hexdigest(),
     }
-    atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    if primary:
+        atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    barrier("regenerate-done")
     return manifest

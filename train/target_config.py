@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from dspark_jax.config import TargetConfig
-from train.config_io import BOOKKEEPING_FIELDS, TrainConfigBase
+from train.config_io import BOOKKEEPING_FIELDS, IntervalFields, MeshFields, OptimizerFields, TrainConfigBase
 
 __all__ = ["TargetTrainConfig", "ConfigFileError", "RESUME_COMPATIBLE_FIELDS"]
 
@@ -26,7 +26,7 @@ class ConfigFileError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TargetTrainConfig(TrainConfigBase):
+class TargetTrainConfig(TrainConfigBase, OptimizerFields, MeshFields, IntervalFields):
     """Target pretraining settings (model shape, optimisation, mesh, intervals).
 
     `vocab_size=None` means "exactly the tokenizer's vocabulary"; `resolve_vocab` fills it in.
@@ -53,30 +53,9 @@ class TargetTrainConfig(TrainConfigBase):
     # ---- data
     seq_len: int = 256
     domains: tuple[str, ...] = ("code", "prose")
-    # ---- optimisation
-    steps: int = 2000
-    batch_size: int = 16
+    # ---- optimisation: OptimizerFields (defaults kept), plus gradient accumulation
     grad_accum_steps: int = 1
-    learning_rate: float = 3e-3
-    warmup_fraction: float = 0.04
-    weight_decay: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    compute_dtype: str = "float32"
-    seed: int = 0
-    # ---- device mesh (product = number of devices)
-    mesh_data: int = 1
-    mesh_fsdp: int = 1
-    mesh_model: int = 1
-    # ---- intervals / output
-    log_every: int = 10
-    eval_every: int = 200
-    eval_batches: int = 4
-    ckpt_every: int = 500
-    keep_checkpoints: int = 3
-    export_dtype: str = "bfloat16"
+    # ---- device mesh: MeshFields; intervals / output: IntervalFields (defaults kept)
 
     config_error = ConfigFileError  # not a field (no annotation)
 
@@ -84,9 +63,8 @@ class TargetTrainConfig(TrainConfigBase):
         if isinstance(self.domains, list):
             object.__setattr__(self, "domains", tuple(self.domains))
         self._check_positive(("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                              "num_key_value_heads", "head_dim", "max_position_embeddings", "seq_len", "steps",
-                              "batch_size", "grad_accum_steps", "mesh_data", "mesh_fsdp", "mesh_model",
-                              "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints"))
+                              "num_key_value_heads", "head_dim", "max_position_embeddings", "seq_len",
+                              "grad_accum_steps"))
         if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
             raise ValueError(f"vocab_size must be a positive integer or null, got {self.vocab_size!r}")
         if self.seq_len > self.max_position_embeddings:

@@ -14,6 +14,10 @@ Output directory layout (`out_dir`):
 The step runs on a (data, fsdp, model) mesh (`train.parallel`); a 1x1x1 mesh is the same code on
 one device. Resuming restores params, optimizer state, RNG and the data position exactly, so N
 steps + resume to 2N equals an uninterrupted 2N run.
+
+Multi-process (`train.distributed`): every process tokenizes its share of the corpus, feeds the
+rows of each batch its devices hold, and runs the same steps; process 0 alone writes the config,
+metrics and the export (gathered from the sharded state first). `out_dir` may be a ``gs://`` URL.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Any, Callable
 
 import jax
@@ -33,8 +36,10 @@ from dspark_jax.target.model import TargetModel
 from train.checkpointing import TrainCheckpointer
 from train.data import (BatchIterator, DataState, TokenizerInfo, check_corpus, load_tokenizer,
                         pack_stream, tokenize_split, validation_batches)
-from train.loop import check_resume, config_mesh, end_step, report_quarantined, run_steps
-from train.metrics import MetricsLogger, ProgressBar, read_jsonl
+from train.distributed import (barrier, gather_to_host, is_primary, local_staging, out_path, publish_files)
+from train.loop import (check_finite, check_resume, config_mesh, open_run_log, report_quarantined, restore_or_init,
+                        run_steps)
+from train.metrics import ProgressBar, read_jsonl
 from train.optim import OptimizerConfig, make_optimizer
 from train.parallel import TrainProgram, build_train_program
 from train.target_config import RESUME_COMPATIBLE_FIELDS, TargetTrainConfig
@@ -64,8 +69,8 @@ class TrainResult:
 def make_target_loss(model: TargetModel) -> Callable:
     """Loss function (train.parallel contract): batch {tokens [B, L+1] int32, mask [B, L] float32}."""
 
-    def loss_fn(params, batch, rng):
-        del rng  # no dropout
+    def loss_fn(params, batch, rng, frozen=None):
+        del rng, frozen  # no dropout, no frozen inputs
         tokens = batch["tokens"]
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [B, L]
         positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
@@ -85,7 +90,7 @@ def build_target_program(config: TargetTrainConfig, model_config: TargetConfig, 
     init_model = TargetModel(model_config)
     compute_model = TargetModel(model_config.replace(dtype=config.compute_dtype))
 
-    def init_params(rng):
+    def init_params(rng, frozen=None):
         dummy = jnp.zeros((1, 1), jnp.int32)
         return init_model.init(rng, dummy, dummy)["params"]
 
@@ -100,7 +105,7 @@ def evaluate_domains(program: TrainProgram, params, batches: dict[str, list[dict
     for domain, items in batches.items():
         total, weight = 0.0, 0.0
         for b in items:
-            l, w = program.evaluate(params, program.put_batch(b))
+            l, w, _ = program.evaluate(params, program.put_batch(b))
             total, weight = total + float(l), weight + float(w)
         if weight > 0:
             out[domain] = total / weight
@@ -108,22 +113,23 @@ def evaluate_domains(program: TrainProgram, params, batches: dict[str, list[dict
 
 
 def export_target(params, model_config: TargetConfig, out_dir: str, tok: TokenizerInfo, dtype: str) -> None:
-    """Write the model in HF layout + tokenizer files into `out_dir` (config.json moved in last)."""
+    """Write the model in HF layout + tokenizer files into `out_dir` (local or URL; config.json last).
+
+    `params` are host (numpy) arrays. The new files replace the old ones one by one; stale weight
+    shards of an earlier export are removed only afterwards, so the old weights survive a crash.
+    """
     from dspark_jax.checkpoint.hf import save_target
 
-    staging = os.path.join(out_dir, ".export-staging")
-    copy = [os.path.join(tok.directory, n) for n in tok.files]
-    save_target(params, model_config, staging, dtype=dtype, overwrite=True, copy_files=copy)
-    with open(os.path.join(staging, "generation_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"bos_token_id": model_config.bos_token_id, "eos_token_id": tok.eos_id,
-                   "pad_token_id": tok.pad_id}, f, indent=2)
-    for name in os.listdir(out_dir):  # stale weights of an earlier export
-        if name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json")):
-            os.remove(os.path.join(out_dir, name))
-    names = sorted(os.listdir(staging), key=lambda n: n == "config.json")
-    for name in names:
-        os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
-    shutil.rmtree(staging, ignore_errors=True)
+    check_finite(params, out_dir)
+    with local_staging(out_dir) as tmp:
+        staging = os.path.join(tmp, "model")
+        copy = [os.path.join(tok.directory, n) for n in tok.files]
+        save_target(params, model_config, staging, dtype=dtype, overwrite=True, copy_files=copy)
+        with open(os.path.join(staging, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"bos_token_id": model_config.bos_token_id, "eos_token_id": tok.eos_id,
+                       "pad_token_id": tok.pad_id}, f, indent=2)
+        publish_files(staging, out_dir, stale=lambda n: n.startswith("model") and
+                      n.endswith((".safetensors", ".safetensors.index.json")))
 
 
 def train_target(config: TargetTrainConfig, *, corpus_dir: str, tokenizer_dir: str, out_dir: str,
@@ -136,7 +142,7 @@ def train_target(config: TargetTrainConfig, *, corpus_dir: str, tokenizer_dir: s
     `stop_at_step` ends this invocation early (with a checkpoint) as if interrupted; the
     schedule still spans `config.steps`. The HF export happens only when `config.steps` is reached.
     """
-    out_dir = os.path.abspath(out_dir)
+    out_dir = os.fspath(out_path(out_dir))
     manifest = check_corpus(corpus_dir)
     tok = load_tokenizer(tokenizer_dir)
     try:
@@ -145,45 +151,43 @@ def train_target(config: TargetTrainConfig, *, corpus_dir: str, tokenizer_dir: s
         raise TrainSetupError(f"{tok.directory}: {e}") from None
     model_config = config.model_config(eos_id=tok.eos_id, pad_id=tok.pad_id)
     mesh = config_mesh(config, TrainSetupError)
-    primary = jax.process_index() == 0
-    os.makedirs(out_dir, exist_ok=True)
+    primary = is_primary()
     fingerprint = {"corpus_content_hash": manifest.get("content_hash"), "tokenizer_sha256": tok.sha256}
 
     ckpt = TrainCheckpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=config.keep_checkpoints)
     bar = ProgressBar(total=config.steps, enabled=False)
+    note = (lambda m: bar.write(f"train-target: {m}")) if primary else (lambda m: None)
     report_quarantined(ckpt, "train-target", bar)
     try:
         latest = check_resume(ckpt, resume=resume, out_dir=out_dir, config=config, fingerprint=fingerprint,
-                              ignore=RESUME_COMPATIBLE_FIELDS, data_what="corpus / tokenizer", error=TrainSetupError)
+                              ignore=RESUME_COMPATIBLE_FIELDS, data_what="corpus / tokenizer", error=TrainSetupError,
+                              note=note)
+        if latest is None and resume:
+            note(f"no committed checkpoint in {ckpt.directory}; starting from step 0")
+        if primary:
+            config.write_json(os.path.join(out_dir, "train_config.json"))
+
+        cache = os.path.join(out_dir, "cache")
+        stream = np.concatenate([tokenize_split(corpus_dir, d, "train", tok, cache_dir=cache) for d in config.domains])
+        packed = pack_stream(stream, config.seq_len, tok.pad_id)
+        data = BatchIterator(packed, config.batch_size, config.seed)
+        micro = config.batch_size // config.grad_accum_steps
+        val = validation_batches(corpus_dir, config.domains, tok, seq_len=config.seq_len, batch_size=micro,
+                                 max_batches=config.eval_batches, cache_dir=cache)
+        program = build_target_program(config, model_config, mesh)
+        state, meta = restore_or_init(ckpt, latest, program, lambda: program.init(config.seed), note)
+        if meta is not None:
+            data.restore(DataState.from_dict(meta["data_state"]))
     except BaseException:
         ckpt.close()
         raise
-    if latest is None and resume:
-        bar.write(f"train-target: no committed checkpoint in {ckpt.directory}; starting from step 0")
+    start, end, logger, bar = open_run_log(out_dir, state, meta, config=config, stop_at_step=stop_at_step,
+                                           desc="train-target", progress=progress)
     if primary:
-        config.write_json(os.path.join(out_dir, "train_config.json"))
-
-    cache = os.path.join(out_dir, "cache")
-    stream = np.concatenate([tokenize_split(corpus_dir, d, "train", tok, cache_dir=cache) for d in config.domains])
-    packed = pack_stream(stream, config.seq_len, tok.pad_id)
-    data = BatchIterator(packed, config.batch_size, config.seed)
-    micro = config.batch_size // config.grad_accum_steps
-    val = validation_batches(corpus_dir, config.domains, tok, seq_len=config.seq_len, batch_size=micro,
-                             max_batches=config.eval_batches, cache_dir=cache)
-    program = build_target_program(config, model_config, mesh)
-    if latest is not None:
-        state, meta = ckpt.restore(latest, program.abstract_state)
-        data.restore(DataState.from_dict(meta["data_state"]))
-    else:
-        state = program.init(config.seed)
-    start = int(jax.device_get(state.step))
-    end = end_step(start, stop_at_step, config.steps)
-    logger = MetricsLogger(os.path.join(out_dir, "metrics.jsonl"), resume_step=start if latest else None,
-                           enabled=primary)
-    bar = ProgressBar(total=config.steps, initial=start, desc="train-target", enabled=progress and primary)
-    bar.write(f"train-target: {len(packed)} sequences x {config.seq_len} tokens "
-              f"({packed.num_target_tokens} targets, {data.batches_per_epoch} steps/epoch), vocab "
-              f"{config.vocab_size}, mesh {dict(mesh.shape)}, steps {start}->{end} of {config.steps}")
+        bar.write(f"train-target: {len(packed)} sequences x {config.seq_len} tokens "
+                  f"({packed.num_target_tokens} targets, {data.batches_per_epoch} steps/epoch), vocab "
+                  f"{config.vocab_size}, mesh {dict(mesh.shape)} over {jax.process_count()} process(es), "
+                  f"steps {start}->{end} of {config.steps}")
 
     def meta_now(step: int) -> dict:
         return {"step": step, "config": config.to_dict(), "data_state": data.state.to_dict(),
@@ -204,16 +208,20 @@ def train_target(config: TargetTrainConfig, *, corpus_dir: str, tokenizer_dir: s
         nonlocal eval_losses
         eval_losses = evaluate_domains(program, state.params, val)
         logger.log({"step": s, "eval": eval_losses})
-        bar.write(f"step {s}: eval loss " + ", ".join(f"{d} {v:.4f}" for d, v in eval_losses.items()))
+        if primary:
+            bar.write(f"step {s}: eval loss " + ", ".join(f"{d} {v:.4f}" for d, v in eval_losses.items()))
 
     state = run_steps(state, config=config, start=start, end=end,
                       step=lambda st: program.step(st, program.put_batch(next(data))), on_log=on_log,
                       on_eval=on_eval, meta=meta_now, ckpt=ckpt, bar=bar, logger=logger)
     exported = False
-    if export and end == config.steps and primary:
-        export_target(state.params, model_config, out_dir, tok, config.export_dtype)
+    if export and end == config.steps:
+        host_params = gather_to_host(state.params)  # collective: FSDP shards may live on other hosts
+        if primary:
+            export_target(host_params, model_config, out_dir, tok, config.export_dtype)
+            bar.write(f"train-target: exported {config.export_dtype} model to {out_dir}")
         exported = True
-        bar.write(f"train-target: exported {config.export_dtype} model to {out_dir}")
+        barrier("train-target-export")
     if last_loss is None:
         last = [r for r in read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if "loss" in r]
         last_loss = last[-1]["loss"] if last else None
