@@ -96,13 +96,14 @@ def main(argv=None) -> int:
         row["ar_speedup_sort_free_vs_sort"] = row["ar_sort_s"] / row["ar_sort_free_s"]
         rows_out.append(row)
         print(row, flush=True)
+        # Saved after every batch size, so a long run leaves its finished rows behind.
+        save_result(args.out, {"benchmark": "top_p", "config": vars(args), "rows": rows_out, "machine": machine_info()})
     print_table(rows_out, [("batch", "batch", "{}"), ("ar_sort_s", "AR sort s", "{:.3f}"),
                            ("ar_sort_free_s", "AR new s", "{:.3f}"), ("spec_sort_s", "spec sort s", "{:.3f}"),
                            ("spec_sort_free_s", "spec new s", "{:.3f}"),
                            ("spec_over_ar_sort", "spec/AR before", "{:.2f}"),
                            ("spec_over_ar_sort_free", "spec/AR after", "{:.2f}"),
                            ("spec_speedup_sort_free_vs_sort", "spec new vs sort", "{:.2f}")])
-    save_result(args.out, {"benchmark": "top_p", "config": vars(args), "rows": rows_out, "machine": machine_info()})
     return 0
 
 
