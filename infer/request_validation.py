@@ -20,6 +20,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from infer.batching import GenerationError
+
 __all__ = ["RequestError", "SPECULATIVE_OPTIONS", "GENERATE_KEYWORDS", "normalize_prompts", "check_generate_request",
            "check_load_request"]
 
@@ -36,8 +38,10 @@ _SAMPLING_FIELDS = ("temperature", "top_k", "top_p")
 _INT64 = 2**63
 
 
-class RequestError(TypeError, ValueError):
-    """An invalid argument to a Python entry point; the message names it and what was expected."""
+class RequestError(TypeError, GenerationError):
+    """An invalid argument to a Python entry point; the message names it and what was expected.
+
+    A `GenerationError` (hence a `ValueError`) and a `TypeError`: whichever a caller expects to catch."""
 
 
 def _is_int(x: Any) -> bool:
@@ -91,8 +95,17 @@ def normalize_prompts(prompts: Any) -> list:
     return out
 
 
+def _per_row(value: Any) -> list:
+    """One value for all prompts, or a list/tuple with one per prompt."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def _check_sampling(sampling: Any) -> None:
     if sampling is None:
+        return
+    if isinstance(sampling, (list, tuple)):
+        for one in sampling:
+            _check_sampling(one)
         return
     from dspark_jax.sampling import SamplingConfig
 
@@ -124,7 +137,7 @@ def _check_options(options: Mapping[str, Any], has_draft: bool) -> None:
         elif name == "record_rounds":
             ok = isinstance(value, bool)
         else:
-            ok = _is_number(value) and 0 <= value < 1
+            ok = all(_is_number(v) and 0 <= v < 1 for v in _per_row(value))
         if not ok:
             raise RequestError(f"{name} must be {SPECULATIVE_OPTIONS[name]}, got {_kind(value)}")
     if options and not has_draft:
@@ -144,8 +157,8 @@ def check_generate_request(target: Any, prompts: Any, *, draft: Any, max_new_tok
                            f"{type(draft).__name__}")
     if not _is_int(max_new_tokens):
         raise RequestError(f"max_new_tokens must be an integer, got {_kind(max_new_tokens)}")
-    if not _is_int(seed) or not -_INT64 <= seed < _INT64:
-        raise RequestError(f"seed must be an integer in [-2^63, 2^63), got {_kind(seed)}")
+    if not all(_is_int(s) and -_INT64 <= s < _INT64 for s in _per_row(seed)):
+        raise RequestError(f"seed must be an integer in [-2^63, 2^63), got {_kind(seed)} (one seed, or one per prompt)")
     if stop_token_ids is not None:
         if isinstance(stop_token_ids, (str, bytes)) or not isinstance(stop_token_ids, Sequence) \
                 or not all(_is_int(t) for t in stop_token_ids):

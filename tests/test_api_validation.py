@@ -30,7 +30,8 @@ def test_str_prompt_is_one_prompt(target, monkeypatch):
     def fake_run(fn, args, static):  # stands in for the compiled loop: records the batch it was given
         seen["tokens"] = np.asarray(args[1])
         rows = seen["tokens"].shape[0]
-        return (np.zeros((rows, static["max_new_tokens"]), np.int32), np.full(rows, 2, np.int32)), 0.0, 1e-3
+        out = np.zeros((rows, static["loop"].max_new_tokens), np.int32)
+        return (out, np.full(rows, 2, np.int32), np.zeros(rows, np.int32)), 0.0, 1e-3  # (tokens, counts, non-finite)
     monkeypatch.setattr(infer.api, "run_compiled", fake_run)
     res = generate(target, "hello world", max_new_tokens=2, stop_token_ids=[])
     assert seen["tokens"].shape[0] == 1 and len(res.token_ids) == 1
