@@ -48,6 +48,7 @@ COMMANDS: dict[str, Command] = {
                     "evaluate drafters: tau, acceptance rates, tokens/s and speed-up vs autoregressive"),
     "calibrate": Command("dspark_jax.cli.calibrate_cmd:calibrate_main",
                          "fit confidence temperatures (STS) for a drafter and report calibration before/after"),
+    "info": Command("dspark_jax.info:info_main", "JAX backend, devices, mesh suggestion, versions, active kernels"),
 }
 
 

@@ -1,0 +1,97 @@
+"""``dspark info``: JAX backend, devices, a mesh suggestion, package versions and the kernel table.
+
+``dspark info [--json] [--check-kernels] [--backend auto|xla|pallas]``. ``--check-kernels`` lowers
+every Pallas kernel for TPU and CUDA at a Qwen3-4B-shaped config from this host (no accelerator
+needed) and adds ``"lowers": {"tpu": bool, "cuda": bool}`` per kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import platform
+import sys
+from typing import Any, Sequence
+
+__all__ = ["collect_info", "suggest_mesh", "info_main", "PACKAGES"]
+
+PACKAGES = ("dspark-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "safetensors", "tokenizers",
+            "jax-cuda12-plugin", "libtpu")
+
+
+def suggest_mesh(num_devices: int, num_hosts: int = 1) -> dict[str, int]:
+    """A (data, fsdp, model) mesh for inference/training on `num_devices` devices.
+
+    Model parallelism inside a host (up to 8 devices: KV heads of Qwen3/Llama targets divide 8),
+    data parallelism across hosts, FSDP never needed for <= 14B inference on one host.
+    """
+    per_host = max(1, num_devices // max(1, num_hosts))
+    model = 1
+    while model * 2 <= min(per_host, 8) and per_host % (model * 2) == 0:
+        model *= 2
+    return {"data": num_devices // model, "fsdp": 1, "model": model}
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def collect_info(check_kernels: bool = False, backend: str = "auto") -> dict[str, Any]:
+    """Everything ``dspark info`` prints, as a JSON-ready dict."""
+    import jax
+
+    from dspark_jax.kernels import kernel_status, resolve_backend
+
+    devices = jax.devices()
+    return {
+        "jax_backend": jax.default_backend(),
+        "devices": [{"id": d.id, "kind": d.device_kind, "platform": d.platform, "process": d.process_index}
+                    for d in devices],
+        "num_devices": len(devices), "num_processes": jax.process_count(),
+        "mesh_suggestion": suggest_mesh(len(devices), jax.process_count()),
+        "kernel_backend": {"requested": backend, "resolved": resolve_backend(backend)},
+        "python": platform.python_version(), "packages": _versions(),
+        "kernels": kernel_status(check_lowering=check_kernels, backend=backend),
+    }
+
+
+def _print_text(info: dict[str, Any]) -> None:
+    print(f"JAX backend   {info['jax_backend']} ({info['num_devices']} device(s), {info['num_processes']} process(es))")
+    kinds = sorted({d['kind'] for d in info["devices"]})
+    print(f"devices       {', '.join(kinds)}")
+    m = info["mesh_suggestion"]
+    print(f"mesh          --mesh {m['data']},{m['fsdp']},{m['model']}  (data, fsdp, model)")
+    kb = info["kernel_backend"]
+    print(f"kernels       backend {kb['requested']} -> {kb['resolved']}")
+    for name, row in info["kernels"].items():
+        low = row.get("lowers")
+        low_txt = "" if low is None else "  lowers: " + " ".join(f"{p}={'yes' if ok else 'NO'}" for p, ok in low.items())
+        mode = "pallas" + (" (interpret)" if row["interpret"] else "") if row["active"] else "xla"
+        print(f"  {name:<24}{mode:<22}{low_txt}")
+    print("packages      " + ", ".join(f"{k} {v}" for k, v in info["packages"].items() if v))
+
+
+def info_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dspark info``."""
+    parser = argparse.ArgumentParser(prog="dspark info", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--check-kernels", action="store_true",
+                        help="lower every kernel for TPU and CUDA at a Qwen3-4B-shaped config (adds 'lowers')")
+    parser.add_argument("--backend", default="auto", choices=("auto", "xla", "pallas"),
+                        help="kernel backend to report as active (default auto: Pallas on TPU/GPU)")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    info = collect_info(check_kernels=args.check_kernels, backend=args.backend)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_text(info)
+    if args.check_kernels and not all(all(r["lowers"].values()) for r in info["kernels"].values()):
+        return 1
+    return 0
