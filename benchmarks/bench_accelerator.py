@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -34,7 +32,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import machine_info, print_table, save_result  # noqa: E402
+from benchmarks.common import machine_info, median_ms, print_table, save_result  # noqa: E402
 from dspark_jax import kernels  # noqa: E402
 from dspark_jax.config import TargetConfig  # noqa: E402
 from dspark_jax.draft.cache import DraftCache  # noqa: E402
@@ -45,17 +43,6 @@ from dspark_jax.target.model import TargetModel, output_kernel  # noqa: E402
 from infer.speculative import draft_backbone  # noqa: E402
 
 ACCEL = jax.default_backend() in ("tpu", "gpu")
-
-
-def median_ms(fn, *args, reps: int) -> float:
-    """Median wall time (ms) after one compile + warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def build(args):

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from typing import Any, Callable
 
 import jax
@@ -22,23 +20,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import machine_info, print_table, save_result  # noqa: E402
+from benchmarks.common import machine_info, median_ms, print_table, save_result  # noqa: E402
 from dspark_jax.kernels import QWEN3_4B, REGISTRY  # noqa: E402
 from pallas_kernels import fused_verify as fv  # noqa: E402
 
 ACCEL = jax.default_backend() in ("tpu", "gpu")
 PLATFORM = "tpu" if jax.default_backend() == "tpu" else "gpu"
-
-
-def _time(fn: Callable, args: tuple, reps: int) -> float:
-    """Median wall time (ms) of a jitted call, after one compile+warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _err(a, b) -> float:
@@ -154,7 +141,7 @@ def run(names: list[str], quick: bool, reps: int) -> list[dict[str, Any]]:
             row = {"kernel": name, "case": label, "max_abs_err": err, "token_agreement": agree, "pallas_ms": None,
                    "xla_ms": None, "speedup": None}
             if ACCEL:
-                row["pallas_ms"], row["xla_ms"] = _time(kernel, args, reps), _time(ref, args, reps)
+                row["pallas_ms"], row["xla_ms"] = median_ms(kernel, *args, reps=reps), median_ms(ref, *args, reps=reps)
                 row["speedup"] = row["xla_ms"] / row["pallas_ms"]
             rows.append(row)
             print(f"{name:<22} {label:<40} err={err:.2e} tokens={agree:.3f} "
