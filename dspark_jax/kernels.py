@@ -29,7 +29,7 @@ from pallas_kernels import markov_sampler as _sampler
 from pallas_kernels import ragged_attention as _attn
 
 __all__ = ["BACKENDS", "KernelSpec", "REGISTRY", "resolve_backend", "dispatch", "attention", "verify",
-           "verify_cuts", "request_seeds", "sample_drafts", "sampler_supports", "train_attention", "kernel_status",
+           "verify_cuts", "request_seeds", "slot_rows", "verify_packed", "sample_drafts", "sampler_supports", "train_attention", "kernel_status",
            "lowers", "KernelBackendError"]
 
 Array = jax.Array
@@ -105,6 +105,30 @@ def verify(target_logits: Array, draft_tokens: Array, draft_probs: Array, num_pr
     """Fused rejection sampling per request -> (accepted [R], next_token [R]) (see `pallas_kernels.fused_verify`)."""
     return dispatch("fused_verify", target_logits, draft_tokens, draft_probs, num_proposed, temperature, cuts, seeds,
                     backend=backend)
+
+
+def slot_rows(x: Array, token_slot: Array, num_slots: int, max_chunk: int, fill=0) -> Array:
+    """Packed rows x [T, ...] -> per-slot rows [R, max_chunk, ...] (slot r's chunk, in order; `fill` after it)."""
+    start, count = _attn.slot_chunks(token_slot, num_slots)
+    i = jnp.arange(max_chunk, dtype=jnp.int32)[None, :]
+    rows = jnp.minimum(start[:, None] + i, x.shape[0] - 1)
+    out = jnp.take(x, rows, axis=0)
+    present = (i < count[:, None]).reshape((num_slots, max_chunk) + (1,) * (x.ndim - 1))
+    return jnp.where(present, out, fill)
+
+
+def verify_packed(logits: Array, token_slot: Array, draft_tokens: Array, draft_probs: Array, num_proposed: Array,
+                  temperature: Array, cuts: Array, seeds: Array, *, block_size: int,
+                  backend: str = "auto") -> tuple[Array, Array]:
+    """`verify` over the packed layout: per-token target logits [T, V] (slot r's chunk is its anchor
+    and drafts, `token_slot` [T], R = padding) -> (accepted [R], next_token [R]).
+
+    draft_tokens [R, K], draft_probs [R, K, V], num_proposed / temperature / seeds [R] and cuts
+    [R, K+1] are per slot (K = block_size); idle slots should have num_proposed 0.
+    """
+    r = num_proposed.shape[0]
+    per_slot = slot_rows(logits, token_slot, r, block_size + 1)  # [R, K+1, V]
+    return verify(per_slot, draft_tokens, draft_probs, num_proposed, temperature, cuts, seeds, backend=backend)
 
 
 def sampler_supports(head_type: str | None, use_top_k: bool, use_top_p: bool) -> bool:
