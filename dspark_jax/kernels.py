@@ -28,7 +28,7 @@ from pallas_kernels import fused_verify as _verify
 from pallas_kernels import markov_sampler as _sampler
 from pallas_kernels import ragged_attention as _attn
 
-__all__ = ["BACKENDS", "KernelSpec", "REGISTRY", "resolve_backend", "dispatch", "attention", "verify",
+__all__ = ["BACKENDS", "KernelSpec", "REGISTRY", "resolve_backend", "dispatch", "attention", "cached_attention", "verify",
            "verify_cuts", "request_seeds", "slot_rows", "verify_packed", "sample_drafts", "sampler_supports", "train_attention", "kernel_status",
            "lowers", "KernelBackendError"]
 
@@ -89,6 +89,21 @@ def attention(q: Array, k_cache: Array, v_cache: Array, token_slot: Array, token
     """Packed ragged decode/verify attention (see `pallas_kernels.ragged_attention`). q [T, H, D] -> [T, H, D]."""
     return dispatch("ragged_attention", q, k_cache, v_cache, token_slot, token_pos, kv_len, backend=backend,
                     max_chunk=max_chunk, scale=scale)
+
+
+def cached_attention(q: Array, k_cache: Array, v_cache: Array, positions: Array, *, scale: float | None = None,
+                     backend: str = "auto") -> Array:
+    """Fixed-batch decode/verify/prefill attention as the packed layout with equal chunks.
+
+    q [B, T, H, D] at contiguous increasing positions [B, T], already appended to the caches
+    [B, S, KVH, D] at index == position; a query sees cache keys at index <= its position (the
+    target model's rule), and only the live prefix of each row is read. Returns [B, T, H, D].
+    """
+    b, t, h, d = q.shape
+    slot = jnp.repeat(jnp.arange(b, dtype=jnp.int32), t)
+    out = attention(q.reshape(b * t, h, d), k_cache, v_cache, slot, positions.reshape(-1).astype(jnp.int32),
+                    positions[:, -1].astype(jnp.int32) + 1, max_chunk=t, scale=scale, backend=backend)
+    return out.reshape(b, t, h, d)
 
 
 def verify_cuts(logits: Array, temperature: Array, top_k: Array, top_p: Array, *, top_k_bound: int = 0,

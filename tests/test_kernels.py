@@ -50,8 +50,8 @@ def _packed_case(rng, dtype):
             jnp.asarray(pos, jnp.int32), jnp.asarray(cached + chunk, jnp.int32))
 
 
-def test_ragged_reference_equals_model_attention():
-    """Fixed batch = packed layout with equal chunks: the reference equals layers.gqa_attention."""
+def test_cached_attention_equals_model_attention():
+    """Fixed batch = packed layout with equal chunks: reference and kernel equal layers.gqa_attention."""
     rng = np.random.default_rng(0)
     b, k1, s, kvh, g, d = 2, 3, 16, 2, 2, 8
     q = jnp.asarray(rng.normal(size=(b, k1, kvh * g, d)), jnp.float32)
