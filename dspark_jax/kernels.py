@@ -29,7 +29,7 @@ from pallas_kernels import markov_sampler as _sampler
 from pallas_kernels import ragged_attention as _attn
 
 __all__ = ["BACKENDS", "KernelSpec", "REGISTRY", "resolve_backend", "dispatch", "attention", "cached_attention", "verify",
-           "verify_cuts", "request_seeds", "slot_rows", "verify_packed", "sample_drafts", "sampler_supports", "train_attention", "kernel_status",
+           "verify_cuts", "request_seeds", "slot_rows", "verify_packed", "propose_fused", "verify_fused", "sample_drafts", "sampler_supports", "train_attention", "kernel_status",
            "lowers", "KernelBackendError"]
 
 Array = jax.Array
@@ -163,6 +163,44 @@ def sample_drafts(base_logits: Array, h: Array, anchor: Array, temperature: Arra
         return tokens, probs if with_probs else None, conf
     return dispatch("markov_sampler", base_logits, h, anchor, temperature, seeds, w1, w2, backend="pallas",
                     with_probs=with_probs, **head)
+
+
+def propose_fused(draft_params: dict, head_type: str, conf_with_markov: bool, h: Array, base_logits: Array,
+                  anchor: Array, keys: Array, temperature: Array, *, greedy: bool,
+                  backend: str = "auto") -> tuple[Array, Array | None, Array]:
+    """The speculative loop's sequential head through `sample_drafts`, from a draft parameter tree.
+
+    draft_params: the DeepSpec-layout tree (``markov_head``, optional ``confidence_head``); h [B, K, d];
+    base_logits [B, K, V]; anchor [B]; keys [B, 2] per-row PRNG keys; temperature [B] (0 = greedy row);
+    greedy: every row is greedy (static: no distributions are written). Check `sampler_supports` first.
+    Returns (tokens [B, K], probs [B, K, V] or None, confidence logits [B, K]).
+    """
+    markov = draft_params["markov_head"]
+    head: dict[str, Any] = {"head_type": head_type}
+    if head_type == "gated":
+        head.update(gate_w=markov["gate_proj"]["kernel"], gate_b=markov["gate_proj"]["bias"])
+    conf = draft_params.get("confidence_head")
+    if conf is not None:
+        head.update(conf_w=conf["proj"]["kernel"], conf_b=conf["proj"]["bias"], conf_with_markov=conf_with_markov)
+    b = anchor.shape[0]
+    temp = jnp.zeros((b,), jnp.float32) if greedy else jnp.broadcast_to(temperature, (b,)).astype(jnp.float32)
+    return sample_drafts(base_logits, h, anchor, temp, request_seeds(keys), markov["markov_w1"]["embedding"],
+                         markov["markov_w2"]["kernel"], backend=backend, with_probs=not greedy, **head)
+
+
+def verify_fused(target_logits: Array, draft_tokens: Array, draft_probs: Array, num_proposed: Array, keys: Array,
+                 temperature: Array, top_k: Array, top_p: Array, *, top_k_bound: int, use_top_p: bool,
+                 backend: str = "auto") -> tuple[Array, Array]:
+    """The speculative loop's rejection sampling through `verify`: per-row sampling values [B]
+    (temperature 0 = greedy row), keys [B, 2]; static top-k bound (0 = off) and top-p switch.
+    Returns (accepted [B] (before stop-token truncation), next_token [B])."""
+    b = num_proposed.shape[0]
+    row = lambda x, dt: jnp.broadcast_to(jnp.asarray(x, dt), (b,))
+    temp = row(temperature, jnp.float32)
+    cuts = verify_cuts(target_logits, temp[:, None], row(top_k, jnp.int32)[:, None], row(top_p, jnp.float32)[:, None],
+                       top_k_bound=top_k_bound, use_top_p=use_top_p)
+    return verify(target_logits, draft_tokens, draft_probs, num_proposed, temp, cuts, request_seeds(keys),
+                  backend=backend)
 
 
 def train_attention(q: Array, ctx_k: Array, ctx_v: Array, blk_k: Array, blk_v: Array, ctx_positions: Array,
