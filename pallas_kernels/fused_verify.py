@@ -55,7 +55,8 @@ def warp_cuts(logits: Array, temperature: Array, top_k: Array, top_p: Array, *, 
     value; top-p keeps the smallest prefix of the sorted kept set whose mass before each kept
     token is < p (at least one token), ties at the last kept value included.
     """
-    z = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)[..., None]
+    temperature = jnp.asarray(temperature, jnp.float32)
+    z = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[..., None]  # greedy rows: T = 1
     vocab = z.shape[-1]
     cut = jnp.full(z.shape[:-1], NEG_INF, jnp.float32)
     if top_k_bound > 0:
