@@ -244,6 +244,21 @@ def test_kernel_lowers_for_tpu_and_cuda(name):
         assert ok, f"{name} does not lower for {platform}: {err}"
 
 
+def test_kernels_lower_at_odd_real_shapes():
+    """GQA 8:1, vocab 128,256 (Llama 3), K = 15, cache and context lengths that are not powers of two."""
+    sd, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    r, s, t = 5, 3000, 40
+    attn = (sd((t, 32, 128), bf), sd((r, s, 4, 128), bf), sd((r, s, 4, 128), bf), sd((t,), jnp.int32),
+            sd((t,), jnp.int32), sd((r,), jnp.int32))
+    k, v = 15, 128256
+    ver = (sd((r, k + 1, v), jnp.float32), sd((r, k), jnp.int32), sd((r, k, v), jnp.float32), sd((r,), jnp.int32),
+           sd((r,), jnp.float32), sd((r, k + 1), jnp.float32), sd((r,), jnp.uint32))
+    for platform, target in (("tpu", "tpu"), ("gpu", "cuda")):
+        jax.jit(lambda *a: ra.ragged_attention(*a, max_chunk=16, platform=platform)).trace(*attn).lower(
+            lowering_platforms=(target,))
+        jax.jit(lambda *a: fv.fused_verify(*a, platform=platform)).trace(*ver).lower(lowering_platforms=(target,))
+
+
 def test_backend_switch_on_cpu():
     assert kernels.resolve_backend("auto") == "xla"  # CPU host
     assert kernels.resolve_backend("pallas") == "pallas"
