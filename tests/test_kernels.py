@@ -33,6 +33,13 @@ from tests.test_speculative import chi_square_pvalue
 ALPHA = 1e-4  # chi-square false-alarm rate (as tests/test_speculative.py)
 
 
+def _warp(logits, cfg: SamplingConfig):
+    """dspark_jax.sampling.warp_probs for one config (its traced values: `params()`, or `values()` before
+    per-row sampling parameters existed)."""
+    values = cfg.params() if hasattr(cfg, "params") else cfg.values()
+    return warp_probs(logits, values, cfg.mode)
+
+
 # ----------------------------------------------------------------------------- ragged attention
 
 def _packed_case(rng, dtype):
@@ -100,7 +107,7 @@ def test_warp_cuts_keep_the_sampling_allowed_set():
     logits = jnp.asarray(rng.normal(size=(4, 50)) * 3, jnp.float32)
     for cfg in (SamplingConfig(temperature=0.8, top_k=7), SamplingConfig(temperature=1.0, top_p=0.7),
                 SamplingConfig(temperature=1.2, top_k=10, top_p=0.6)):
-        want = warp_probs(logits, cfg.values(), cfg.mode)
+        want = _warp(logits, cfg)
         cut = fv.warp_cuts(logits, jnp.full((4,), cfg.temperature), jnp.full((4,), cfg.top_k),
                            jnp.full((4,), cfg.top_p), top_k_bound=64 if cfg.top_k else 0, use_top_p=cfg.top_p < 1)
         z = logits / cfg.temperature
@@ -144,7 +151,7 @@ def test_fused_verify_keeps_the_target_distribution(top_k, top_p):
     second = np.where(acc >= 2, x[:, 1], np.where(acc == 1, nxt, -1))
     rows = second >= 0  # the first token was a draft: the second emitted token exists in this round
     cfg = SamplingConfig(temperature=1.0, top_k=top_k, top_p=top_p)
-    pt = np.asarray(warp_probs(lt, cfg.values(), cfg.mode), np.float64)
+    pt = np.asarray(_warp(lt, cfg), np.float64)
     assert chi_square_pvalue(np.bincount(first, minlength=v), pt[0]) > ALPHA
     counts = np.bincount(first[rows] * v + second[rows], minlength=v * v).reshape(v, v)
     for t0 in range(v):  # given the first token, the second ~ p_t[1]
