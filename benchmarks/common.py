@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -15,7 +16,7 @@ import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 __all__ = ["git_commit", "machine_info", "save_result", "run_children", "print_table", "dtype_parser",
-           "run_per_dtype"]
+           "run_per_dtype", "median_ms"]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,3 +143,17 @@ def run_per_dtype(name: str, script: str, args: argparse.Namespace, *, child: Ca
     print(f"machine: {machine['cpu_model']} ({machine['affinity_cpus']} CPUs), load avg {load_avg_at_start}")
     save_result(args.out, result)
     return 0
+
+
+def median_ms(fn: Callable, *args: Any, reps: int) -> float:
+    """Median wall time (ms) of `fn(*args)` over `reps` calls, after one compile + warm-up call
+    (results are blocked on, so asynchronous dispatch is timed to completion)."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)

@@ -42,6 +42,7 @@ COMMANDS: dict[str, Command] = {
     "train-draft":     Command("train.cli_draft:train_draft_main", "train a DSpark/DFlash drafter against a target (online target features)"),
     "eval":            Command("dspark_cli.eval_cmd:eval_main", "evaluate drafters: tau, acceptance rates, tokens/s and speed-up vs autoregressive"),
     "calibrate":       Command("dspark_cli.calibrate_cmd:calibrate_main", "fit confidence temperatures (STS) for a drafter and report calibration"),
+    "info":            Command("dspark_cli.info_cmd:info_main", "JAX backend, devices, mesh suggestion, versions, active kernels"),
 }
 # fmt: on
 

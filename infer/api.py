@@ -121,6 +121,7 @@ def _prepare(target: Target, prompts, draft, max_new_tokens, sampling, seed, sto
             target, draft, longest=longest, bucket=bucket, max_new_tokens=max_new_tokens, mode=mode,
             block_size=speculative_options.get("block_size"),
             record_rounds=speculative_options.get("record_rounds", False),
+            backend=speculative_options.get("backend", "xla"),
             thresholds_used=any(np.any(np.asarray(v) > 0) for v in thresholds.values()))
     return _Request(ids=ids, tokens=tokens, lengths=lengths, params=params, loop=loop, draft=draft)
 
@@ -133,9 +134,10 @@ def generate(target: Target, prompts: str | Sequence[str] | Sequence[Sequence[in
 
     With `draft=None` this is plain autoregressive decoding; with a loaded draft it runs the
     lossless speculative loop (`infer.speculative`; options `block_size`, `confidence_threshold`,
-    `survival_threshold` (scalars or one per prompt), `record_rounds`). `sampling` and `seed` may
-    be one value for all prompts or one per prompt; a row's output depends only on its own
-    settings and seed (with one int seed, row r uses fold_in(PRNGKey(seed), r)). Output excludes
+    `survival_threshold` (scalars or one per prompt), `record_rounds`, `backend` = 'xla' (default) |
+    'pallas' | 'auto': the fused sequential-head and verification kernels, see `dspark_jax.kernels`).
+    `sampling` and `seed` may be one value for all prompts or one per prompt; a row's output depends
+    only on its own settings and seed (with one int seed, row r uses fold_in(PRNGKey(seed), r)). Output excludes
     the prompt and includes a row's stop token when one ends it. Raises GenerationError for bad
     requests and when the run produced NaN/Inf logits.
     """

@@ -31,6 +31,7 @@ SPECULATIVE_OPTIONS: dict[str, str] = {
     "confidence_threshold": "a number in [0, 1)",
     "survival_threshold": "a number in [0, 1)",
     "record_rounds": "True or False",
+    "backend": "'xla', 'pallas' or 'auto' (kernel backend of the speculative loop)",
 }
 # Every keyword `generate` accepts (for "did you mean" suggestions).
 GENERATE_KEYWORDS = ("draft", "max_new_tokens", "sampling", "seed", "stop_token_ids", *SPECULATIVE_OPTIONS)
@@ -136,6 +137,8 @@ def _check_options(options: Mapping[str, Any], has_draft: bool) -> None:
             ok = value is None or (_is_int(value) and value >= 1)
         elif name == "record_rounds":
             ok = isinstance(value, bool)
+        elif name == "backend":
+            ok = value in ("xla", "pallas", "auto")
         else:
             ok = all(_is_number(v) and 0 <= v < 1 for v in _per_row(value))
         if not ok:

@@ -29,6 +29,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from dspark_jax import kernels
 from dspark_jax.draft import heads
 from dspark_jax.draft.cache import DraftCache
 from dspark_jax.draft.model import DraftModel
@@ -38,7 +39,7 @@ from infer.autoregressive import prefill
 from infer.spec_metrics import RoundRecords, RoundStats
 from infer.state import (NONFINITE_DRAFT, NONFINITE_PREFILL, NONFINITE_TARGET, OutputBuffer, Proposal, RowParams,
                          SpecLoop, SpecModels, SpecState, all_finite, is_stop, split_keys, step_keys)
-from infer.verify import VerifyResult, greedy_verify, rejection_sample
+from infer.verify import VerifyResult, _truncate_at_stop, greedy_verify, rejection_sample
 
 __all__ = ["Pending", "Proposal", "make_models", "speculative_init", "speculative_step", "speculative_generate",
            "propose", "draft_backbone", "sample_block", "truncate_proposal", "target_verify", "verify_proposal"]
@@ -116,6 +117,13 @@ def sample_block(loop: SpecLoop, models: SpecModels, h: Array, base_logits: Arra
     b = anchor.shape[0]
     markov = models.draft.get("markov_head")
     conf_params = models.draft.get("confidence_head")
+    if loop.backend != "xla" and markov is not None and kernels.sampler_supports(
+            dcfg.markov_head_type, mode.use_top_k, mode.use_top_p):  # the fused K-step sampler kernel
+        tokens, probs, conf = kernels.propose_fused(
+            models.draft, dcfg.markov_head_type, dcfg.confidence_head_with_markov, h[:, :k], base_logits[:, :k],
+            anchor, keys, params.sampling.temperature, greedy=mode.greedy, backend=loop.backend)
+        num = truncate_proposal(conf, params.confidence_threshold, params.survival_threshold, models.sts_temperatures)
+        return Proposal(tokens=tokens, probs=probs, conf_logits=conf, num=num)
 
     def slot(carry, inp):
         prev, state = carry
@@ -217,6 +225,15 @@ def verify_proposal(loop: SpecLoop, proposal: Proposal, logits: Array, num: Arra
     ver = greedy_verify(proposal.tokens, greedy_argmax(logits), num, params.stop_ids)
     if loop.mode.greedy:
         return ver
+    if loop.backend != "xla":  # the fused verification kernel (greedy rows: token-id path inside)
+        mode = loop.mode
+        accepted, next_tok = kernels.verify_fused(
+            logits, proposal.tokens, proposal.probs, num, keys, params.sampling.temperature, params.sampling.top_k,
+            params.sampling.top_p, top_k_bound=mode.top_k_bound if mode.use_top_k else 0, use_top_p=mode.use_top_p,
+            backend=loop.backend)
+        prefix = jnp.arange(proposal.tokens.shape[1])[None, :] < accepted[:, None]
+        accepted, terminated = _truncate_at_stop(proposal.tokens, prefix, accepted, params.stop_ids)
+        return VerifyResult(accepted=accepted, next_token=next_tok, terminated=terminated, prefix_accepted=prefix)
     target_probs = warp_probs(logits, params.sampling, loop.mode)  # [B, K+1, V]
     sampled = rejection_sample(keys, proposal.tokens, proposal.probs, target_probs, num, params.stop_ids, loop.mode)
     return _select_rows(params.sampling.greedy, ver, sampled)

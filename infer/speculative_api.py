@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dspark_jax import kernels
 from dspark_jax.draft.config import DraftConfig
 from dspark_jax.sampling import SamplingMode
 from infer.batching import GenerationError, GenerationResult, cache_length, check_nonfinite
@@ -81,7 +82,7 @@ def sts_temperatures(draft: Draft):
 
 def speculative_loop(target, draft: Draft, *, longest: int, bucket: int, max_new_tokens: int, mode: SamplingMode,
                      block_size: int | None = None, record_rounds: bool = False,
-                     thresholds_used: bool = False) -> SpecLoop:
+                     thresholds_used: bool = False, backend: str = "xla") -> SpecLoop:
     """Validate the speculative options and build the static loop description."""
     dcfg = draft.config
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))):
@@ -92,10 +93,13 @@ def speculative_loop(target, draft: Draft, *, longest: int, bucket: int, max_new
     if thresholds_used and not dcfg.enable_confidence_head:
         raise GenerationError("confidence thresholds need a draft with a confidence head")
     dcfg.validate_against_target(target.config)
+    if backend not in kernels.BACKENDS:
+        raise GenerationError(f"backend must be one of {list(kernels.BACKENDS)}, got {backend!r}")
     # Verification writes up to K+1 positions past the last committed token (rolled back later).
     cache_len = cache_length(bucket, longest + max_new_tokens + k + 1)
     return SpecLoop(target=target.config, draft=dcfg, block_size=k, mode=mode, max_new_tokens=max_new_tokens,
-                    cache_len=cache_len, share_lm_head=draft.shares_target_lm_head, record_rounds=bool(record_rounds))
+                    cache_len=cache_len, share_lm_head=draft.shares_target_lm_head, record_rounds=bool(record_rounds),
+                    backend=kernels.resolve_backend(backend))
 
 
 def run_speculative_batch(target, draft: Draft, loop: SpecLoop, prompts: list[list[int]], tokens: np.ndarray,

@@ -192,6 +192,7 @@ class SpecLoop:
     share_lm_head: bool = False
     record_rounds: bool = False
     reference_length_rule: bool = True
+    backend: str = "xla"  # kernels of the sequential head and verification (dspark_jax.kernels): xla | pallas
 
     @property
     def buffer_width(self) -> int:
