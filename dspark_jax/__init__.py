@@ -5,6 +5,7 @@ Curated public API:
     from dspark_jax import load_target_bundle, load_draft_bundle, generate, SamplingConfig
 
 Model-level pieces: `TargetConfig`, `TargetModel`, `KVCache`, `DraftConfig`, `DraftModel`,
+the confidence scheduler (`prefix_schedule`, `async_schedule`, `survival_from_confidence`),
 checkpoint I/O (`load_target`, `save_target`, `load_draft`, `save_draft`), `Tokenizer`, and the
 sharding helpers (`make_mesh`, `target_param_shardings`). The generation entry points live in the
 top-level `infer` package and are re-exported here lazily (so importing either package first works).
@@ -18,6 +19,7 @@ __all__ = [
     "TargetModel", "KVCache", "DraftConfig", "DraftModel",
     "load_target", "save_target", "load_draft", "save_draft", "Tokenizer",
     "make_mesh", "target_param_shardings",
+    "prefix_schedule", "survival_from_confidence", "async_schedule",
     "generate", "load_target_bundle", "load_draft_bundle", "Target", "Draft", "GenerationResult", "GenerationError",
 ]
 
@@ -33,6 +35,9 @@ _LAZY = {
     "Tokenizer": "dspark_jax.tokenizer",
     "make_mesh": "dspark_jax.sharding",
     "target_param_shardings": "dspark_jax.sharding",
+    "prefix_schedule": "dspark_jax.scheduling",
+    "survival_from_confidence": "dspark_jax.scheduling",
+    "async_schedule": "dspark_jax.scheduling",
     "generate": "infer.api",
     "load_target_bundle": "infer.api",
     "Target": "infer.api",
