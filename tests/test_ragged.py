@@ -19,6 +19,9 @@ from infer.verify import greedy_verify, rejection_sample
 from tests.spec_helpers import random_target
 
 R, G, V_SMALL = 4, 3, 5
+_rejection_sample = jax.jit(rejection_sample, static_argnames="mode")
+_greedy_verify = jax.jit(greedy_verify)
+_warp = jax.jit(warp_probs, static_argnames="mode")
 
 
 def test_pack_chunks_layout():
@@ -50,15 +53,15 @@ def test_packed_forward_matches_dense_verify():
     rng = np.random.default_rng(0)
     lens = jnp.asarray([5, 9, 3, 7])
     prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (R, 9)), jnp.int32)
-    _, cache, _ = prefill(model, params, prompts, lens, s)
+    _, cache, _ = jax.jit(functools.partial(prefill, model), static_argnums=3)(params, prompts, lens, s)
     chunk = jnp.asarray(rng.integers(0, cfg.vocab_size, (R, G + 1)), jnp.int32)
     ell = jnp.asarray([3, 0, 2, 1])
     active = jnp.asarray([True, True, True, False])
     packed = pack_chunks(chunk[:, 0], chunk[:, 1:], ell, lens, active, bucket=12)
     logits, new_cache, taps = jax.jit(functools.partial(packed_target_forward, cfg, tap_layers=(-1, 0)))(
         params, packed, cache)
-    dense = model.apply({"params": params}, chunk, lens[:, None] + jnp.arange(G + 1)[None, :], cache,
-                        tap_layers=(-1, 0))
+    dense = jax.jit(functools.partial(model.apply, tap_layers=(-1, 0)))(
+        {"params": params}, chunk, lens[:, None] + jnp.arange(G + 1)[None, :], cache)
     for r in range(3):
         n, c0 = int(ell[r]) + 1, int(packed.chunk_start[r])
         np.testing.assert_allclose(logits[c0:c0 + n], dense.logits[r, :n], rtol=1e-5, atol=1e-5)
@@ -107,11 +110,11 @@ def test_packed_rejection_matches_per_row_same_bits():
         got = run(keys, packed, target_logits, draft_probs, temps == 0, values, stop_ids)
         for r in range(R):
             if r == 3:
-                want = greedy_verify(drafts[r:r + 1], jnp.argmax(tl[r:r + 1], axis=-1), ell[r:r + 1], stop_ids)
+                want = _greedy_verify(drafts[r:r + 1], jnp.argmax(tl[r:r + 1], axis=-1), ell[r:r + 1], stop_ids)
             else:
-                tprobs = warp_probs(tl[r:r + 1], values[r], mode)
-                want = rejection_sample(keys[r], drafts[r:r + 1], dprobs[r:r + 1], tprobs, ell[r:r + 1], stop_ids,
-                                        mode)
+                tprobs = _warp(tl[r:r + 1], values[r], mode=mode)
+                want = _rejection_sample(keys[r], drafts[r:r + 1], dprobs[r:r + 1], tprobs, ell[r:r + 1], stop_ids,
+                                         mode=mode)
             for field in ("accepted", "next_token", "terminated", "prefix_accepted"):
                 np.testing.assert_array_equal(getattr(got, field)[r], getattr(want, field)[0], err_msg=f"{field} {r}")
 
