@@ -44,6 +44,7 @@ __all__ = ["EngineSpec", "Policy", "EngineState", "insert_request", "plan_round"
            "parse_policy", "POLICIES"]
 
 Array = jax.Array
+PENDING_ROWS = 16  # context rows a slot may hold back across rounds without a draft pass
 POLICIES = ("ar", "static:K", "mtp1", "threshold[:c]", "dspark", "dspark-async")
 
 
@@ -121,7 +122,9 @@ class EngineState:
     every request is greedy), prop_conf [R, γ] the pending proposal; values [R, 3] sampling values,
     greedy [R]; keys [R, 2] per-request base keys, rnd [R] rounds done; surv_hist [2, R, γ] with
     hist_valid [2, R]: calibrated survivals of the proposals verified one and two rounds ago
-    (for dspark-async).
+    (for dspark-async); pending [R, W, n_ctx·E] / pending_pos [R, W] / pending_n [R]: target
+    features of tokens committed in rounds without a draft pass (cost model said drafting does not
+    pay), committed to the draft cache at the next draft pass.
     """
 
     tcache: KVCache
@@ -137,12 +140,16 @@ class EngineState:
     rnd: Array
     surv_hist: Array
     hist_valid: Array
+    pending: Array | None
+    pending_pos: Array | None
+    pending_n: Array | None
 
     @classmethod
     def create(cls, spec: EngineSpec) -> "EngineState":
         """Empty slots."""
         r, g = spec.slots, max(spec.gamma, 1)
-        dcache = DraftCache.create(spec.dcfg, r, spec.cache_len) if spec.dcfg is not None else None
+        dcfg = spec.dcfg
+        dcache = DraftCache.create(dcfg, r, spec.cache_len) if dcfg is not None else None
         probs = None if spec.mode.greedy or spec.dcfg is None else jnp.zeros((r, g, spec.config.vocab_size),
                                                                               jnp.float32)
         zi = lambda: jnp.zeros((r,), jnp.int32)  # noqa: E731 - distinct buffers (the state is donated)
@@ -150,7 +157,11 @@ class EngineState:
                    prop_tokens=jnp.zeros((r, g), jnp.int32), prop_probs=probs, prop_conf=jnp.zeros((r, g)),
                    values=jnp.ones((r, 3), jnp.float32), greedy=jnp.ones((r,), bool),
                    keys=jnp.zeros((r, 2), jnp.uint32), rnd=zi(), surv_hist=jnp.zeros((2, r, g)),
-                   hist_valid=jnp.zeros((2, r), bool))
+                   hist_valid=jnp.zeros((2, r), bool),
+                   pending=None if dcfg is None else jnp.zeros((r, PENDING_ROWS, spec.dcfg.context_dim),
+                                                                dtype_of(spec.config.dtype)),
+                   pending_pos=None if dcfg is None else jnp.zeros((r, PENDING_ROWS), jnp.int32),
+                   pending_n=None if dcfg is None else zi())
 
 
 def _sample_rows(keys: Array, logits: Array, values: Array, greedy: Array, mode: SamplingMode) -> Array:
@@ -225,21 +236,26 @@ def insert_request(params, draft_params, head, state: EngineState, slot: Array, 
     dcache = dc.replace(k=tuple(_set_row(a, slot, b[0]) for a, b in zip(dc.k, one_cache.k)),
                         v=tuple(_set_row(a, slot, b[0]) for a, b in zip(dc.v, one_cache.v)),
                         lengths=_set_row(dc.lengths, slot, one_cache.lengths[0]))
-    state = state.replace(dcache=dcache, prop_tokens=_set_row(state.prop_tokens, slot, tokens[0]),
+    state = state.replace(dcache=dcache, pending_n=_set_row(state.pending_n, slot, jnp.int32(0)),
+                          prop_tokens=_set_row(state.prop_tokens, slot, tokens[0]),
                           prop_conf=_set_row(state.prop_conf, slot, conf[0]),
                           prop_probs=None if probs is None else _set_row(state.prop_probs, slot, probs[0]))
     return state, first
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "policy"))
-def plan_round(state: EngineState, active: Array, round_sps: Array, plain_sps: Array, temperatures: Array, *,
-               spec: EngineSpec, policy: Policy) -> tuple[Array, Array]:
-    """(ℓ [R] int32 drafts to verify per slot, total packed tokens Σ(1 + ℓ) over active slots).
+def plan_round(state: EngineState, active: Array, has_proposal: Array, round_sps: Array, plain_sps: Array,
+               temperatures: Array, *, spec: EngineSpec, policy: Policy) -> tuple[Array, Array, Array]:
+    """(ℓ [R] int32 drafts to verify per slot, total packed tokens Σ(1 + ℓ), draft_next bool).
 
+    has_proposal [R]: the slot's proposal was drafted after its last commit (else ℓ = 0).
     round_sps / plain_sps: whole-round and verify-only SPS tables [B_max + 1] (`infer.cost_model`);
-    temperatures [γ] STS temperatures of the drafter (ones when uncalibrated).
+    temperatures [γ] STS temperatures of the drafter (ones when uncalibrated). draft_next: whether
+    this round should end with a draft pass — False only for `dspark` with the cost gate when the
+    latest calibrated survivals say the best drafted round is slower than plain decoding.
     """
     r, g = spec.slots, spec.gamma
+    draft_next = jnp.asarray(g > 0 and policy.drafts)
     if policy.kind == "ar" or g == 0:
         ell = jnp.zeros((r,), jnp.int32)
     elif policy.kind == "static":
@@ -249,21 +265,24 @@ def plan_round(state: EngineState, active: Array, round_sps: Array, plain_sps: A
     else:
         surv = survival_from_confidence(state.prop_conf, temperatures)
         if policy.kind == "dspark":
-            if policy.cost_gate:
-                ell, _ = RoundCostModel.decide(surv, round_sps, plain_sps, active=active)
-            else:
-                ell = prefix_schedule(surv, round_sps, active=active)
+            ell = prefix_schedule(jnp.where(has_proposal[:, None], surv, 0.0), round_sps, active=active)
+            if policy.cost_gate:  # would a drafted round pay, judging by the latest proposals?
+                _, draft_next = RoundCostModel.decide(surv, round_sps, plain_sps, active=active)
         else:  # dspark-async: capacity from the survivals verified two rounds ago, today's ranking
-            ell, _ = async_schedule(surv, state.surv_hist[1], round_sps, active=active,
-                                    stale_active=state.hist_valid[1])
-    ell = jnp.where(active, ell, 0).astype(jnp.int32)
-    return ell, jnp.sum(jnp.where(active, 1 + ell, 0))
+            ell, _ = async_schedule(jnp.where(has_proposal[:, None], surv, 0.0), state.surv_hist[1], round_sps,
+                                    active=active, stale_active=state.hist_valid[1])
+    ell = jnp.where(active & has_proposal, ell, 0).astype(jnp.int32)
+    return ell, jnp.sum(jnp.where(active, 1 + ell, 0)), draft_next
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "bucket", "draft_pass"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("spec", "bucket", "draft_pass", "flush"), donate_argnames=("state",))
 def engine_round(params, draft_params, head, state: EngineState, ell: Array, active: Array, temperatures: Array, *,
-                 spec: EngineSpec, bucket: int, draft_pass: bool = True):
-    """One packed verify round + the next proposal (draft_pass=False: verify only, for profiling).
+                 spec: EngineSpec, bucket: int, draft_pass: bool = True, flush: bool = False):
+    """One packed verify round, then the next proposal.
+
+    draft_pass=False: no draft pass; this round's draft-context rows are held back in `pending`
+    (the caller keeps pending_n + γ + 1 <= PENDING_ROWS). flush=True: the draft pass also commits
+    the held-back rows (static, so rounds without held-back rows do not pay for them).
 
     ell [R] drafts to verify per slot; active [R] slots holding a request. Returns (state,
     new_tokens [R, γ + 1] (-1 past each slot's count), n_new [R], accepted [R]).
@@ -291,20 +310,36 @@ def engine_round(params, draft_params, head, state: EngineState, ell: Array, act
     anchor = jnp.where(active, ver.next_token, state.anchor)
     state = state.replace(tcache=tcache.with_lengths(new_start), anchor=anchor, start=new_start,
                           rnd=state.rnd + active.astype(jnp.int32))
-    if dcfg is not None and draft_pass:
-        surv = survival_from_confidence(state.prop_conf, temperatures)
-        state = state.replace(surv_hist=jnp.stack([surv, state.surv_hist[0]]),
-                              hist_valid=jnp.stack([active, state.hist_valid[0]]))
-        # Pending draft context: target features of the anchor and accepted drafts of each slot.
+    if dcfg is not None:
+        # Draft context of this round: target features of the anchor and accepted drafts of each slot.
         rows = jnp.clip(packed.chunk_start[:, None] + col, 0, bucket - 1)  # [R, γ+1]
-        pending = jnp.concatenate(taps, axis=-1)[rows]  # [R, γ+1, n_ctx*E]
-        pending_pos = (new_start - n_new)[:, None] + col
-        pending_valid = (col < n_new[:, None]) & active[:, None]
-        if spec.share_lm_head:
-            draft_params = {**draft_params, "lm_head": {"kernel": head}}
-        tokens, probs, conf, dcache = _propose(spec, draft_params, state.dcache, pending, pending_pos, pending_valid,
-                                               anchor, new_start, k_prop, state.values)
-        state = state.replace(dcache=dcache, prop_tokens=tokens, prop_probs=probs, prop_conf=conf)
+        ctx = jnp.concatenate(taps, axis=-1)[rows]  # [R, γ+1, n_ctx*E]
+        ctx_pos = (new_start - n_new)[:, None] + col
+        ctx_valid = (col < n_new[:, None]) & active[:, None]
+        if draft_pass:
+            surv = survival_from_confidence(state.prop_conf, temperatures)
+            state = state.replace(surv_hist=jnp.stack([surv, state.surv_hist[0]]),
+                                  hist_valid=jnp.stack([active, state.hist_valid[0]]))
+            # Rows held back by earlier rounds without a draft pass go first (older positions).
+            pending, pending_pos, pending_valid = ctx, ctx_pos, ctx_valid
+            if flush:
+                w = jnp.arange(PENDING_ROWS)[None, :]
+                pending = jnp.concatenate([state.pending, ctx.astype(state.pending.dtype)], axis=1)
+                pending_pos = jnp.concatenate([state.pending_pos, ctx_pos], axis=1)
+                pending_valid = jnp.concatenate([w < state.pending_n[:, None], ctx_valid], axis=1)
+            if spec.share_lm_head:
+                draft_params = {**draft_params, "lm_head": {"kernel": head}}
+            tokens, probs, conf, dcache = _propose(spec, draft_params, state.dcache, pending, pending_pos,
+                                                   pending_valid, anchor, new_start, k_prop, state.values)
+            state = state.replace(dcache=dcache, prop_tokens=tokens, prop_probs=probs, prop_conf=conf,
+                                  pending_n=jnp.zeros_like(state.pending_n))
+        else:  # hold this round's context rows back (the host keeps pending_n + γ + 1 <= PENDING_ROWS)
+            idx = jnp.where(ctx_valid, state.pending_n[:, None] + col, PENDING_ROWS)  # [R, γ+1]
+            r_idx = jnp.arange(r)[:, None]
+            state = state.replace(pending=state.pending.at[r_idx, idx].set(ctx.astype(state.pending.dtype),
+                                                                           mode="drop"),
+                                  pending_pos=state.pending_pos.at[r_idx, idx].set(ctx_pos, mode="drop"),
+                                  pending_n=state.pending_n + n_new)
     return state, new_tokens, n_new, a
 
 

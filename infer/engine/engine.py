@@ -28,7 +28,7 @@ import numpy as np
 
 from dspark_jax.sampling import SamplingConfig, SamplingError, SamplingMode
 from infer.cost_model import SPSProfile, profile_sps
-from infer.engine.core import (EngineSpec, EngineState, draft_pass_only, engine_round, insert_request, parse_policy,
+from infer.engine.core import (PENDING_ROWS, EngineSpec, EngineState, draft_pass_only, engine_round, insert_request, parse_policy,
                                plan_round)
 from infer.ragged import packed_sampling_values, pick_bucket
 
@@ -164,6 +164,8 @@ class Engine:
         self.max_queue = int(max_queue)
         self.state = EngineState.create(self.spec)
         self._active = np.zeros(slots, bool)
+        self._has_prop = np.zeros(slots, bool)  # proposal drafted after the slot's last commit
+        self._pending = np.zeros(slots, np.int64)  # held-back draft-context rows (rounds without a draft pass)
         self._slot_req: list[_Live | None] = [None] * slots
         self._queue: collections.deque[_Live] = collections.deque()
         self._live: dict[str, _Live] = {}
@@ -172,7 +174,7 @@ class Engine:
         self.set_profile(sps_profile or SPSProfile(buckets=self.buckets, verify_s=tuple(1.0 for _ in self.buckets),
                                                    draft_s=0.0))
         self.stats = {"rounds": 0, "verify_tokens": 0, "request_rounds": 0, "committed": 0, "round_s": 0.0,
-                      "plan_s": 0.0}
+                      "plan_s": 0.0, "draft_passes": 0}
 
     # ------------------------------------------------------------------ scheduling tables
     def set_profile(self, profile: SPSProfile) -> None:
@@ -323,6 +325,8 @@ class Engine:
                 jax.random.PRNGKey(live.seed), spec=self.spec)
             live.slot = slot
             self._active[slot] = True
+            self._has_prop[slot] = self.spec.gamma > 0
+            self._pending[slot] = 0
             self._slot_req[slot] = live
             first = int(first)
             live.first_token_at = time.perf_counter()
@@ -341,14 +345,23 @@ class Engine:
             return outputs
         active = jnp.asarray(self._active)
         t0 = time.perf_counter()
-        ell, total = plan_round(self.state, active, self._round_sps, self._plain_sps, self._temps, spec=self.spec,
-                                policy=self.policy)
-        bucket = pick_bucket(int(total), self.buckets)
+        ell, total, draft_next = plan_round(self.state, active, jnp.asarray(self._has_prop), self._round_sps,
+                                            self._plain_sps, self._temps, spec=self.spec, policy=self.policy)
+        total, draft_pass = int(total), bool(draft_next) and self.spec.gamma > 0
+        g = self.spec.gamma
+        if g > 0 and not draft_pass and np.any(self._active & (self._pending + g + 1 > PENDING_ROWS)):
+            draft_pass = True  # the held-back context is full: draft now and commit it
+        flush = draft_pass and bool(np.any(self._pending > 0))
+        bucket = pick_bucket(total, self.buckets)
         t1 = time.perf_counter()
-        self.state, new_tokens, n_new, acc = engine_round(self.target.params, self._dparams, self._head, self.state,
-                                                          ell, active, self._temps, spec=self.spec, bucket=bucket)
+        self.state, new_tokens, n_new, acc = engine_round(
+            self.target.params, self._dparams, self._head, self.state, ell, active, self._temps, spec=self.spec,
+            bucket=bucket, draft_pass=draft_pass, flush=flush)
         new_tokens, n_new, acc, ell = map(np.asarray, (new_tokens, n_new, acc, ell))
         t2 = time.perf_counter()
+        self._has_prop[:] = draft_pass & self._active
+        self._pending = np.where(draft_pass, 0, self._pending + np.where(self._active, n_new, 0))
+        self.stats["draft_passes"] += int(draft_pass)
         self.stats["rounds"] += 1
         self.stats["verify_tokens"] += int(total)
         self.stats["request_rounds"] += int(self._active.sum())
