@@ -61,12 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", metavar="DIR", help="--in-process: drafter directory")
     p.add_argument("--policy", default=None, help="--in-process: scheduling policy (default dspark / ar)")
     p.add_argument("--slots", type=positive_int, default=4, help="--in-process: engine slots (default 4)")
+    p.add_argument("--max-len", type=positive_int, default=None, help="--in-process: tokens per slot (as dspark serve)")
     p.add_argument("--requests", type=positive_int, default=32, help="requests to send (default 32)")
     p.add_argument("--rate", type=_rate, default=4.0, help="mean arrival rate, requests/s (default 4; inf = burst)")
     p.add_argument("--max-tokens", type=positive_int, default=64, help="tokens per request (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument("--prompts", metavar="FILE", help="JSONL prompts ({'turns': [...]} or {'token_ids': [...]}); "
                    "default: a few built-in code/prose prompts")
+    p.add_argument("--warmup", type=int, default=8, metavar="N",
+                   help="first send a burst of N unmeasured requests (compiles the engine's round buckets; default 8)")
     p.add_argument("--seed", type=int, default=0, help="arrival-time and prompt-order seed")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--json", metavar="FILE", help="write the result record here")
@@ -176,6 +179,9 @@ async def _local_one(runner, tokenizer, prompt, args, gauge: _InFlight) -> dict[
 
 
 async def _drive(one, prompts: list, args) -> tuple[list[dict[str, Any]], float]:
+    if args.warmup > 0:
+        gauge = _InFlight()
+        await asyncio.gather(*(one(prompts[i % len(prompts)], gauge) for i in range(args.warmup)))
     rng = random.Random(args.seed)
     random.seed(args.seed + 1)
     order = [prompts[rng.randrange(len(prompts))] for _ in range(args.requests)]
@@ -244,6 +250,7 @@ def _bench(args: argparse.Namespace) -> int:
         sargs = serve_parser().parse_args(
             [*(["--target", args.target] if args.target else []), *(["--draft", args.draft] if args.draft else []),
              *(["--policy", args.policy] if args.policy else []), "--slots", str(args.slots),
+             *(["--max-len", str(args.max_len)] if args.max_len else []),
              "--max-queue", str(max(args.requests, 1))])
         _app, runner, what = build_server(sargs)
         policy, mode = runner.engine.policy.kind, "in-process"

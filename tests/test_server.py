@@ -213,6 +213,19 @@ def test_prometheus_metrics(server):
     assert _metric(server.url, "dspark_generation_tokens_total") > 0
 
 
+def test_bench_serve_against_the_server(server, tmp_path, capsys):
+    from dspark_cli.bench_serve_cmd import main as bench_main
+
+    out = tmp_path / "bench.json"
+    assert bench_main(["--url", server.url, "--requests", "3", "--rate", "inf", "--max-tokens", "6", "--warmup", "0",
+                       "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert row["ok"] == 3 and row["tokens"] == 18 and row["policy"] == "dspark" and row["mode"] == "http"
+    assert row["throughput_tok_s"] > 0 and row["tau"] >= 1.0 and row["ttft_ms_p50"] > 0
+    assert bench_main(["--url", "http://127.0.0.1:9", "--requests", "1"]) == 2  # nothing listens there
+    assert "no dspark server answers /health" in capsys.readouterr().err
+
+
 def test_graceful_shutdown_finishes_in_flight(server):
     body = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as resp:
