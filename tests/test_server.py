@@ -219,8 +219,9 @@ def test_bench_serve_against_the_server(server, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench_main(["--url", server.url, "--requests", "3", "--rate", "inf", "--max-tokens", "6", "--warmup", "0",
                        "--json", str(out)]) == 0
-    row = json.loads(out.read_text())["results"][0]
-    assert row["ok"] == 3 and row["tokens"] == 18 and row["policy"] == "dspark" and row["mode"] == "http"
+    row = json.loads(out.read_text())["results"][0]  # 1 slot + a queue of 1: a burst of 3 may see a 429
+    assert row["ok"] >= 1 and row["ok"] + row["rejected_429"] == 3 and row["errors"] == 0
+    assert row["tokens"] == 6 * row["ok"] and row["policy"] == "dspark" and row["mode"] == "http"
     assert row["throughput_tok_s"] > 0 and row["tau"] >= 1.0 and row["ttft_ms_p50"] > 0
     assert bench_main(["--url", "http://127.0.0.1:9", "--requests", "1"]) == 2  # nothing listens there
     assert "no dspark server answers /health" in capsys.readouterr().err
