@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from dspark_cli.errors import CliError, check_dir, check_output_dir, log, run_command
+from dspark_cli.errors import CliError, check_dir, check_output_dir, check_output_file, log, run_command
 from dspark_cli.eval_cmd import (add_common_options, eval_config_from_args, fmt_num, parse_int_list, precheck_datasets,
                                  to_jsonable)
 
@@ -149,6 +149,9 @@ def _run(args: argparse.Namespace) -> int:
 
     check_dir(args.target, "--target")
     check_dir(args.draft, "--draft")
+    check_output_dir(args.out, "--out")
+    if args.write_to is not None and not os.path.isdir(args.write_to):
+        check_output_file(args.write_to, "--write-to")
     thresholds = parse_thresholds(args.thresholds)
     grid_parts = args.grid.split(",")
     try:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from dspark_cli.errors import run_command, seed_int
 from dspark_jax.data.corpus import DOMAINS, SPLITS, CorpusConfig, build_corpus

@@ -17,7 +17,8 @@ import sys
 from typing import Any, Callable, Iterable, Sequence
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "CliError", "positive_int", "seed_int", "log", "report_error",
-           "check_dir", "check_output_dir", "check_output_file", "expected_errors", "run_command"]
+           "check_dir", "check_output_dir", "check_output_file", "check_text", "read_text_lines", "expected_errors",
+           "run_command"]
 
 EXIT_ERROR = 2  # bad input, like argparse usage errors
 EXIT_INTERRUPTED = 130
@@ -107,11 +108,44 @@ def check_output_file(path: str, option: str) -> None:
     """CliError unless a file can be written at `path` (its directory must already exist); creates nothing."""
     if os.path.isdir(path):
         raise CliError(f"{option} {path!r} is a directory")
+    if path.endswith(("/", os.sep)):
+        raise CliError(f"{option} {path!r}: directory does not exist")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise CliError(f"{option} {path!r}: directory {parent!r} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CliError(f"{option} {path!r}: directory {parent!r} is not writable")
+
+
+def check_text(text: str, where: str) -> str:
+    """`text` unchanged if it is valid Unicode (UTF-8 encodable); CliError naming `where` otherwise.
+
+    Catches arguments that were not UTF-8 on the command line (Python keeps their bytes as lone
+    surrogates) and lone surrogates written as ``\\ud800`` escapes in JSON.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        raw = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"lone surrogate {bad!r}"
+        raise CliError(f"{where}: not valid UTF-8 text ({raw} at character {e.start})") from None
+    return text
+
+
+def read_text_lines(path: str) -> list[str]:
+    """The lines of UTF-8 text file `path` (line endings stripped); CliError naming the file and 1-based
+    line of the first invalid UTF-8 byte sequence."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"file not found: {path!r}")
+    lines = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                lines.append(raw.decode("utf-8").rstrip("\r\n"))
+            except UnicodeDecodeError as e:
+                raise CliError(f"{path}:{lineno}: not valid UTF-8 text ({e.reason} at byte {e.start} of the "
+                               f"line)") from None
+    return lines
 
 
 def _existing_ancestor(path: str) -> str:

@@ -66,7 +66,8 @@ def add_common_options(p: argparse.ArgumentParser, *, max_new_tokens: int = 256)
                    help="prompts decoded together (default 1 = per-prompt seeds seed+i as in the reference)")
     p.add_argument("--seed", type=seed_int, default=0, help="base seed (batch starting at prompt i uses seed + i)")
     p.add_argument("--no-shuffle", action="store_true", help="keep file order instead of the reference shuffle")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="parameter dtype (default float32)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="parameter dtype (default: the checkpoint's dtype)")
     p.add_argument("--out", metavar="DIR", required=True, help="output directory")
 
 
@@ -163,6 +164,7 @@ def precheck_datasets(specs: Sequence[str], option: str, corpus_dir: str | None)
 
 def _run(args: argparse.Namespace) -> int:
     check_dir(args.target, "--target")
+    check_output_dir(args.out, "--out")
     drafts_arg = [parse_draft_arg(d) for d in args.draft]
     names = [n for n, _ in drafts_arg]
     if len(set(names)) != len(names):
@@ -176,11 +178,15 @@ def _run(args: argparse.Namespace) -> int:
     import jax
 
     from infer.api import load_target_bundle
-    from infer.evaluate import evaluate, load_dataset
+    from infer.evaluate import check_block_sizes, evaluate, load_dataset
     from infer.speculative_api import load_draft_bundle
 
     target = load_target_bundle(args.target, dtype=args.dtype)
     drafts = {name: load_draft_bundle(path, target, dtype=args.dtype) for name, path in drafts_arg}
+    try:
+        check_block_sizes(sizes, drafts)
+    except ValueError as e:
+        raise CliError(f"--block-sizes: {e}") from None
     datasets = [load_dataset(spec, target, config) for spec in args.datasets]
     if len({d.name for d in datasets}) != len(datasets):
         raise CliError(f"datasets have clashing names: {[d.name for d in datasets]}")

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from dspark_cli.errors import CliError, check_dir, log, positive_int, run_command, seed_int
+from dspark_cli.errors import CliError, check_text, log, positive_int, read_text_lines, run_command, seed_int
 
 __all__ = ["build_parser", "main", "read_prompts_file", "parse_mesh"]
 
@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     spec = p.add_argument_group("speculative decoding (with --draft)")
     spec.add_argument("--block-size", type=positive_int, default=None, metavar="K",
                       help="drafts per round, <= the checkpoint's block_size (default: the checkpoint's)")
-    spec.add_argument("--confidence-threshold", type=float, default=0.0, metavar="C",
+    spec.add_argument("--confidence-threshold", type=float, default=None, metavar="C",
                       help="verify drafts up to the first slot whose confidence is below C (reference rule; 0 = off)")
-    spec.add_argument("--survival-threshold", type=float, default=0.0, metavar="S",
+    spec.add_argument("--survival-threshold", type=float, default=None, metavar="S",
                       help="verify drafts while the cumulative (STS-calibrated) survival is >= S (0 = off)")
     spec.add_argument("--compare", action="store_true",
                       help="also decode autoregressively and report both speeds and the speed-up "
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1]; 1 = off (default)")
     p.add_argument("--seed", type=seed_int, default=0, help="sampling seed (batch i uses seed + i; default 0)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="parameter/activation dtype (default: float32)")
+                   help="parameter/activation dtype (default: the checkpoint's dtype)")
     p.add_argument("--mesh", type=str, default=None, metavar="DATA,FSDP,MODEL",
                    help="shard the target over a device mesh, e.g. 1,1,8 (product = number of devices)")
     p.add_argument("--batch-size", type=positive_int, default=8, metavar="B",
@@ -94,8 +94,7 @@ def read_prompts_file(path: str) -> list[str]:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompts file not found: {path!r}")
-    with open(path, encoding="utf-8") as f:
-        lines = [ln.rstrip("\r\n") for ln in f]
+    lines = read_text_lines(path)
     numbered = [(i + 1, ln) for i, ln in enumerate(lines) if ln.strip()]
     if not numbered:
         raise CliError(f"prompts file {path!r} contains no prompts")
@@ -109,7 +108,7 @@ def read_prompts_file(path: str) -> list[str]:
             turns = rec.get("turns") if isinstance(rec, dict) else None
             if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
                 raise CliError(f"{path}:{lineno}: expected an object with a non-empty 'turns' list of strings")
-            prompts.append(turns[0])
+            prompts.append(check_text(turns[0], f"{path}:{lineno}"))
         return prompts
     return [ln for _, ln in numbered]
 
@@ -167,6 +166,13 @@ def _run(args: argparse.Namespace) -> int:
             args.prompt = [DEFAULT_PROMPT]
     if args.compare and not args.draft:
         raise CliError("--compare needs --draft DIR (it compares speculative with autoregressive decoding)")
+    if not args.draft:
+        given = [flag for flag, value in (("--block-size", args.block_size),
+                                          ("--confidence-threshold", args.confidence_threshold),
+                                          ("--survival-threshold", args.survival_threshold)) if value is not None]
+        if given:
+            raise CliError(f"{', '.join(given)} only apply to speculative decoding: add --draft DIR or drop "
+                           f"{'them' if len(given) > 1 else 'it'}")
     if not os.path.isdir(args.target):
         raise FileNotFoundError(f"--target directory not found: {args.target!r}")
     prompts = list(args.prompt)
@@ -175,6 +181,7 @@ def _run(args: argparse.Namespace) -> int:
     if not prompts:
         raise CliError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
     for i, p in enumerate(prompts):
+        check_text(p, f"prompt {i}")
         if not p.strip():
             raise CliError(f"prompt {i} is empty")
     mesh_sizes = parse_mesh(args.mesh) if args.mesh else None
@@ -216,8 +223,8 @@ def _run(args: argparse.Namespace) -> int:
     stop_ids = [] if args.ignore_eos else None
     spec_kw: dict[str, Any] = {}
     if draft is not None:
-        spec_kw = dict(block_size=args.block_size, confidence_threshold=args.confidence_threshold,
-                       survival_threshold=args.survival_threshold)
+        spec_kw = dict(block_size=args.block_size, confidence_threshold=args.confidence_threshold or 0.0,
+                       survival_threshold=args.survival_threshold or 0.0)
     if args.compare:
         with mesh_ctx:
             return _compare(args, target, draft, prompts, sampling, stop_ids, spec_kw, load_s)

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from dspark_jax.config import read_config_json
+
 __all__ = ["CALIBRATION_FILE", "PRED_EPS", "RoundData", "STSConfig", "STSFit", "ece", "auc_from_histograms",
            "brier", "reliability_table", "survival_predictions", "position_metrics", "fit_sts",
            "threshold_sweep", "save_temperatures", "load_temperatures", "CalibrationFileError"]
@@ -398,15 +400,10 @@ def load_temperatures(path: str | os.PathLike, *, num_slots: int | None = None) 
     path = os.fspath(path)
     file = os.path.join(path, CALIBRATION_FILE) if os.path.isdir(path) else path
     try:
-        with open(file, encoding="utf-8") as f:
-            doc = json.load(f)
+        doc = read_config_json(file, CalibrationFileError)
     except OSError as e:
         raise CalibrationFileError(f"{file}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise CalibrationFileError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise CalibrationFileError(f"{file}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    temps = doc.get("temperatures") if isinstance(doc, dict) else None
+    temps = doc.get("temperatures")
     if not isinstance(temps, list) or not temps:
         raise CalibrationFileError(f"{file}: 'temperatures' must be a non-empty list of positive numbers")
     for i, t in enumerate(temps):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from typing import Any
 
@@ -88,7 +89,8 @@ def stored_dtype(hf: dict[str, Any]) -> str:
 
 
 def read_config_json(path: str, error: type[Exception] = ConfigError) -> dict[str, Any]:
-    """Parse the JSON object in `path`; `error` naming the file for bad UTF-8, bad JSON or a non-object."""
+    """Parse the JSON object in `path` (any JSON settings file: config.json, an index, a manifest, ...);
+    `error` naming the file for bad UTF-8, bad JSON or a top level that is not an object."""
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
@@ -146,8 +148,11 @@ class TargetConfig:
         if self.family not in _MODEL_TYPES.values():
             raise ConfigError(f"unknown model family {self.family!r}; supported: qwen3, llama")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
-            if int(getattr(self, name)) < 1:
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+            if value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
@@ -165,8 +170,6 @@ class TargetConfig:
         if rs.rope_type == "llama3" and not 0 < rs.low_freq_factor < rs.high_freq_factor:
             raise ConfigError(f"llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor, got "
                               f"{rs.low_freq_factor} and {rs.high_freq_factor}")
-        if int(self.max_position_embeddings) < 1:
-            raise ConfigError(f"max_position_embeddings must be >= 1, got {self.max_position_embeddings}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 

@@ -23,6 +23,7 @@ from dspark_jax.config import TargetConfig
 from dspark_jax.sampling import SamplingConfig
 from infer.autoregressive import autoregressive_generate
 from infer.compiled import run_compiled
+from infer.request_validation import check_generate_request, check_load_request
 
 __all__ = ["Target", "GenerationResult", "GenerationError", "load_target_bundle", "generate",
            "prepare_prompts", "bucket_length"]
@@ -54,6 +55,7 @@ class GenerationResult:
 
 def load_target_bundle(model_dir: str | os.PathLike, *, dtype: str | None = None, shardings=None) -> Target:
     """Load config, safetensors weights and tokenizer (if present) from an HF-layout directory."""
+    check_load_request(model_dir, dtype=dtype)
     from dspark_jax.checkpoint.hf import load_target
     from dspark_jax.tokenizer import Tokenizer
 
@@ -124,6 +126,8 @@ def generate(target: Target, prompts: Sequence[str] | Sequence[Sequence[int]], *
     lossless speculative loop (`infer.speculative`). Output excludes the prompt and includes a
     row's stop token when one ends it.
     """
+    prompts = check_generate_request(target, prompts, draft=draft, max_new_tokens=max_new_tokens, sampling=sampling,
+                                     seed=seed, stop_token_ids=stop_token_ids, options=speculative_options)
     sampling = sampling or SamplingConfig()
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

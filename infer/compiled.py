@@ -3,18 +3,50 @@
 `run_compiled` lowers and compiles a jitted function once per (function, static arguments,
 argument shapes/dtypes/shardings), then runs it and reports compile time and run time
 separately — so benchmarks and `metrics` never mix the two.
+
+The cache is bounded: it keeps the `DEFAULT_CACHE_SIZE` (32) most recently used executables and
+evicts the least recently used one beyond that (every distinct `max_new_tokens` or prompt bucket is
+a program of its own, so an unbounded cache grows with every new request shape). Change the bound
+with `set_cache_size(n)` or the environment variable ``DSPARK_COMPILE_CACHE_SIZE``.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections import OrderedDict
 from typing import Any, Callable
 
 import jax
 
-__all__ = ["run_compiled", "clear_compiled"]
+__all__ = ["run_compiled", "clear_compiled", "set_cache_size", "cache_size", "DEFAULT_CACHE_SIZE"]
 
-_COMPILED: dict[tuple, Any] = {}
+DEFAULT_CACHE_SIZE = 32
+_COMPILED: OrderedDict[tuple, Any] = OrderedDict()
+
+
+def _env_limit() -> int:
+    text = os.environ.get("DSPARK_COMPILE_CACHE_SIZE", str(DEFAULT_CACHE_SIZE))
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"DSPARK_COMPILE_CACHE_SIZE must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
+_limit = [_env_limit()]
+
+
+def set_cache_size(n: int) -> None:
+    """Keep at most `n` (>= 1) compiled executables; evicts the least recently used ones now if needed."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"compile cache size must be an integer >= 1, got {n!r}")
+    _limit[0] = n
+    while len(_COMPILED) > n:
+        _COMPILED.popitem(last=False)
+
+
+def cache_size() -> tuple[int, int]:
+    """(executables cached now, the bound)."""
+    return len(_COMPILED), _limit[0]
 
 
 def _signature(args: tuple) -> tuple:
@@ -34,6 +66,10 @@ def run_compiled(fn: Callable, args: tuple, static: dict[str, Any]) -> tuple[Any
     if compiled is None:
         compiled = fn.lower(*args, **static).compile()
         _COMPILED[key] = compiled
+        while len(_COMPILED) > _limit[0]:
+            _COMPILED.popitem(last=False)  # least recently used
+    else:
+        _COMPILED.move_to_end(key)
     compile_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     out = jax.block_until_ready(compiled(*args))

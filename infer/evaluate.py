@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +33,7 @@ from dspark_jax.calibration import RoundData, position_metrics
 
 __all__ = ["REFERENCE_SHUFFLE_SEED", "PromptFileError", "PromptSet", "EvalConfig", "EvalResult",
            "read_prompt_file", "corpus_prompts", "parse_dataset_spec", "load_dataset", "run_autoregressive",
-           "run_speculative", "evaluate"]
+           "run_speculative", "check_block_sizes", "evaluate"]
 
 REFERENCE_SHUFFLE_SEED = 980406
 
@@ -76,6 +77,12 @@ class EvalConfig:
     autoregressive: bool = True
 
     def __post_init__(self):
+        ints = {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, "seed": self.seed,
+                "corpus_prompt_tokens": self.corpus_prompt_tokens, "max_prompts": self.max_prompts,
+                "shuffle_seed": self.shuffle_seed, **{f"block_sizes[{i}]": k for i, k in enumerate(self.block_sizes or ())}}
+        for name, value in ints.items():  # no float silently truncated into a size or seed
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.corpus_prompt_tokens < 1:
             raise ValueError("max_new_tokens, batch_size and corpus_prompt_tokens must be >= 1")
         if self.max_prompts is not None and self.max_prompts < 1:
@@ -99,18 +106,22 @@ def read_prompt_file(path: str | os.PathLike) -> list[str | list[int]]:
     """Prompts of a JSONL file: ``{"turns": [str, ...]}`` (first turn) or ``{"token_ids": [int, ...]}``.
 
     Blank lines are skipped. Raises PromptFileError naming the file and 1-based line number of the
-    first malformed line; FileNotFoundError for a missing file.
+    first malformed line (bad UTF-8, bad JSON, wrong fields, a lone surrogate); FileNotFoundError for a
+    missing file.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file not found: {path!r}")
     prompts: list[str | list[int]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise PromptFileError(f"{path}, line {lineno}: not valid UTF-8 text ({e.reason} at byte "
+                                      f"{e.start} of the line)") from None
             except json.JSONDecodeError as e:
                 raise PromptFileError(f"{path}, line {lineno}: invalid JSON ({e.msg})") from None
             if isinstance(rec, dict) and "turns" in rec:
@@ -119,6 +130,11 @@ def read_prompt_file(path: str | os.PathLike) -> list[str | list[int]]:
                     raise PromptFileError(f"{path}, line {lineno}: 'turns' must be a non-empty list of strings")
                 if not turns[0].strip():
                     raise PromptFileError(f"{path}, line {lineno}: the first turn is empty")
+                try:
+                    turns[0].encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise PromptFileError(f"{path}, line {lineno}: the first turn holds a lone surrogate "
+                                          f"({turns[0][e.start]!r} at character {e.start}); not valid text") from None
                 prompts.append(turns[0])
             elif isinstance(rec, dict) and "token_ids" in rec:
                 ids = rec["token_ids"]
@@ -277,6 +293,16 @@ def _on_device(draft: Any) -> Any:
     return dataclasses.replace(draft, params=jax.device_put(draft.params))
 
 
+def check_block_sizes(block_sizes: Sequence[int] | None, drafts: Mapping[str, Any]) -> None:
+    """ValueError naming the drafter unless every block size fits every drafter's trained block size
+    (checked before any work)."""
+    for dname, draft in drafts.items():
+        for k in block_sizes or ():
+            if k > draft.config.block_size:
+                raise ValueError(f"block size {k} exceeds draft {dname!r}'s checkpoint block size "
+                                 f"{draft.config.block_size}")
+
+
 def evaluate(target: Any, drafts: Mapping[str, Any], datasets: Sequence[PromptSet], config: EvalConfig, *,
              log: Callable[[str], None] | None = None) -> EvalResult:
     """Run every dataset x drafter x block size speculatively (and each dataset autoregressively).
@@ -287,6 +313,7 @@ def evaluate(target: Any, drafts: Mapping[str, Any], datasets: Sequence[PromptSe
     calibration metrics (raw and with the draft's STS temperatures when it has them).
     """
     log = log or (lambda msg: None)
+    check_block_sizes(config.block_sizes, drafts)
     drafts = {name: _on_device(d) for name, d in drafts.items()}
     rows: list[dict[str, Any]] = []
     rounds: dict[tuple[str, str, int], RoundData] = {}
@@ -298,9 +325,6 @@ def evaluate(target: Any, drafts: Mapping[str, Any], datasets: Sequence[PromptSe
         for dname, draft in drafts.items():
             sizes = config.block_sizes or (draft.config.block_size,)
             for k in sizes:
-                if k > draft.config.block_size:
-                    raise ValueError(f"block size {k} exceeds draft {dname!r}'s checkpoint block size "
-                                     f"{draft.config.block_size}")
                 log(f"{ds.name}: {dname} K={k}")
                 spec, data = run_speculative(target, draft, ds, config, k)
                 rounds[(ds.name, dname, k)] = data

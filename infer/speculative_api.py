@@ -45,6 +45,9 @@ def load_draft_bundle(draft_dir: str | os.PathLike, target=None, *, dtype: str |
     """
     from dspark_jax.calibration import load_temperatures
     from dspark_jax.checkpoint.deepspec import load_draft
+    from infer.request_validation import check_load_request
+
+    check_load_request(draft_dir, dtype=dtype, target=target, what="draft_dir")
 
     config, params = load_draft(draft_dir, dtype=dtype)
     shares = False

@@ -149,7 +149,8 @@ def test_draft_config_fields_validated(draft_dir: Path, changes: dict, message: 
     ('{"temperatures": [NaN, 1, 1, 1, 1, 1, 1]}', "temperatures[0] = nan"),
     ('{"temperatures": [1.0, 1.0]}', "2 temperatures for a drafter with 7 slots"),
     ('{"temperatures": [1.0, ', "invalid JSON (Expecting value at line 1"),
-    ('[1.0]', "'temperatures' must be a non-empty list"),
+    ('[1.0]', "expected a JSON object at the top level, got list"),
+    ('{"temperatures": []}', "'temperatures' must be a non-empty list"),
 ])
 def test_sts_temperatures_validated_at_draft_load(draft_dir: Path, content: str, message: str) -> None:
     from infer.speculative_api import load_draft_bundle
@@ -239,24 +240,21 @@ def test_crash_during_the_swap_keeps_a_complete_model(saved, monkeypatch, exchan
 
 @pytest.mark.parametrize("fail_at", [0, 1, 2])
 def test_publish_files_into_a_run_dir_survives_a_crash(saved, tmp_path: Path, monkeypatch, fail_at: int) -> None:
-    """An export into a directory holding other files (a training run): crash before the marker -> old
-    model intact; crash while moving files in -> the loader finishes the move -> new model complete."""
+    """An export into a directory holding other files (a training run): crash before the marker is
+    committed -> old model intact; crash while moving files in -> the loader finishes the move."""
     out, config, params, new = saved
     run = Path(shutil.copytree(out, tmp_path / "run"))
     (run / "metrics.jsonl").write_text("{}\n")
     staging = run / atomic.STAGING_DIR
     save_target(new, config, staging, max_shard_bytes=8_000)  # sharded: several files to move
-    real_replace, moved = os.replace, []
+    real_replace, done = os.replace, []
 
-    def replace(src, dst):
-        if len(moved) == fail_at - 1:
+    def replace(src, dst):  # call 0 commits the marker, calls 1.. move the model's files in
+        if len(done) == fail_at:
             raise OSError("killed (injected)")
-        moved.append(dst)
+        done.append(dst)
         real_replace(src, dst)
-    if fail_at == 0:
-        monkeypatch.setattr(atomic.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("killed (injected)")))
-    else:
-        monkeypatch.setattr(atomic.os, "replace", replace)
+    monkeypatch.setattr(atomic.os, "replace", replace)
     with pytest.raises(OSError, match="injected"):
         atomic.publish_files(str(staging), str(run))
     monkeypatch.undo()

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from dspark_jax.data.corpus import iter_documents, load_manifest
+from dspark_jax.data.corpus import CorpusFormatError, iter_documents, load_manifest
+from dspark_jax.data.tokenizer_training import read_tokenizer_meta
 from dspark_jax.data.tokenizer_training import EOS_TOKEN, PAD_TOKEN
 
 __all__ = ["DataError", "TokenizerInfo", "load_tokenizer", "check_corpus", "tokenize_split",
@@ -75,8 +75,10 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike) -> TokenizerInfo:
     meta_path = os.path.join(d, "tokenizer_meta.json")
     meta: dict = {}
     if os.path.isfile(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        try:
+            meta = read_tokenizer_meta(meta_path)
+        except CorpusFormatError as e:
+            raise DataError(str(e)) from None
     eos = meta.get("eos_id", tok.token_to_id(EOS_TOKEN))
     pad = meta.get("pad_id", tok.token_to_id(PAD_TOKEN))
     if eos is None or pad is None:

@@ -189,7 +189,10 @@ def publish_files(staging: str, out_dir: str) -> None:
     Marks `staging` complete, then moves its files in with ``config.json`` last and deletes weight
     files of an earlier model that the new one does not have. A crash before the marker leaves the old
     model untouched; a crash after it is completed by `recover_files` (run by the loaders).
+    Local directories only (remote runs publish whole directories with `publish_dir`).
     """
+    if is_remote(out_dir) or is_remote(staging):
+        raise ValueError(f"publish_files works on local directories; publish {out_dir!r} with publish_dir")
     names = sorted(os.listdir(staging))
     for name in names:
         _fsync_file(os.path.join(staging, name))

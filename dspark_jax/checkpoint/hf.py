@@ -7,10 +7,15 @@ then read one at a time, converted (transpose + dtype), and placed on device (op
 onto a given `jax.sharding.Sharding`), so the host holds at most one tensor (and its converted
 copy) at a time.
 
+Every tensor must be floating point and finite (a NaN weight is an error naming file and tensor),
+config fields are type- and range-checked (`dspark_jax.config`), and index shard paths must stay
+inside the model directory.
+
 `save_target` writes a directory that `transformers.AutoModelForCausalLM.from_pretrained`
 loads: `config.json` plus `model.safetensors`, or shards + index above `max_shard_bytes`. The
-directory appears atomically (written next to `out_dir`, then renamed); the host holds at most
-one shard at a time.
+new directory is written beside the old one and swapped in atomically
+(`dspark_jax.checkpoint.atomic`; local or `etils.epath` remote paths); the host holds at most one
+shard at a time.
 """
 
 from __future__ import annotations

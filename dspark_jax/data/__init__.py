@@ -1,12 +1,13 @@
 """Offline training data: a two-domain text corpus (stdlib code + CPython docs prose) split by
 file, and a byte-level BPE tokenizer trained on it. See :mod:`.corpus` and
-:mod:`.tokenizer_training`; the CLI entry points live in :mod:`.cli`.
+:mod:`.tokenizer_training`; the CLI entry points live in :mod:`dspark_cli.corpus_cmd`.
 """
 
 from .corpus import (
     DOMAINS,
     SPLITS,
     CorpusConfig,
+    CorpusFormatError,
     CorpusSourceError,
     Document,
     build_corpus,
@@ -23,6 +24,7 @@ from .tokenizer_training import (
     PAD_TOKEN,
     SPECIAL_TOKENS,
     TokenizerTrainingConfig,
+    read_tokenizer_meta,
     train_tokenizer,
 )
 
@@ -34,6 +36,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "SPLITS",
     "CorpusConfig",
+    "CorpusFormatError",
     "CorpusSourceError",
     "DebianDocs",
     "Document",
@@ -44,6 +47,7 @@ __all__ = [
     "html_to_text",
     "iter_documents",
     "load_manifest",
+    "read_tokenizer_meta",
     "split_for_path",
     "train_tokenizer",
 ]

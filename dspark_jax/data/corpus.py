@@ -28,6 +28,8 @@ import sysconfig
 import uuid
 from collections.abc import Iterator
 
+from dspark_jax.config import read_config_json
+
 from .debian_docs import CorpusSourceError, fetch_debian_docs, find_html_root
 from .html_text import html_to_text
 
@@ -37,6 +39,7 @@ __all__ = [
     "CorpusConfig",
     "atomic_write_bytes",
     "CorpusSourceError",
+    "CorpusFormatError",
     "Document",
     "build_corpus",
     "default_cache_dir",
@@ -51,6 +54,10 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = "dspark-corpus/v1"
 _SKIP_CODE_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 _SKIP_HTML_FILES = frozenset({"search.html", "py-modindex.html", "contents.html"})
+
+
+class CorpusFormatError(ValueError):
+    """A malformed built-corpus file (manifest or JSONL line); the message names the file and line."""
 
 
 def default_cache_dir() -> str:
@@ -356,8 +363,7 @@ def load_manifest(corpus_dir: str) -> dict:
         raise FileNotFoundError(
             f"not a corpus directory (no {MANIFEST_NAME}; run `dspark build-corpus`): {corpus_dir}"
         )
-    with open(path, encoding="utf-8") as fh:
-        manifest = json.load(fh)
+    manifest = read_config_json(path, CorpusFormatError)
     if manifest.get("format") != FORMAT:
         raise ValueError(f"unsupported corpus format {manifest.get('format')!r} in {path}")
     return manifest
@@ -382,8 +388,25 @@ def iter_documents(corpus_dir: str, domain: str, split: str) -> Iterator[Documen
 
 
 def _read_jsonl(path: str) -> Iterator[Document]:
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                record = json.loads(line)
-                yield Document(path=record["path"], text=record["text"])
+    """Documents of a corpus JSONL file; CorpusFormatError naming the file and 1-based line of the first
+    malformed line (bad UTF-8, bad JSON, not ``{"path": str, "text": str}``, unencodable text)."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise CorpusFormatError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            except json.JSONDecodeError as e:
+                raise CorpusFormatError(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("path"), str) \
+                    or not isinstance(record.get("text"), str):
+                raise CorpusFormatError(f"{where}: expected an object with string fields 'path' and 'text'")
+            try:
+                record["text"].encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise CorpusFormatError(f"{where}: 'text' holds a lone surrogate ({e.object[e.start]!r} at "
+                                        f"character {e.start}); it is not valid Unicode text") from None
+            yield Document(path=record["path"], text=record["text"])

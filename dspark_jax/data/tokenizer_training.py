@@ -23,7 +23,9 @@ import json
 import os
 from collections.abc import Iterator
 
-from .corpus import DOMAINS, atomic_write_bytes, iter_documents, load_manifest
+from dspark_jax.config import read_config_json
+
+from .corpus import DOMAINS, CorpusFormatError, atomic_write_bytes, iter_documents, load_manifest
 
 __all__ = [
     "EOS_TOKEN",
@@ -31,6 +33,7 @@ __all__ = [
     "PAD_TOKEN",
     "SPECIAL_TOKENS",
     "TokenizerTrainingConfig",
+    "read_tokenizer_meta",
     "train_tokenizer",
 ]
 
@@ -189,4 +192,20 @@ def train_tokenizer(config: TokenizerTrainingConfig) -> dict:
         "tokenizers_version": tokenizers.__version__,
     }
     _write_json(os.path.join(config.out_dir, "tokenizer_meta.json"), meta)
+    return meta
+
+
+_META_INT_FIELDS = ("vocab_size", "requested_vocab_size", "eos_id", "mask_id", "pad_id", "documents")
+
+
+def read_tokenizer_meta(path: str) -> dict:
+    """The ``tokenizer_meta.json`` at `path`, checked: a JSON object whose id / size fields are integers >= 0.
+
+    Raises CorpusFormatError naming the file and the field (bad UTF-8, bad JSON, wrong types).
+    """
+    meta = read_config_json(path, CorpusFormatError)
+    for key in _META_INT_FIELDS:
+        value = meta.get(key)
+        if key in meta and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise CorpusFormatError(f"{path}: field {key!r} must be an integer >= 0, got {value!r}")
     return meta

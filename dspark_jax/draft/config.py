@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from dspark_jax.config import (DRAFTER_ARCHITECTURES, ConfigError, RopeScaling, TargetConfig, field_bool, field_int,
-                               stored_dtype)
+from dspark_jax.config import ConfigError, RopeScaling, TargetConfig, field_bool, field_int, stored_dtype
 
 __all__ = ["DraftConfig", "DraftConfigError", "HEAD_TYPES", "default_target_layer_ids"]
 
