@@ -194,9 +194,15 @@ class Engine:
             act = jnp.arange(r) < min(bucket, r)
             extra = max(bucket - r, 0)  # drafts spread over the slots to fill the bucket exactly
             ell = jnp.clip(extra // r + (jnp.arange(r) < extra % r), 0, g).astype(jnp.int32)
-            state = EngineState.create(self.spec)
-            return lambda: engine_round(self.target.params, self._dparams, self._head, state, ell, act, self._temps,
-                                        spec=self.spec, bucket=bucket, draft_pass=False)[1]
+            holder = [EngineState.create(self.spec)]
+
+            def run():  # the state is donated: carry it, with positions reset so every call is alike
+                st, toks, _, _ = engine_round(self.target.params, self._dparams, self._head, holder[0], ell, act,
+                                              self._temps, spec=self.spec, bucket=bucket, draft_pass=False)
+                holder[0] = st.replace(start=jnp.zeros_like(st.start))
+                return toks
+
+            return run
 
         draft = None
         if g > 0:
