@@ -274,3 +274,13 @@ def test_app_errors_and_stop_strings_in_process():
     assert ts.add([ord(c) for c in "abcE"]) == ("ab", False)  # "cE" held back: could start "END"
     assert ts.add([ord(c) for c in "NDxyz"]) == ("c", True)
     assert RequestOutput  # the runner hands RequestOutput objects to the app
+
+
+def test_serve_bad_options_one_line_errors(tmp_path, capsys):
+    from dspark_cli.serve_cmd import main as serve_main
+
+    assert serve_main(["--target", str(tmp_path / "nope")]) == 2
+    assert "--target directory not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        serve_main(["--port", "70000"])
+    assert exc.value.code == 2
