@@ -43,6 +43,8 @@ COMMANDS: dict[str, Command] = {
     "eval":            Command("dspark_cli.eval_cmd:eval_main", "evaluate drafters: tau, acceptance rates, tokens/s and speed-up vs autoregressive"),
     "calibrate":       Command("dspark_cli.calibrate_cmd:calibrate_main", "fit confidence temperatures (STS) for a drafter and report calibration"),
     "info":            Command("dspark_cli.info_cmd:info_main", "JAX backend, devices, mesh suggestion, versions, active kernels"),
+    "serve":           Command("dspark_cli.serve_cmd:main", "OpenAI-compatible HTTP server over the speculative engine (streaming, metrics)"),
+    "bench-serve":     Command("dspark_cli.bench_serve_cmd:main", "Poisson load test of a running `dspark serve` (--url) or of the engine in process"),
 }
 # fmt: on
 

@@ -7,6 +7,9 @@ The library: model-level pieces `TargetConfig`, `TargetModel`, `KVCache`, `Draft
 Generation lives one floor up, in the `infer` package (the library never imports its callers)::
 
     from infer import generate, load_target_bundle, load_draft_bundle
+
+The confidence scheduler (`prefix_schedule`, `async_schedule`, `survival_from_confidence`) lives
+in `dspark_jax.scheduling`.
 """
 
 from dspark_jax.config import ConfigError, TargetConfig
@@ -17,6 +20,7 @@ __all__ = [
     "TargetModel", "KVCache", "DraftConfig", "DraftModel",
     "load_target", "save_target", "load_draft", "save_draft", "Tokenizer",
     "make_mesh", "target_param_shardings",
+    "prefix_schedule", "survival_from_confidence", "async_schedule",
 ]
 
 _LAZY = {
@@ -31,6 +35,9 @@ _LAZY = {
     "Tokenizer": "dspark_jax.tokenizer",
     "make_mesh": "dspark_jax.sharding",
     "target_param_shardings": "dspark_jax.sharding",
+    "prefix_schedule": "dspark_jax.scheduling",
+    "survival_from_confidence": "dspark_jax.scheduling",
+    "async_schedule": "dspark_jax.scheduling",
 }
 
 

@@ -1,0 +1,229 @@
+"""SPS(B) profiling and the whole-round cost model (DSpark spec §7.5, issue 11).
+
+`profile_sps` times a verify step at every static token bucket (warm: the first calls compile and
+warm up; then the median of repeats) and, optionally, the draft pass, giving an `SPSProfile`.
+Profiles are cached as JSON on disk, keyed by everything that changes the numbers: model
+fingerprint, shapes, JAX backend, device kind and JAX version (`profile_key`). The default cache
+directory is ``$DSPARK_CACHE_DIR/sps`` or ``$XDG_CACHE_HOME/dspark_jax/sps`` (``~/.cache``).
+
+The scheduler consumes dense tables indexed by verify tokens B (`SPSProfile.sps_table`): the time
+of B tokens is the time of the bucket B is padded to; B past the largest bucket gets SPS 0.
+`SPSProfile.round_sps_table` adds the draft pass, so Θ = τ · SPS_round(B) is tokens per second of
+the whole round. `RoundCostModel.drafting_pays` compares the best drafted round with a plain
+decode step of the same requests (B = R, no draft pass): when drafting cannot pay on this hardware
+and load, the engine decodes without drafting, so it is never slower than plain decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dspark_jax.scheduling import prefix_schedule, schedule_objective
+
+__all__ = ["SPSProfile", "time_call", "profile_key", "default_cache_dir", "profile_sps", "RoundCostModel",
+           "plot_profile"]
+
+FORMAT = "dspark-sps/v1"
+
+
+def time_call(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 7) -> float:
+    """Median wall seconds of ``jax.block_until_ready(fn())`` after `warmup` untimed calls."""
+    for _ in range(max(warmup, 1)):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(max(repeats, 1)):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return float(statistics.median(times))
+
+
+def _device_kind() -> str:
+    return str(getattr(jax.devices()[0], "device_kind", "unknown"))
+
+
+def profile_key(fields: Mapping[str, Any]) -> str:
+    """Cache key: sha1 of `fields` (model fingerprint, shapes, ...) + backend, device kind, JAX version."""
+    full = {**{k: fields[k] for k in sorted(fields)}, "backend": jax.default_backend(),
+            "device_kind": _device_kind(), "device_count": jax.device_count(), "jax": jax.__version__}
+    return hashlib.sha1(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> str:
+    """``$DSPARK_CACHE_DIR/sps``, else ``$XDG_CACHE_HOME/dspark_jax/sps`` (``~/.cache`` by default)."""
+    if os.environ.get("DSPARK_CACHE_DIR"):
+        return os.path.join(os.environ["DSPARK_CACHE_DIR"], "sps")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "dspark_jax", "sps")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SPSProfile:
+    """Measured step times.
+
+    buckets: static verify token buckets (ascending); verify_s: median seconds of one verify step
+    at each bucket; draft_s: median seconds of one draft pass over all slots (None: not profiled);
+    key / fields: what the profile was measured for; backend, device_kind: where.
+    """
+
+    buckets: tuple[int, ...]
+    verify_s: tuple[float, ...]
+    draft_s: float | None = None
+    key: str = ""
+    fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    backend: str = ""
+    device_kind: str = ""
+
+    def __post_init__(self):
+        if len(self.buckets) != len(self.verify_s) or not self.buckets:
+            raise ValueError(f"SPS profile needs one time per bucket, got {len(self.buckets)} buckets and "
+                             f"{len(self.verify_s)} times")
+        if list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
+            raise ValueError(f"SPS buckets must be ascending positive token counts, got {list(self.buckets)}")
+        if any(not (t > 0) for t in self.verify_s):
+            raise ValueError(f"SPS step times must be positive, got {list(self.verify_s)}")
+
+    @property
+    def max_tokens(self) -> int:
+        """The largest bucket (B_max)."""
+        return self.buckets[-1]
+
+    def step_seconds(self, num_tokens: int) -> float:
+        """Seconds of a verify step over `num_tokens` (padded to its bucket); inf past the largest."""
+        for b, t in zip(self.buckets, self.verify_s):
+            if b >= num_tokens:
+                return t
+        return float("inf")
+
+    def sps_table(self) -> np.ndarray:
+        """Verify-only SPS(B) for B = 0..B_max, float32 [B_max + 1] (B = 0 -> 0)."""
+        return np.asarray([0.0] + [1.0 / self.step_seconds(b) for b in range(1, self.max_tokens + 1)], np.float32)
+
+    def round_sps_table(self) -> np.ndarray:
+        """Whole-round SPS(B) = 1 / (draft pass + verify(B)), float32 [B_max + 1]."""
+        draft = self.draft_s or 0.0
+        return np.asarray([0.0] + [1.0 / (draft + self.step_seconds(b)) for b in range(1, self.max_tokens + 1)],
+                          np.float32)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (format tag included)."""
+        return {"format": FORMAT, **dataclasses.asdict(self), "fields": dict(self.fields)}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any], source: str = "SPS profile") -> "SPSProfile":
+        """Inverse of `to_json`; a wrong format or missing key is a ValueError naming it and `source`."""
+        if obj.get("format") != FORMAT:
+            raise ValueError(f"{source}: format {obj.get('format')!r} is not {FORMAT!r}")
+        try:
+            return cls(buckets=tuple(int(b) for b in obj["buckets"]), verify_s=tuple(float(t) for t in obj["verify_s"]),
+                       draft_s=None if obj.get("draft_s") is None else float(obj["draft_s"]), key=obj.get("key", ""),
+                       fields=obj.get("fields", {}), backend=obj.get("backend", ""),
+                       device_kind=obj.get("device_kind", ""))
+        except KeyError as e:
+            raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
+
+
+def _write_json(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def profile_sps(verify_at: Callable[[int], Callable[[], Any]], buckets: Sequence[int], *,
+                fields: Mapping[str, Any], draft: Callable[[], Any] | None = None, warmup: int = 2,
+                repeats: int = 7, cache_dir: str | None = None, refresh: bool = False) -> SPSProfile:
+    """Profile (or load from the disk cache) the verify step at every bucket and the draft pass.
+
+    verify_at(bucket) returns a zero-argument callable running one jitted verify step at that
+    bucket; draft: a zero-argument callable running one draft pass (or None). fields: what
+    identifies the measured program (model fingerprint, slots, cache length, dtype, ...).
+    cache_dir: None = `default_cache_dir()`; "" disables the cache.
+    """
+    buckets = tuple(sorted(int(b) for b in buckets))
+    key = profile_key({**fields, "buckets": buckets, "draft": draft is not None})
+    path = os.path.join(cache_dir if cache_dir is not None else default_cache_dir(), f"{key}.json") \
+        if cache_dir != "" else None
+    if path and os.path.isfile(path) and not refresh:
+        with open(path) as f:
+            return SPSProfile.from_json(json.load(f), path)
+    verify_s = tuple(time_call(verify_at(b), warmup=warmup, repeats=repeats) for b in buckets)
+    draft_s = time_call(draft, warmup=warmup, repeats=repeats) if draft is not None else None
+    prof = SPSProfile(buckets=buckets, verify_s=verify_s, draft_s=draft_s, key=key, fields=dict(fields),
+                      backend=jax.default_backend(), device_kind=_device_kind())
+    if path:
+        _write_json(path, prof.to_json())
+    return prof
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundCostModel:
+    """Whole-round cost model over a profile: decides ℓ and whether drafting pays.
+
+    Θ_draft = max over admission counts of τ(m) / (draft + verify(R + m)) (the Algorithm 1 path
+    when `early_stop`); Θ_plain = R / verify(R) (plain decoding: no draft pass). Drafting pays
+    when Θ_draft > (1 + margin) · Θ_plain.
+    """
+
+    profile: SPSProfile
+    margin: float = 0.0
+
+    def tables(self) -> tuple[jax.Array, jax.Array]:
+        """(whole-round SPS [B_max + 1], verify-only SPS [B_max + 1]) as float32 device arrays."""
+        return jnp.asarray(self.profile.round_sps_table()), jnp.asarray(self.profile.sps_table())
+
+    @staticmethod
+    def decide(survival: jax.Array, round_sps: jax.Array, plain_sps: jax.Array, *, active: jax.Array | None = None,
+               early_stop: bool = True, margin: float = 0.0) -> tuple[jax.Array, jax.Array]:
+        """Jittable: (ℓ [R] int32 — zeros when drafting does not pay —, drafting_pays bool scalar).
+
+        survival [R, γ] (estimated before drafting: e.g. the previous round's calibrated survivals);
+        round_sps / plain_sps from `tables()`.
+        """
+        ell = prefix_schedule(survival, round_sps, early_stop=early_stop, active=active)
+        theta_draft = schedule_objective(survival, round_sps, active=active)[jnp.sum(ell)]  # Θ at the chosen m
+        n_req = survival.shape[0] if active is None else jnp.sum(active.astype(jnp.int32))
+        theta_plain = n_req * plain_sps[jnp.clip(n_req, 0, plain_sps.shape[0] - 1)]
+        pays = theta_draft > (1.0 + margin) * theta_plain
+        return jnp.where(pays, ell, 0), pays
+
+    def drafting_pays(self, survival: Any, *, early_stop: bool = True) -> bool:
+        """Host convenience for `decide` on numpy survivals [R, γ]."""
+        round_sps, plain_sps = self.tables()
+        return bool(self.decide(jnp.asarray(survival, jnp.float32), round_sps, plain_sps, early_stop=early_stop,
+                                margin=self.margin)[1])
+
+
+def plot_profile(profile: SPSProfile, path: str | os.PathLike, *, title: str | None = None) -> None:
+    """SPS(B) (verify only and whole round) against verify tokens B, as a PNG/PDF at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = np.arange(1, profile.max_tokens + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.step(b, profile.sps_table()[1:], where="post", label="verify step")
+    if profile.draft_s is not None:
+        ax.step(b, profile.round_sps_table()[1:], where="post", label="whole round (draft + verify)")
+    ax.plot(profile.buckets, [1 / t for t in profile.verify_s], "o", ms=3)
+    ax.set_xlabel("verify batch B (tokens)")
+    ax.set_ylabel("steps / s")
+    ax.set_title(title or f"SPS(B) on {profile.backend} ({profile.device_kind})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), dpi=120)
+    plt.close(fig)

@@ -1,0 +1,358 @@
+"""Device side of the continuous-batching engine: slot state, insert, plan (policy), packed round.
+
+R fixed slots share per-slot target and draft caches ``[R, S, ...]``. Three jitted programs:
+
+* `insert_request`: prefill one prompt (batch 1, prompt bucket P), sample its first token,
+  write the row into slot `slot` of the target cache and — with a drafter — draft its first block
+  (the draft cache row is rebuilt from the prompt's target features). Other slots are untouched,
+  so a request joins while the others keep decoding.
+* `plan_round`: the policy's per-slot draft counts ℓ [R] (on device: Algorithm 1, async top-K,
+  thresholds, static). The host reads Σ(1 + ℓ) to pick the token bucket.
+* `engine_round`: pack ``[anchor, drafts[:ℓ]]`` of the active slots into the bucket, one packed
+  target forward (`infer.ragged`), packed rejection sampling with per-slot keys and sampling
+  values, commit, and the next draft block for every slot. Returns the committed tokens per slot;
+  the host applies stop tokens and max-token limits (extra tokens after a stop are discarded).
+
+Randomness: request r's round n uses ``fold_in(PRNGKey(seed_r), n)`` whatever slot or batch it
+runs in, so a request's output depends only on its own seed and the tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from dspark_jax.config import TargetConfig
+from dspark_jax.draft.cache import DraftCache
+from dspark_jax.draft.config import DraftConfig
+from dspark_jax.draft.model import DraftModel
+from dspark_jax.layers import dtype_of
+from dspark_jax.sampling import SamplingMode, greedy_argmax, sample_from_probs, warp_probs
+from dspark_jax.scheduling import async_schedule, prefix_schedule, survival_from_confidence
+from dspark_jax.target.kv_cache import KVCache
+from dspark_jax.target.model import TargetModel
+from infer.autoregressive import prefill
+from infer.cost_model import RoundCostModel
+from infer.ragged import pack_chunks, packed_rejection_sample, packed_target_forward
+from infer.speculative import SpecOptions, draft_backbone, sample_block, truncate_proposal
+
+__all__ = ["EngineSpec", "Policy", "EngineState", "insert_request", "plan_round", "engine_round", "draft_pass_only",
+           "parse_policy", "POLICIES"]
+
+Array = jax.Array
+PENDING_ROWS = 16  # context rows a slot may hold back across rounds without a draft pass
+POLICIES = ("ar", "static:K", "mtp1", "threshold[:c]", "dspark", "dspark-async")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """Static shape of an engine (hashable: part of every compiled program).
+
+    slots R; cache_len S (per slot: prompt + max new tokens + γ + 1 must fit); gamma γ = draft slots
+    per proposal (0 without a drafter); mode: the static sampling mode shared by sampled requests
+    (`greedy=True`: every request is greedy).
+    """
+
+    config: TargetConfig
+    dcfg: DraftConfig | None
+    slots: int
+    cache_len: int
+    gamma: int
+    mode: SamplingMode
+    share_lm_head: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """How many drafts each slot verifies: kind in ar | static | threshold | dspark | dspark-async.
+
+    k: drafts for `static` (mtp1 = static 1); threshold: reference confidence threshold;
+    cost_gate: with dspark, verify no drafts when the whole-round cost model says drafting does
+    not pay this round.
+    """
+
+    kind: str
+    k: int = 0
+    threshold: float = 0.5
+    cost_gate: bool = True
+
+    @property
+    def drafts(self) -> bool:
+        """Whether this policy needs a drafter."""
+        return self.kind != "ar"
+
+
+def parse_policy(text: str, gamma: int) -> Policy:
+    """'ar' | 'static:K' | 'mtp1' | 'threshold' | 'threshold:C' | 'dspark' | 'dspark-async' -> Policy."""
+    name, _, arg = text.strip().partition(":")
+    try:
+        if name == "ar" and not arg:
+            return Policy("ar")
+        if name == "mtp1" and not arg:
+            return Policy("static", k=1)
+        if name == "static":
+            k = int(arg)
+            if not 1 <= k <= max(gamma, 1):
+                raise ValueError(f"static:K needs 1 <= K <= {gamma} (the drafter's block), got {k}")
+            return Policy("static", k=k)
+        if name == "threshold":
+            c = float(arg) if arg else 0.5
+            if not 0.0 < c < 1.0:
+                raise ValueError(f"threshold needs 0 < C < 1, got {c}")
+            return Policy("threshold", threshold=c)
+        if name in ("dspark", "dspark-async") and not arg:
+            return Policy(name)
+    except ValueError as e:
+        if "needs" in str(e):
+            raise
+        raise ValueError(f"policy {text!r}: bad number {arg!r}") from None
+    raise ValueError(f"unknown policy {text!r}; choose from {', '.join(POLICIES)}")
+
+
+@flax.struct.dataclass
+class EngineState:
+    """Per-slot device state (R slots, γ drafts, V vocabulary).
+
+    tcache / dcache: per-slot target / draft caches; anchor [R] last committed token (not yet in
+    the target cache) at position start [R]; prop_tokens [R, γ], prop_probs [R, γ, V] (None when
+    every request is greedy), prop_conf [R, γ] the pending proposal; values [R, 3] sampling values,
+    greedy [R]; keys [R, 2] per-request base keys, rnd [R] rounds done; surv_hist [2, R, γ] with
+    hist_valid [2, R]: calibrated survivals of the proposals verified one and two rounds ago
+    (for dspark-async); pending [R, W, n_ctx·E] / pending_pos [R, W] / pending_n [R]: target
+    features of tokens committed in rounds without a draft pass (cost model said drafting does not
+    pay), committed to the draft cache at the next draft pass.
+    """
+
+    tcache: KVCache
+    dcache: DraftCache | None
+    anchor: Array
+    start: Array
+    prop_tokens: Array
+    prop_probs: Array | None
+    prop_conf: Array
+    values: Array
+    greedy: Array
+    keys: Array
+    rnd: Array
+    surv_hist: Array
+    hist_valid: Array
+    pending: Array | None
+    pending_pos: Array | None
+    pending_n: Array | None
+
+    @classmethod
+    def create(cls, spec: EngineSpec) -> "EngineState":
+        """Empty slots."""
+        r, g = spec.slots, max(spec.gamma, 1)
+        dcfg = spec.dcfg
+        dcache = DraftCache.create(dcfg, r, spec.cache_len) if dcfg is not None else None
+        probs = None if spec.mode.greedy or spec.dcfg is None else jnp.zeros((r, g, spec.config.vocab_size),
+                                                                              jnp.float32)
+        zi = lambda: jnp.zeros((r,), jnp.int32)  # noqa: E731 - distinct buffers (the state is donated)
+        return cls(tcache=KVCache.create(spec.config, r, spec.cache_len), dcache=dcache, anchor=zi(), start=zi(),
+                   prop_tokens=jnp.zeros((r, g), jnp.int32), prop_probs=probs, prop_conf=jnp.zeros((r, g)),
+                   values=jnp.ones((r, 3), jnp.float32), greedy=jnp.ones((r,), bool),
+                   keys=jnp.zeros((r, 2), jnp.uint32), rnd=zi(), surv_hist=jnp.zeros((2, r, g)),
+                   hist_valid=jnp.zeros((2, r), bool),
+                   pending=None if dcfg is None else jnp.zeros((r, PENDING_ROWS, spec.dcfg.context_dim),
+                                                                dtype_of(spec.config.dtype)),
+                   pending_pos=None if dcfg is None else jnp.zeros((r, PENDING_ROWS), jnp.int32),
+                   pending_n=None if dcfg is None else zi())
+
+
+def _sample_rows(keys: Array, logits: Array, values: Array, greedy: Array, mode: SamplingMode) -> Array:
+    """One token per row: logits [N, V], per-row keys [N, 2] / values [N, 3] / greedy [N] -> [N]."""
+    top = greedy_argmax(logits)
+    if mode.greedy:
+        return top
+    sampled = jax.vmap(lambda k, z, v: sample_from_probs(k, warp_probs(z, v, mode), mode))(keys, logits, values)
+    return jnp.where(greedy, top, sampled)
+
+
+def _propose(spec: EngineSpec, draft_params, dcache: DraftCache, pending: Array, pending_pos: Array,
+             pending_valid: Array, anchor: Array, start: Array, keys: Array, values: Array):
+    """Draft one block per row with per-row keys and sampling values -> (tokens, probs|None, conf, dcache)."""
+    dcfg, g = spec.dcfg, spec.gamma
+    h, base, dcache = draft_backbone(DraftModel(dcfg), draft_params, dcfg, dcache, pending, pending_pos,
+                                     pending_valid, anchor, start, g)
+    options = SpecOptions(block_size=g)
+    # Greedy rows in a sampled engine draft at temperature ~0 (their verification is on token ids,
+    # exact whatever the draft); an all-greedy engine drafts argmax tokens and keeps no probs.
+
+    def one(h_r, u_r, a_r, k_r, v_r):
+        p = sample_block(draft_params, dcfg, h_r[None], u_r[None], a_r[None], k_r, v_r, spec.mode, options)
+        return p.tokens[0], (None if p.probs is None else p.probs[0]), p.conf_logits[0]
+
+    tokens, probs, conf = jax.vmap(one)(h, base, anchor, keys, values)
+    return tokens, probs, conf, dcache
+
+
+def _row_keys(state: EngineState) -> tuple[Array, Array, Array]:
+    """Per-slot (sample/verify key, propose key, spare) for this round of each request."""
+    k = jax.vmap(lambda base, n: jax.random.split(jax.random.fold_in(base, n), 3))(state.keys, state.rnd)
+    return k[:, 0], k[:, 1], k[:, 2]
+
+
+def _set_row(buf: Array, slot: Array, row: Array) -> Array:
+    return buf.at[slot].set(row.astype(buf.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
+def insert_request(params, draft_params, head, state: EngineState, slot: Array, prompt: Array, prompt_len: Array,
+                   values: Array, greedy: Array, seed_key: Array, *, spec: EngineSpec) -> tuple[EngineState, Array]:
+    """Prefill `prompt` [1, P] (length prompt_len [1]) into slot `slot` and draft its first block.
+
+    values [3] per-request sampling values (`infer.ragged.packed_sampling_values` row), greedy
+    scalar bool, seed_key [2]. Returns (state, first token scalar int32).
+    """
+    cfg, dcfg = spec.config, spec.dcfg
+    taps_ids = tuple(dcfg.target_layer_ids) if dcfg is not None else ()
+    logits, row_cache, taps = prefill(TargetModel(cfg), params, prompt, prompt_len, spec.cache_len, taps_ids)
+    k0 = jax.random.split(jax.random.fold_in(seed_key, 0), 2)
+    first = _sample_rows(k0[:1], logits, values[None], greedy[None], spec.mode)[0]
+    tc = state.tcache
+    tcache = tc.replace(k=tuple(_set_row(a, slot, b[0]) for a, b in zip(tc.k, row_cache.k)),
+                        v=tuple(_set_row(a, slot, b[0]) for a, b in zip(tc.v, row_cache.v)),
+                        lengths=_set_row(tc.lengths, slot, prompt_len[0]))
+    state = state.replace(tcache=tcache, anchor=_set_row(state.anchor, slot, first),
+                          start=_set_row(state.start, slot, prompt_len[0]), values=_set_row(state.values, slot, values),
+                          greedy=_set_row(state.greedy, slot, greedy), keys=_set_row(state.keys, slot, seed_key),
+                          rnd=_set_row(state.rnd, slot, jnp.int32(1)),
+                          hist_valid=state.hist_valid.at[:, slot].set(False))
+    if dcfg is None:
+        return state, first
+    p_len = prompt.shape[1]
+    pos = jnp.arange(p_len, dtype=jnp.int32)[None, :]
+    one_cache = DraftCache.create(dcfg, 1, spec.cache_len)
+    if spec.share_lm_head:
+        draft_params = {**draft_params, "lm_head": {"kernel": head}}
+    tokens, probs, conf, one_cache = _propose(spec, draft_params, one_cache, jnp.concatenate(taps, axis=-1), pos,
+                                              pos < prompt_len[:, None], first[None], prompt_len, k0[1:], values[None])
+    dc = state.dcache
+    dcache = dc.replace(k=tuple(_set_row(a, slot, b[0]) for a, b in zip(dc.k, one_cache.k)),
+                        v=tuple(_set_row(a, slot, b[0]) for a, b in zip(dc.v, one_cache.v)),
+                        lengths=_set_row(dc.lengths, slot, one_cache.lengths[0]))
+    state = state.replace(dcache=dcache, pending_n=_set_row(state.pending_n, slot, jnp.int32(0)),
+                          prop_tokens=_set_row(state.prop_tokens, slot, tokens[0]),
+                          prop_conf=_set_row(state.prop_conf, slot, conf[0]),
+                          prop_probs=None if probs is None else _set_row(state.prop_probs, slot, probs[0]))
+    return state, first
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "policy"))
+def plan_round(state: EngineState, active: Array, has_proposal: Array, round_sps: Array, plain_sps: Array,
+               temperatures: Array, *, spec: EngineSpec, policy: Policy) -> tuple[Array, Array, Array]:
+    """(ℓ [R] int32 drafts to verify per slot, total packed tokens Σ(1 + ℓ), draft_next bool).
+
+    has_proposal [R]: the slot's proposal was drafted after its last commit (else ℓ = 0).
+    round_sps / plain_sps: whole-round and verify-only SPS tables [B_max + 1] (`infer.cost_model`);
+    temperatures [γ] STS temperatures of the drafter (ones when uncalibrated). draft_next: whether
+    this round should end with a draft pass — False only for `dspark` with the cost gate when the
+    latest calibrated survivals say the best drafted round is slower than plain decoding.
+    """
+    r, g = spec.slots, spec.gamma
+    draft_next = jnp.asarray(g > 0 and policy.drafts)
+    if policy.kind == "ar" or g == 0:
+        ell = jnp.zeros((r,), jnp.int32)
+    elif policy.kind == "static":
+        ell = jnp.full((r,), min(policy.k, g), jnp.int32)
+    elif policy.kind == "threshold":  # the reference rule: stop at the first raw confidence below c
+        ell = truncate_proposal(state.prop_conf, g, policy.threshold, 0.0)
+    else:
+        surv = survival_from_confidence(state.prop_conf, temperatures)
+        if policy.kind == "dspark":
+            ell = prefix_schedule(jnp.where(has_proposal[:, None], surv, 0.0), round_sps, active=active)
+            if policy.cost_gate:  # would a drafted round pay, judging by the latest proposals?
+                _, draft_next = RoundCostModel.decide(surv, round_sps, plain_sps, active=active)
+        else:  # dspark-async: capacity from the survivals verified two rounds ago, today's ranking
+            ell, _ = async_schedule(jnp.where(has_proposal[:, None], surv, 0.0), state.surv_hist[1], round_sps,
+                                    active=active, stale_active=state.hist_valid[1])
+    ell = jnp.where(active & has_proposal, ell, 0).astype(jnp.int32)
+    return ell, jnp.sum(jnp.where(active, 1 + ell, 0)), draft_next
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "bucket", "draft_pass", "flush"), donate_argnames=("state",))
+def engine_round(params, draft_params, head, state: EngineState, ell: Array, active: Array, temperatures: Array, *,
+                 spec: EngineSpec, bucket: int, draft_pass: bool = True, flush: bool = False):
+    """One packed verify round, then the next proposal.
+
+    draft_pass=False: no draft pass; this round's draft-context rows are held back in `pending`
+    (the caller keeps pending_n + γ + 1 <= PENDING_ROWS). flush=True: the draft pass also commits
+    the held-back rows (static, so rounds without held-back rows do not pay for them).
+
+    ell [R] drafts to verify per slot; active [R] slots holding a request. Returns (state,
+    new_tokens [R, γ + 1] (-1 past each slot's count), n_new [R], accepted [R]).
+    """
+    cfg, dcfg, g = spec.config, spec.dcfg, max(spec.gamma, 1)
+    taps_ids = tuple(dcfg.target_layer_ids) if dcfg is not None else ()
+    k_ver, k_prop, _ = _row_keys(state)
+    packed = pack_chunks(state.anchor, state.prop_tokens, ell, state.start, active, bucket)
+    logits, tcache, taps = packed_target_forward(cfg, params, packed, state.tcache, tap_layers=taps_ids,
+                                                 lm_head_kernel=head)
+    r = spec.slots
+    slot_c = jnp.minimum(packed.token_slot, r - 1)
+    draft_probs = None
+    if state.prop_probs is not None:
+        draft_probs = state.prop_probs[slot_c, jnp.clip(packed.token_offset - 1, 0, g - 1)]  # [T, V]
+    ver = packed_rejection_sample(k_ver, packed, logits, draft_probs, state.greedy, state.values,
+                                  jnp.asarray([-1], jnp.int32), spec.mode, g)
+    a = jnp.where(active, ver.accepted, 0)
+    col = jnp.arange(g + 1, dtype=jnp.int32)[None, :]
+    drafts_ext = jnp.concatenate([state.prop_tokens, jnp.zeros((r, 1), jnp.int32)], axis=1)
+    new_tokens = jnp.where(col < a[:, None], drafts_ext, jnp.where(col == a[:, None], ver.next_token[:, None], -1))
+    n_new = jnp.where(active, a + 1, 0).astype(jnp.int32)
+    new_tokens = jnp.where(col < n_new[:, None], new_tokens, -1)
+    new_start = jnp.where(active, state.start + n_new, state.start)
+    anchor = jnp.where(active, ver.next_token, state.anchor)
+    state = state.replace(tcache=tcache.with_lengths(new_start), anchor=anchor, start=new_start,
+                          rnd=state.rnd + active.astype(jnp.int32))
+    if dcfg is not None:
+        # Draft context of this round: target features of the anchor and accepted drafts of each slot.
+        rows = jnp.clip(packed.chunk_start[:, None] + col, 0, bucket - 1)  # [R, γ+1]
+        ctx = jnp.concatenate(taps, axis=-1)[rows]  # [R, γ+1, n_ctx*E]
+        ctx_pos = (new_start - n_new)[:, None] + col
+        ctx_valid = (col < n_new[:, None]) & active[:, None]
+        if draft_pass:
+            surv = survival_from_confidence(state.prop_conf, temperatures)
+            state = state.replace(surv_hist=jnp.stack([surv, state.surv_hist[0]]),
+                                  hist_valid=jnp.stack([active, state.hist_valid[0]]))
+            # Rows held back by earlier rounds without a draft pass go first (older positions).
+            pending, pending_pos, pending_valid = ctx, ctx_pos, ctx_valid
+            if flush:
+                w = jnp.arange(PENDING_ROWS)[None, :]
+                pending = jnp.concatenate([state.pending, ctx.astype(state.pending.dtype)], axis=1)
+                pending_pos = jnp.concatenate([state.pending_pos, ctx_pos], axis=1)
+                pending_valid = jnp.concatenate([w < state.pending_n[:, None], ctx_valid], axis=1)
+            if spec.share_lm_head:
+                draft_params = {**draft_params, "lm_head": {"kernel": head}}
+            tokens, probs, conf, dcache = _propose(spec, draft_params, state.dcache, pending, pending_pos,
+                                                   pending_valid, anchor, new_start, k_prop, state.values)
+            state = state.replace(dcache=dcache, prop_tokens=tokens, prop_probs=probs, prop_conf=conf,
+                                  pending_n=jnp.zeros_like(state.pending_n))
+        else:  # hold this round's context rows back (the host keeps pending_n + γ + 1 <= PENDING_ROWS)
+            idx = jnp.where(ctx_valid, state.pending_n[:, None] + col, PENDING_ROWS)  # [R, γ+1]
+            r_idx = jnp.arange(r)[:, None]
+            state = state.replace(pending=state.pending.at[r_idx, idx].set(ctx.astype(state.pending.dtype),
+                                                                           mode="drop"),
+                                  pending_pos=state.pending_pos.at[r_idx, idx].set(ctx_pos, mode="drop"),
+                                  pending_n=state.pending_n + n_new)
+    return state, new_tokens, n_new, a
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def draft_pass_only(draft_params, head, state: EngineState, *, spec: EngineSpec) -> Array:
+    """The draft pass of a round over every slot with a full pending context (profiling) -> tokens [R, γ]."""
+    r, g = spec.slots, spec.gamma
+    k_ver, k_prop, _ = _row_keys(state)
+    width = spec.dcfg.num_context_layers * spec.config.hidden_size
+    pending = jnp.zeros((r, g + 1, width), dtype_of(spec.config.dtype))
+    pos = state.start[:, None] + jnp.arange(g + 1, dtype=jnp.int32)[None, :]
+    if spec.share_lm_head:
+        draft_params = {**draft_params, "lm_head": {"kernel": head}}
+    tokens, _, _, _ = _propose(spec, draft_params, state.dcache, pending, pos, jnp.ones((r, g + 1), bool),
+                               state.anchor, state.start, k_prop, state.values)
+    return tokens

@@ -1,0 +1,437 @@
+"""Host side of the continuous-batching speculative engine: requests, queue, slots, streaming, metrics.
+
+    engine = Engine(target, draft, policy="dspark", slots=8)
+    rid = engine.submit("def fib(n):", max_new_tokens=64, sampling=SamplingConfig(temperature=0.7), seed=1)
+    for delta in engine.stream(rid):          # committed tokens as they arrive
+        ...
+    outs = engine.generate([Request(prompt=[1, 2, 3], max_new_tokens=16), ...])   # offline
+
+Each `step()` admits queued requests into free slots (prefill + first draft, while the others keep
+their state), runs one packed verify round over the active slots (`infer.engine.core`) and hands
+every request its committed tokens; a request finishes at its first stop token or at its
+max_new_tokens, and its slot is free for the next one in the same step. Per request: TTFT, time per
+output token, rounds, verified drafts, τ (tokens per round). Per engine: rounds, mean verify
+budget (1 + ℓ per request per round), queue length, throughput.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import time
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dspark_jax.sampling import SamplingConfig, SamplingError, SamplingMode
+from infer.cost_model import SPSProfile, profile_sps
+from infer.engine.core import (PENDING_ROWS, EngineSpec, EngineState, draft_pass_only, engine_round, insert_request, parse_policy,
+                               plan_round)
+from infer.ragged import packed_sampling_values, pick_bucket
+
+__all__ = ["Engine", "EngineError", "Request", "RequestOutput", "default_token_buckets"]
+
+
+class EngineError(ValueError):
+    """A request or engine setting the engine cannot serve (names the problem)."""
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation request: prompt (text or token ids), limits, sampling, seed, stop tokens."""
+
+    prompt: str | Sequence[int]
+    max_new_tokens: int = 64
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    seed: int = 0
+    stop_token_ids: Sequence[int] | None = None  # None: the target's stop tokens
+    request_id: str | None = None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """Tokens committed so far (`new_token_ids`: those of the latest step) and, once finished, why."""
+
+    request_id: str
+    token_ids: list[int]
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _Live:
+    request_id: str
+    ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingConfig
+    seed: int
+    stops: frozenset[int]
+    submitted: float
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    slot: int | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    rounds: int = 0
+    drafts_verified: int = 0
+    accepted: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+
+    def metrics(self) -> dict[str, Any]:
+        n = len(self.tokens)
+        ttft = None if self.first_token_at is None else self.first_token_at - self.submitted
+        tpot = None
+        if self.finished_at is not None and self.first_token_at is not None and n > 1:
+            tpot = (self.finished_at - self.first_token_at) / (n - 1)
+        return {"ttft_s": ttft, "tpot_s": tpot, "rounds": self.rounds, "drafts_verified": self.drafts_verified,
+                "accepted": self.accepted, "tau": (self.accepted + self.rounds) / self.rounds if self.rounds else None,
+                "mean_verify_budget": 1 + self.drafts_verified / self.rounds if self.rounds else None}
+
+
+_sampling_values = jax.jit(packed_sampling_values, static_argnames=("vocab", "mode"))
+
+
+def default_token_buckets(slots: int, gamma: int) -> tuple[int, ...]:
+    """Powers of two up to slots·(γ + 1), plus slots·(γ + 1) itself (one compiled round each)."""
+    top = slots * (gamma + 1)
+    out, b = [], 1
+    while b < top:
+        out.append(b)
+        b *= 2
+    return tuple(sorted(set(out + [top])))
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+class Engine:
+    """Continuous-batching speculative engine over `slots` fixed slots (see the module docstring).
+
+    target: `infer.api.Target`; draft: `infer.speculative_api.Draft` (None only with policy "ar");
+    policy: ar | static:K | mtp1 | threshold[:C] | dspark | dspark-async; max_len: tokens per slot
+    (prompt + max_new_tokens + γ + 1 must fit; default the target's max positions); sampling:
+    "greedy" (greedy requests only), "temperature" (default: greedy or temperature sampling) or
+    "full" (also per-request top-k / top-p); buckets: verify token buckets; sps_profile: an
+    `SPSProfile` for the scheduler (measured by `profile()` when None and the policy needs it; a
+    flat table until then); max_queue: queued requests beyond which `submit` refuses.
+    """
+
+    def __init__(self, target, draft=None, *, policy: str = "dspark", slots: int = 4, max_len: int | None = None,
+                 sampling: str = "temperature", buckets: Sequence[int] | None = None,
+                 sps_profile: SPSProfile | None = None, max_queue: int = 256, cost_gate: bool = True):
+        if slots < 1:
+            raise EngineError(f"slots must be >= 1, got {slots}")
+        gamma = 0 if draft is None else draft.config.block_size
+        self.policy = dataclasses.replace(parse_policy(policy, gamma), cost_gate=cost_gate)
+        if self.policy.drafts and draft is None:
+            raise EngineError(f"policy {policy!r} needs a draft model")
+        if not self.policy.drafts:
+            draft, gamma = None, 0
+        if self.policy.kind == "threshold" and draft is not None and not draft.config.enable_confidence_head:
+            raise EngineError(f"policy {policy!r} needs a drafter with a confidence head")
+        modes = {"greedy": SamplingMode(greedy=True), "temperature": SamplingMode(greedy=False),
+                 "full": SamplingMode(greedy=False, use_top_k=True, use_top_p=True,
+                                      top_k_bound=target.config.vocab_size)}
+        if sampling not in modes:
+            raise EngineError(f"sampling must be one of {sorted(modes)}, got {sampling!r}")
+        self.sampling_kind = sampling
+        cfg = target.config
+        max_len = int(max_len or cfg.max_position_embeddings)
+        cache_len = -(-max_len // 16) * 16
+        self.spec = EngineSpec(config=cfg, dcfg=None if draft is None else draft.config, slots=int(slots),
+                               cache_len=cache_len, gamma=gamma, mode=modes[sampling],
+                               share_lm_head=bool(draft is not None and draft.shares_target_lm_head))
+        self.target, self.draft = target, draft
+        from dspark_jax.target.model import output_kernel
+
+        self._head = output_kernel(cfg, target.params)
+        self._dparams = None if draft is None else draft.params
+        self.buckets = tuple(sorted(set(int(b) for b in (buckets or default_token_buckets(slots, gamma)))))
+        if self.buckets[-1] < slots * (gamma + 1):
+            raise EngineError(f"largest token bucket {self.buckets[-1]} < slots x (gamma + 1) = {slots * (gamma + 1)}")
+        temps = None if draft is None else draft.temperatures
+        self._temps = jnp.asarray(temps[:gamma] if temps else np.ones(max(gamma, 1)), jnp.float32)
+        self.max_queue = int(max_queue)
+        self.state = EngineState.create(self.spec)
+        self._active = np.zeros(slots, bool)
+        self._has_prop = np.zeros(slots, bool)  # proposal drafted after the slot's last commit
+        self._pending = np.zeros(slots, np.int64)  # held-back draft-context rows (rounds without a draft pass)
+        self._slot_req: list[_Live | None] = [None] * slots
+        self._queue: collections.deque[_Live] = collections.deque()
+        self._live: dict[str, _Live] = {}
+        self._done: dict[str, _Live] = {}
+        self._ids = itertools.count()
+        self.set_profile(sps_profile or SPSProfile(buckets=self.buckets, verify_s=tuple(1.0 for _ in self.buckets),
+                                                   draft_s=0.0))
+        self.stats = {"rounds": 0, "verify_tokens": 0, "request_rounds": 0, "committed": 0, "round_s": 0.0,
+                      "plan_s": 0.0, "draft_passes": 0}
+
+    # ------------------------------------------------------------------ scheduling tables
+    def set_profile(self, profile: SPSProfile) -> None:
+        """Use `profile` (SPS(B) and the draft pass) in the scheduler and the cost model."""
+        self.sps_profile = profile
+        self._round_sps = jnp.asarray(profile.round_sps_table())
+        self._plain_sps = jnp.asarray(profile.sps_table())
+
+    def profile(self, *, cache_dir: str | None = None, repeats: int = 5, refresh: bool = False) -> SPSProfile:
+        """Time the engine's verify round (no draft pass) at every bucket and the draft pass; use it.
+
+        Cached on disk (`infer.cost_model.profile_sps`). Runs on scratch states: live requests are kept.
+        """
+        r, g = self.spec.slots, self.spec.gamma
+
+        def verify_at(bucket):
+            act = jnp.arange(r) < min(bucket, r)
+            extra = max(bucket - r, 0)  # drafts spread over the slots to fill the bucket exactly
+            ell = jnp.clip(extra // r + (jnp.arange(r) < extra % r), 0, g).astype(jnp.int32)
+            holder = [EngineState.create(self.spec)]
+
+            def run():  # the state is donated: carry it, with positions reset so every call is alike
+                st, toks, _, _ = engine_round(self.target.params, self._dparams, self._head, holder[0], ell, act,
+                                              self._temps, spec=self.spec, bucket=bucket, draft_pass=False)
+                holder[0] = st.replace(start=jnp.zeros_like(st.start))
+                return toks
+
+            return run
+
+        draft = None
+        if g > 0:
+            scratch = EngineState.create(self.spec)
+            draft = lambda: draft_pass_only(self._dparams, self._head, scratch, spec=self.spec)  # noqa: E731
+        fields = {"model": self.target.path or repr(self.spec.config), "draft": getattr(self.draft, "path", None),
+                  "slots": r, "cache_len": self.spec.cache_len, "gamma": g, "mode": repr(self.spec.mode),
+                  "dtype": self.spec.config.dtype}
+        prof = profile_sps(verify_at, self.buckets, fields=fields, draft=draft, repeats=repeats, cache_dir=cache_dir,
+                           refresh=refresh)
+        self.set_profile(prof)
+        return prof
+
+    # ------------------------------------------------------------------ requests
+    def _validate(self, req: Request) -> _Live:
+        cfg = self.spec.config
+        if isinstance(req.prompt, str):
+            if self.target.tokenizer is None:
+                raise EngineError("string prompts need a tokenizer.json in the target directory; pass token ids")
+            ids = list(self.target.tokenizer.encode(req.prompt))
+        else:
+            ids = [int(t) for t in req.prompt]
+        if not ids:
+            raise EngineError("prompt is empty")
+        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise EngineError(f"prompt token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+        if not isinstance(req.max_new_tokens, int) or req.max_new_tokens < 1:
+            raise EngineError(f"max_new_tokens must be a positive integer, got {req.max_new_tokens!r}")
+        need = len(ids) + req.max_new_tokens + self.spec.gamma + 1
+        if need > self.spec.cache_len:
+            raise EngineError(f"request too long: prompt {len(ids)} + max_new_tokens {req.max_new_tokens} + "
+                              f"{self.spec.gamma + 1} verify tokens = {need} > slot capacity {self.spec.cache_len}")
+        s = req.sampling
+        if not isinstance(s, SamplingConfig):
+            raise EngineError(f"sampling must be a SamplingConfig, got {type(s).__name__}")
+        if self.spec.mode.greedy and s.temperature > 0:
+            raise EngineError("this engine was built with sampling='greedy'; temperature > 0 needs 'temperature'")
+        if not self.spec.mode.use_top_k and s.temperature > 0 and (s.top_k > 0 or s.top_p < 1.0):
+            raise EngineError("top_k / top_p need an engine built with sampling='full'")
+        if not isinstance(req.seed, int) or not 0 <= req.seed < 2 ** 32:
+            raise EngineError(f"seed must be an integer in [0, 2^32), got {req.seed!r}")
+        stops = self.target.stop_token_ids if req.stop_token_ids is None else req.stop_token_ids
+        rid = req.request_id or f"req-{next(self._ids)}"
+        if rid in self._live:
+            raise EngineError(f"request id {rid!r} is already in the engine")
+        return _Live(request_id=rid, ids=ids, max_new_tokens=req.max_new_tokens, sampling=s, seed=req.seed,
+                     stops=frozenset(int(t) for t in stops), submitted=time.perf_counter())
+
+    def submit(self, prompt: str | Sequence[int] | Request, **kwargs) -> str:
+        """Queue a request (a `Request`, or a prompt plus `Request` fields); returns its id.
+
+        Raises EngineError (naming the problem) for invalid requests or when the queue is full; the
+        engine keeps serving the others.
+        """
+        req = prompt if isinstance(prompt, Request) else Request(prompt=prompt, **kwargs)
+        if len(self._queue) >= self.max_queue:
+            raise EngineError(f"queue full ({self.max_queue} requests waiting)")
+        live = self._validate(req)
+        self._queue.append(live)
+        self._live[live.request_id] = live
+        return live.request_id
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request now; its slot is free for the next step."""
+        live = self._live.get(request_id)
+        if live is None:
+            return
+        if live.slot is None:
+            self._queue.remove(live)
+        self._finish(live, "cancelled")
+
+    @property
+    def queue_length(self) -> int:
+        """Requests waiting for a slot."""
+        return len(self._queue)
+
+    @property
+    def num_active(self) -> int:
+        """Requests holding a slot."""
+        return int(self._active.sum())
+
+    def _finish(self, live: _Live, reason: str, error: str | None = None) -> None:
+        live.finish_reason, live.error, live.finished_at = reason, error, time.perf_counter()
+        if live.slot is not None:
+            self._active[live.slot] = False
+            self._slot_req[live.slot] = None
+            live.slot = None
+        self._live.pop(live.request_id, None)
+        self._done[live.request_id] = live
+
+    def _output(self, live: _Live, new: list[int]) -> RequestOutput:
+        return RequestOutput(request_id=live.request_id, token_ids=list(live.tokens), new_token_ids=new,
+                             finished=live.finish_reason is not None, finish_reason=live.finish_reason,
+                             error=live.error, metrics=live.metrics())
+
+    def _accept_tokens(self, live: _Live, toks: Sequence[int]) -> list[int]:
+        """Append committed tokens up to the first stop token / the token limit; finish if reached."""
+        new = []
+        for t in toks:
+            new.append(int(t))
+            live.tokens.append(int(t))
+            if int(t) in live.stops:
+                self._finish(live, "stop")
+                break
+            if len(live.tokens) >= live.max_new_tokens:
+                self._finish(live, "length")
+                break
+        return new
+
+    def _admit(self, outputs: list[RequestOutput]) -> None:
+        while self._queue and not self._active.all():
+            live = self._queue.popleft()
+            slot = int(np.argmin(self._active))
+            s = live.sampling
+            p = _bucket(len(live.ids))
+            prompt = np.zeros((1, p), np.int32)
+            prompt[0, :len(live.ids)] = live.ids
+            mode = self.spec.mode
+            values = _sampling_values(jnp.asarray([s.temperature], jnp.float32), jnp.asarray([s.top_k], jnp.int32),
+                                      jnp.asarray([s.top_p], jnp.float32), vocab=self.spec.config.vocab_size,
+                                      mode=mode)[0]
+            self.state, first = insert_request(
+                self.target.params, self._dparams, self._head, self.state, jnp.int32(slot), jnp.asarray(prompt),
+                jnp.asarray([len(live.ids)], jnp.int32), values, jnp.asarray(s.temperature == 0.0),
+                jax.random.PRNGKey(live.seed), spec=self.spec)
+            live.slot = slot
+            self._active[slot] = True
+            self._has_prop[slot] = self.spec.gamma > 0
+            self._pending[slot] = 0
+            self._slot_req[slot] = live
+            first = int(first)
+            live.first_token_at = time.perf_counter()
+            try:
+                new = self._accept_tokens(live, [first])
+            except Exception as e:  # noqa: BLE001 - one request's failure must not lose the others
+                self._finish(live, "error", f"{type(e).__name__}: {e}")
+                new = []
+            outputs.append(self._output(live, new))
+
+    def step(self) -> list[RequestOutput]:
+        """Admit waiting requests, run one round; returns one output per request that changed."""
+        outputs: list[RequestOutput] = []
+        self._admit(outputs)
+        if not self._active.any():
+            return outputs
+        active = jnp.asarray(self._active)
+        t0 = time.perf_counter()
+        ell, total, draft_next = plan_round(self.state, active, jnp.asarray(self._has_prop), self._round_sps,
+                                            self._plain_sps, self._temps, spec=self.spec, policy=self.policy)
+        total, draft_pass = int(total), bool(draft_next) and self.spec.gamma > 0
+        g = self.spec.gamma
+        if g > 0 and not draft_pass and np.any(self._active & (self._pending + g + 1 > PENDING_ROWS)):
+            draft_pass = True  # the held-back context is full: draft now and commit it
+        flush = draft_pass and bool(np.any(self._pending > 0))
+        bucket = pick_bucket(total, self.buckets)
+        t1 = time.perf_counter()
+        self.state, new_tokens, n_new, acc = engine_round(
+            self.target.params, self._dparams, self._head, self.state, ell, active, self._temps, spec=self.spec,
+            bucket=bucket, draft_pass=draft_pass, flush=flush)
+        new_tokens, n_new, acc, ell = map(np.asarray, (new_tokens, n_new, acc, ell))
+        t2 = time.perf_counter()
+        self._has_prop[:] = draft_pass & self._active
+        self._pending = np.where(draft_pass, 0, self._pending + np.where(self._active, n_new, 0))
+        self.stats["draft_passes"] += int(draft_pass)
+        self.stats["rounds"] += 1
+        self.stats["verify_tokens"] += int(total)
+        self.stats["request_rounds"] += int(self._active.sum())
+        self.stats["plan_s"] += t1 - t0
+        self.stats["round_s"] += t2 - t1
+        for slot in np.flatnonzero(self._active):
+            live = self._slot_req[slot]
+            try:
+                live.rounds += 1
+                live.drafts_verified += int(ell[slot])
+                live.accepted += int(acc[slot])
+                new = self._accept_tokens(live, new_tokens[slot, :n_new[slot]].tolist())
+                self.stats["committed"] += len(new)
+            except Exception as e:  # noqa: BLE001 - isolate one request's post-processing failure
+                self._finish(live, "error", f"{type(e).__name__}: {e}")
+                new = []
+            outputs.append(self._output(live, new))
+        return outputs
+
+    # ------------------------------------------------------------------ driving
+    def has_work(self) -> bool:
+        """Whether any request is queued or running."""
+        return bool(self._queue) or bool(self._active.any())
+
+    def run(self) -> Iterator[RequestOutput]:
+        """Step until idle, yielding every request update."""
+        while self.has_work():
+            yield from self.step()
+
+    def stream(self, request_id: str) -> Iterator[list[int]]:
+        """Yield `request_id`'s newly committed tokens until it finishes (drives the whole engine)."""
+        done = self._done.get(request_id)
+        if done is not None:
+            yield list(done.tokens)
+            return
+        if request_id not in self._live:
+            raise EngineError(f"unknown request id {request_id!r}")
+        while request_id in self._live:
+            for out in self.step():
+                if out.request_id == request_id and out.new_token_ids:
+                    yield out.new_token_ids
+
+    def result(self, request_id: str) -> RequestOutput:
+        """The finished request's output (EngineError while it is still running)."""
+        live = self._done.get(request_id)
+        if live is None:
+            raise EngineError(f"request {request_id!r} has not finished")
+        return self._output(live, [])
+
+    def generate(self, requests: Sequence[Request | dict]) -> list[RequestOutput]:
+        """Offline: submit every request (as slots free up), run to completion, outputs in order."""
+        reqs = [r if isinstance(r, Request) else Request(**r) for r in requests]
+        ids = []
+        pending = collections.deque(reqs)
+        while pending or self.has_work():
+            while pending and len(self._queue) < self.max_queue:
+                ids.append(self.submit(pending.popleft()))
+            self.step()
+        return [self.result(i) for i in ids]
+
+    def metrics(self) -> dict[str, Any]:
+        """Engine counters: rounds, verify tokens, mean verify budget per request-round, τ, timings."""
+        s = self.stats
+        rr = max(s["request_rounds"], 1)
+        return {**s, "mean_verify_budget": s["verify_tokens"] / rr, "tau": s["committed"] / rr,
+                "queue_length": self.queue_length, "active": self.num_active,
+                "scheduler_share": s["plan_s"] / max(s["plan_s"] + s["round_s"], 1e-12)}

@@ -1,0 +1,61 @@
+"""SPS(B) profiling (disk cache, tables, plot) and the whole-round cost model's draft / no-draft decision."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from infer.cost_model import RoundCostModel, SPSProfile, plot_profile, profile_sps, time_call
+
+
+def test_profile_cache_tables_and_plot(tmp_path):
+    calls = []
+    x = jnp.ones((8, 8), jnp.float32)
+    step = jax.jit(lambda a, n: jnp.tanh(a @ a) * n)
+
+    def verify_at(bucket):
+        calls.append(bucket)
+        return lambda: step(x, bucket)
+
+    fields = {"model": "toy", "slots": 2}
+    prof = profile_sps(verify_at, [4, 1, 2], fields=fields, draft=lambda: step(x, 0), warmup=1, repeats=2,
+                       cache_dir=str(tmp_path))
+    assert prof.buckets == (1, 2, 4) and calls == [1, 2, 4] and prof.draft_s > 0
+    again = profile_sps(verify_at, [1, 2, 4], fields=fields, draft=lambda: step(x, 0), cache_dir=str(tmp_path))
+    assert calls == [1, 2, 4] and again == prof  # loaded from disk, nothing re-timed
+    other = profile_sps(verify_at, [1, 2, 4], fields={**fields, "slots": 3}, warmup=1, repeats=1,
+                        cache_dir=str(tmp_path))
+    assert other.key != prof.key and len(calls) == 6
+
+    p = SPSProfile(buckets=(1, 2, 4), verify_s=(0.5, 1.0, 2.0), draft_s=0.5)
+    np.testing.assert_allclose(p.sps_table(), [0, 2.0, 1.0, 0.5, 0.5])  # B = 3 pads to bucket 4
+    np.testing.assert_allclose(p.round_sps_table(), [0, 1.0, 2 / 3, 0.4, 0.4])
+    assert p.step_seconds(5) == float("inf")
+    assert SPSProfile.from_json(json.loads(json.dumps(p.to_json()))) == p
+    with pytest.raises(ValueError, match="verify_s"):
+        SPSProfile.from_json({"format": "dspark-sps/v1", "buckets": [1]}, "x.json")
+    with pytest.raises(ValueError, match="ascending"):
+        SPSProfile(buckets=(2, 1), verify_s=(1.0, 1.0))
+    plot_profile(p, tmp_path / "sps.png")
+    assert (tmp_path / "sps.png").stat().st_size > 1000
+    assert time_call(lambda: step(x, 1), warmup=1, repeats=1) > 0
+
+
+def test_round_cost_model_decides_whether_drafting_pays():
+    surv = jnp.asarray(np.cumprod(np.full((4, 5), 0.8), axis=1), jnp.float32)
+    buckets = (4, 8, 16, 24)
+    # Accelerator-like: verify cost nearly flat in B, cheap draft -> draft, several tokens per request.
+    flat = SPSProfile(buckets=buckets, verify_s=(1.0, 1.02, 1.05, 1.1), draft_s=0.1)
+    # This CPU: a (K+1)-token verify costs ~2 single-token steps and the draft pass costs one -> no draft.
+    cpu = SPSProfile(buckets=buckets, verify_s=(1.0, 1.6, 2.8, 4.0), draft_s=1.0)
+    decide = jax.jit(RoundCostModel.decide, static_argnames=("early_stop", "margin"))
+    ell, pays = decide(surv, *RoundCostModel(flat).tables())
+    assert bool(pays) and int(ell.sum()) >= 8
+    ell, pays = decide(surv, *RoundCostModel(cpu).tables())
+    assert not bool(pays) and int(ell.sum()) == 0
+    assert RoundCostModel(flat).drafting_pays(np.asarray(surv))
+    assert not RoundCostModel(flat, margin=10.0).drafting_pays(np.asarray(surv))

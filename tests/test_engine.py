@@ -1,0 +1,166 @@
+"""Continuous-batching engine: losslessness under scheduling (every policy, requests joining and
+leaving), sampled-output distribution, streaming, bad input and faults. Tiny shapes, shared compiles."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from dspark_jax.sampling import SamplingConfig
+from dspark_jax.target.model import TargetModel
+from infer.api import Target
+from infer.autoregressive import autoregressive_generate
+from infer.cost_model import SPSProfile
+from infer.engine import Engine, EngineError, Request
+from infer.speculative_api import Draft
+from tests.spec_helpers import oracle_draft, random_target
+
+# Default random_target shapes (as tests/test_speculative.py) so the eager setup compiles are shared.
+SLOTS, MAX_LEN, BUCKETS, STOP, REF_NEW = 3, 48, (4, 15), 47, 16
+FLAT = SPSProfile(buckets=BUCKETS, verify_s=(1.0, 1.05), draft_s=0.1)  # accelerator-like: drafting pays
+CPU = SPSProfile(buckets=BUCKETS, verify_s=(1.0, 2.8), draft_s=1.0)  # drafting never pays
+
+
+@pytest.fixture(scope="module")
+def pair():
+    cfg, params = random_target(context_scale=0.03)
+    dcfg, dp = oracle_draft(cfg, params, block_size=4)
+    return Target(config=cfg, params=params, stop_token_ids=(STOP,)), Draft(config=dcfg, params=dp)
+
+
+_SOLO: dict[tuple, list[int]] = {}
+
+
+def solo(target: Target, prompt, max_new: int) -> list[int]:
+    """Solo greedy autoregressive output (one compile: prompts padded to 16, REF_NEW tokens, cut)."""
+    key = (id(target.params), tuple(prompt))
+    if key not in _SOLO:
+        toks = np.zeros((1, 16), np.int32)
+        toks[0, :len(prompt)] = prompt
+        out, n = autoregressive_generate(target.params, jnp.asarray(toks), jnp.asarray([len(prompt)]),
+                                         jax.random.PRNGKey(0), SamplingConfig().values(), jnp.asarray([STOP]),
+                                         config=target.config, max_new_tokens=REF_NEW, cache_len=MAX_LEN,
+                                         mode=SamplingConfig().mode)
+        _SOLO[key] = np.asarray(out)[0, :int(n[0])].tolist()
+    assert max_new <= REF_NEW
+    return _SOLO[key][:max_new]
+
+
+PROMPTS = [[3, 9, 4], [7, 1, 8, 2, 6, 5, 9], [12, 13], [20, 4, 44, 9, 10], [2, 30, 17, 5]]
+MAX_NEW = [14, 9, 12, 6, 11]
+
+
+@pytest.mark.parametrize("policy,profile", [("ar", FLAT), ("static:2", FLAT), ("mtp1", FLAT), ("threshold", FLAT),
+                                            ("dspark", FLAT), ("dspark", CPU), ("dspark-async", FLAT)])
+def test_greedy_equals_solo_autoregressive(pair, policy, profile):
+    """Each request's greedy output == its solo greedy AR output, whatever else runs and when it joined."""
+    target, draft = pair
+    eng = Engine(target, draft, policy=policy, slots=SLOTS, max_len=MAX_LEN, sampling="greedy", buckets=BUCKETS,
+                 sps_profile=profile)
+    ids = [eng.submit(PROMPTS[0], max_new_tokens=MAX_NEW[0]), eng.submit(PROMPTS[1], max_new_tokens=MAX_NEW[1])]
+    eng.step()
+    eng.step()
+    ids += [eng.submit(p, max_new_tokens=m) for p, m in zip(PROMPTS[2:], MAX_NEW[2:])]
+    for _ in eng.run():
+        pass
+    for rid, p, m in zip(ids, PROMPTS, MAX_NEW):
+        out = eng.result(rid)
+        assert out.token_ids == solo(target, p, m), (policy, rid)
+        assert out.finish_reason == ("stop" if out.token_ids[-1] == STOP else "length")
+    met = eng.metrics()
+    assert met["queue_length"] == 0 and met["active"] == 0
+    if policy in ("static:2", "dspark") and profile is FLAT:
+        assert met["mean_verify_budget"] > 1.5 and met["tau"] > 1.2, met  # drafts verified and accepted
+    if profile is CPU:
+        assert met["draft_passes"] < met["rounds"] / 2 and met["mean_verify_budget"] < 1.3, met
+
+
+def test_sampled_distribution_with_requests_joining_and_leaving(pair):
+    """First two tokens of sampled requests ~ the target's exact joint distribution (chi-square)."""
+    target, draft = pair
+    cfg, params, temp, v = target.config, target.params, 1.0, target.config.vocab_size
+    prompt = [1, 4, 2]
+    # Exact joint P(t1, t2) = softmax(z1 / T)[t1] * softmax(z2(t1) / T)[t2].
+    seqs = jnp.asarray([prompt + [t] for t in range(v)], jnp.int32)
+    logits = jax.jit(TargetModel(cfg).apply)({"params": params}, seqs, jnp.broadcast_to(jnp.arange(4), (v, 4))).logits
+    p1 = np.asarray(jax.nn.softmax(logits[0, 2] / temp), np.float64)
+    joint = p1[:, None] * np.asarray(jax.nn.softmax(logits[:, 3] / temp, axis=-1), np.float64)
+
+    eng = Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, sampling="temperature",
+                 buckets=BUCKETS, sps_profile=FLAT)
+    rng = np.random.default_rng(0)
+    reqs, measured = [], []
+    for i in range(360):
+        if i % 3 == 2:  # fillers of random length (some greedy) make slots churn
+            reqs.append(Request(prompt=rng.integers(0, v, int(rng.integers(1, 6))).tolist(),
+                                max_new_tokens=int(rng.integers(1, 7)),
+                                sampling=SamplingConfig(temperature=float(rng.choice([0.0, 0.7, 1.0]))), seed=i))
+        else:
+            measured.append(len(reqs))
+            reqs.append(Request(prompt=prompt, max_new_tokens=2, sampling=SamplingConfig(temperature=temp), seed=i,
+                                stop_token_ids=()))
+    outs = eng.generate(reqs)
+    counts = np.zeros((v, v))
+    for j in measured:
+        t1, t2 = outs[j].token_ids
+        counts[t1, t2] += 1
+    # Marginals of t1 (prefill) and t2 (a packed verify round with drafts), cells < 5 expected merged.
+    for obs_full, p in ((counts.sum(1), joint.sum(1)), (counts.sum(0), joint.sum(0))):
+        exp = p / p.sum() * obs_full.sum()
+        big = exp >= 5
+        assert big.sum() >= 3  # enough cells for a meaningful test
+        obs = np.append(obs_full[big], obs_full[~big].sum())
+        exp = np.append(exp[big], exp[~big].sum())
+        exp *= obs.sum() / exp.sum()  # exact float sums for scipy
+        assert stats.chisquare(obs, exp).pvalue > 1e-3, (obs, exp)
+    assert eng.metrics()["tau"] > 1.0  # drafts were accepted on the way
+
+
+def test_streaming_cancel_and_bad_input(pair):
+    target, draft = pair
+    eng = Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, sampling="greedy", buckets=BUCKETS,
+                 sps_profile=FLAT, max_queue=2)
+    with pytest.raises(EngineError, match="too long"):
+        eng.submit(list(range(1, 40)), max_new_tokens=20)
+    with pytest.raises(EngineError, match="temperature"):
+        eng.submit([1, 2], sampling=SamplingConfig(temperature=0.5))
+    with pytest.raises(EngineError, match="outside the vocabulary"):
+        eng.submit([1, 99])
+    with pytest.raises(EngineError, match="max_new_tokens"):
+        eng.submit([1, 2], max_new_tokens=0)
+    with pytest.raises(EngineError, match="SamplingConfig"):
+        eng.submit([1, 2], sampling={"temperature": 0.0})
+    with pytest.raises(ValueError, match="unknown policy"):
+        Engine(target, draft, policy="fastest")
+    with pytest.raises(EngineError, match="needs a draft"):
+        Engine(target, None, policy="dspark")
+
+    a = eng.submit(PROMPTS[0], max_new_tokens=MAX_NEW[0])
+    b = eng.submit(PROMPTS[1], max_new_tokens=MAX_NEW[1])
+    with pytest.raises(EngineError, match="queue full"):
+        eng.submit(PROMPTS[2])
+    streamed = [t for chunk in eng.stream(a) for t in chunk]
+    assert streamed == eng.result(a).token_ids == solo(target, PROMPTS[0], MAX_NEW[0])
+
+    c = eng.submit(PROMPTS[2], max_new_tokens=MAX_NEW[2])
+    d = eng.submit(PROMPTS[3], max_new_tokens=MAX_NEW[3])
+    eng.step()
+    assert eng.num_active == 3
+    eng.cancel(c)  # frees its slot at once
+    assert eng.num_active == 2 and eng.result(c).finish_reason == "cancelled"
+    # One request's post-processing fails: it ends with an error, the others keep their tokens.
+    eng._live[d].stops = _Exploding()
+    for _ in eng.run():
+        pass
+    assert eng.result(d).finish_reason == "error" and "boom" in eng.result(d).error
+    assert eng.result(b).token_ids == solo(target, PROMPTS[1], MAX_NEW[1])
+
+
+class _Exploding(frozenset):
+    def __contains__(self, item):
+        raise RuntimeError("boom")
