@@ -141,14 +141,25 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: bad --concurrency: {e}", file=sys.stderr)
         return 2
-    target = load_target_bundle(args.target)
-    draft = load_draft_bundle(args.draft, target)
-    prompts = []
-    for path in args.prompts:
-        for pr in read_prompt_file(path):
-            ids = target.tokenizer.encode(pr) if isinstance(pr, str) else list(pr)
-            if ids:
-                prompts.append(ids[: args.prompt_tokens])
+    from infer.engine.core import parse_policy
+
+    try:
+        target = load_target_bundle(args.target)
+        draft = load_draft_bundle(args.draft, target)
+        for pol in policies:
+            parse_policy(pol, draft.config.block_size)
+        prompts = []
+        for path in args.prompts:
+            for pr in read_prompt_file(path):
+                ids = target.tokenizer.encode(pr) if isinstance(pr, str) else list(pr)
+                if ids:
+                    prompts.append(ids[: args.prompt_tokens])
+    except (OSError, ValueError) as e:  # missing/bad model or prompt files, unknown policy
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not prompts or any(c < 1 for c in conc):
+        print("error: need at least one prompt and concurrency values >= 1", file=sys.stderr)
+        return 2
     results, sps = [], {}
     for c in conc:
         for pol in policies:

@@ -12,8 +12,8 @@ in-flight tokens of r are visible causally.
   [R, S, KVH, hd]: projections/MLP cost follows T, not R·(γ + 1). New keys/values are written at
   (slot, position) first, so "cache or in-flight at or before the query" is exactly
   ``key index <= token_pos`` in the slot's row. Attention here is a masked jnp reference.
-* `packed_rejection_sample`: rejection sampling over the packed layout with per-slot sampling
-  values and per-slot PRNG keys; greedy slots (temperature 0) verify on token ids. First rejection
+* `packed_rejection_sample`: rejection sampling over the packed layout with per-slot
+  `SamplingParams` and per-slot PRNG keys; greedy slots (temperature 0) verify on token ids. First rejection
   and first accepted stop token per request by segment_min. Uses `infer.verify`'s acceptance and
   residual formulas and consumes the same random bits as `infer.verify.rejection_sample` called
   per slot with that slot's key (tested).
@@ -29,12 +29,12 @@ import jax.numpy as jnp
 
 from dspark_jax.config import TargetConfig
 from dspark_jax.layers import GatedMLP, Projection, RMSNorm, apply_rope, dtype_of, gqa_attention
-from dspark_jax.sampling import SamplingMode, greedy_argmax, sample_from_probs, warp_probs
+from dspark_jax.sampling import SamplingMode, SamplingParams, greedy_argmax, sample_from_probs, warp_probs
 from dspark_jax.target.kv_cache import KVCache
+from infer.state import split_keys
 from infer.verify import VerifyResult, acceptance_probabilities, residual_distribution
 
-__all__ = ["PackedBatch", "pick_bucket", "pack_chunks", "packed_target_forward", "packed_sampling_values",
-           "packed_rejection_sample"]
+__all__ = ["PackedBatch", "pick_bucket", "pack_chunks", "packed_target_forward", "packed_rejection_sample"]
 
 Array = jax.Array
 
@@ -155,32 +155,17 @@ def packed_target_forward(config: TargetConfig, params, packed: PackedBatch, cac
     return logits, cache.replace(k=tuple(new_k), v=tuple(new_v)), tuple(taps[l] for l in tap_layers)
 
 
-def packed_sampling_values(temperature: Array, top_k: Array, top_p: Array, vocab: int,
-                           mode: SamplingMode) -> Array:
-    """Per-slot traced sampling values [R, 3] for `warp_probs` under one shared static `mode`.
-
-    temperature [R] (0 = greedy slot), top_k [R] (0 = off), top_p [R] (1 = off). Slots that switch
-    a filter off while `mode` has it on get a value that keeps every token (k = the static bound,
-    p = 2), which requires mode.top_k_bound == vocab when some slot has top_k == 0 — the caller's
-    mode choice (see `infer.engine`).
-    """
-    t = jnp.maximum(temperature.astype(jnp.float32), 1e-6)
-    k = jnp.where(top_k > 0, top_k, max(mode.top_k_bound, vocab)).astype(jnp.float32)
-    p = jnp.where(top_p < 1.0, top_p, 2.0).astype(jnp.float32)
-    return jnp.stack([t, k, p], axis=1)
-
-
 def packed_rejection_sample(keys: Array, packed: PackedBatch, target_logits: Array, draft_probs: Array | None,
-                            greedy: Array, values: Array, stop_ids: Array, mode: SamplingMode,
+                            params: SamplingParams, stop_ids: Array, mode: SamplingMode,
                             num_draft_slots: int) -> VerifyResult:
     """Verify every slot's packed drafts; per-slot outputs.
 
     keys [R, 2] per-slot PRNG keys; target_logits [T, V] (row t predicts the token after packed
     token t); draft_probs [T, V] the warped draft distribution each packed draft was sampled from
-    (rows of anchors/padding ignored; None when every slot is greedy); greedy [R] bool (verify on
-    token ids); values [R, 3] from `packed_sampling_values`; stop_ids [n] (-1 pads); mode: the
-    shared static mode of the non-greedy slots (ignored when mode.greedy); num_draft_slots = γ
-    (the width of the per-slot uniforms, for bit-compatibility with `rejection_sample`).
+    (rows of anchors/padding ignored; None when every slot is greedy); params: per-slot
+    `SamplingParams` [R] (temperature 0 = greedy slot, verified on token ids); stop_ids [n]
+    (-1 pads); mode: the static sampling class covering the slots; num_draft_slots = γ (the width
+    of the per-slot uniforms, for bit-compatibility with `rejection_sample`).
     Returns VerifyResult with accepted/next_token/terminated [R] and prefix_accepted [R, γ].
     """
     r, g = packed.num_slots, num_draft_slots
@@ -189,19 +174,20 @@ def packed_rejection_sample(keys: Array, packed: PackedBatch, target_logits: Arr
     is_draft = packed.valid & (packed.token_offset > 0)  # [T]
     prev = jnp.maximum(jnp.arange(t_len) - 1, 0)  # target row that scored packed token t
     target_ids = greedy_argmax(target_logits)  # [T]
-    greedy_tok = greedy[slot_c]  # [T]
+    greedy = params.greedy  # [R]
     ell = packed.chunk_len - 1  # [R], -1 for idle slots
 
-    key_u, key_next = jax.vmap(jax.random.split, out_axes=1)(keys)  # [R, 2] each
+    key_u, key_next = split_keys(keys, 2)  # [R, 2] each, as rejection_sample with per-row keys
     if mode.greedy:
         target_probs = None
         passed = target_ids[prev] == packed.tokens
     else:
-        target_probs = jax.vmap(lambda z, v: warp_probs(z, v, mode))(target_logits, values[slot_c])  # [T, V]
+        token_params = jax.tree_util.tree_map(lambda x: x[slot_c], params)
+        target_probs = warp_probs(target_logits, token_params, mode)  # [T, V]
         accept_p = acceptance_probabilities(packed.tokens[:, None], draft_probs[:, None], target_probs[prev][:, None])
-        u = jax.vmap(lambda k: jax.random.uniform(k, (g,), jnp.float32))(key_u)  # [R, γ], as rejection_sample
+        u = jax.vmap(lambda k: jax.random.uniform(k, (g,), jnp.float32))(key_u)  # [R, γ]
         u_tok = u[slot_c, jnp.clip(packed.token_offset - 1, 0, g - 1)]
-        passed = jnp.where(greedy_tok, target_ids[prev] == packed.tokens, u_tok < accept_p[:, 0])
+        passed = jnp.where(greedy[slot_c], target_ids[prev] == packed.tokens, u_tok < accept_p[:, 0])
     seg = jnp.where(is_draft, packed.token_slot, r)  # drafts only; the rest go to a dropped segment
     big = jnp.int32(g + 1)
     first_fail = jax.ops.segment_min(jnp.where(passed, big, packed.token_offset), seg, num_segments=r + 1)[:r]
@@ -221,8 +207,7 @@ def packed_rejection_sample(keys: Array, packed: PackedBatch, target_logits: Arr
         p_t = target_probs[row]  # [R, V]
         p_d = draft_probs[jnp.minimum(row + 1, t_len - 1)]
         dist = jnp.where(rejected[:, None], residual_distribution(p_t, p_d), p_t)
-        sampled = jax.vmap(lambda k, p: sample_from_probs(k, p, mode))(key_next, dist)
-        next_token = jnp.where(greedy, next_greedy, sampled)
+        next_token = jnp.where(greedy, next_greedy, sample_from_probs(key_next, dist, mode))
     prefix = jnp.arange(g)[None, :] < accepted[:, None]  # [R, γ]
     return VerifyResult(accepted=jnp.where(terminated, first_stop, accepted).astype(jnp.int32),
                         next_token=next_token.astype(jnp.int32), terminated=terminated, prefix_accepted=prefix)

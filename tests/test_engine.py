@@ -13,8 +13,7 @@ from scipy import stats
 
 from dspark_jax.sampling import SamplingConfig
 from dspark_jax.target.model import TargetModel
-from infer.api import Target
-from infer.autoregressive import autoregressive_generate
+from infer.api import Target, generate
 from infer.cost_model import SPSProfile
 from infer.engine import Engine, EngineError, Request
 from infer.speculative_api import Draft
@@ -39,14 +38,8 @@ _SOLO: dict[tuple, list[int]] = {}
 def solo(target: Target, prompt, max_new: int) -> list[int]:
     """Solo greedy autoregressive output (one compile: prompts padded to 16, REF_NEW tokens, cut)."""
     key = (id(target.params), tuple(prompt))
-    if key not in _SOLO:
-        toks = np.zeros((1, 16), np.int32)
-        toks[0, :len(prompt)] = prompt
-        out, n = autoregressive_generate(target.params, jnp.asarray(toks), jnp.asarray([len(prompt)]),
-                                         jax.random.PRNGKey(0), SamplingConfig().values(), jnp.asarray([STOP]),
-                                         config=target.config, max_new_tokens=REF_NEW, cache_len=MAX_LEN,
-                                         mode=SamplingConfig().mode)
-        _SOLO[key] = np.asarray(out)[0, :int(n[0])].tolist()
+    if key not in _SOLO:  # prompts bucket to 16 and REF_NEW is fixed: one compiled program
+        _SOLO[key] = generate(target, [list(prompt)], max_new_tokens=REF_NEW, stop_token_ids=[STOP]).token_ids[0]
     assert max_new <= REF_NEW
     return _SOLO[key][:max_new]
 
@@ -128,13 +121,13 @@ def test_streaming_cancel_and_bad_input(pair):
     with pytest.raises(EngineError, match="too long"):
         eng.submit(list(range(1, 40)), max_new_tokens=20)
     with pytest.raises(EngineError, match="temperature"):
-        eng.submit([1, 2], sampling=SamplingConfig(temperature=0.5))
+        eng.submit([1, 2], max_new_tokens=4, sampling=SamplingConfig(temperature=0.5))
     with pytest.raises(EngineError, match="outside the vocabulary"):
-        eng.submit([1, 99])
+        eng.submit([1, 99], max_new_tokens=4)
     with pytest.raises(EngineError, match="max_new_tokens"):
         eng.submit([1, 2], max_new_tokens=0)
     with pytest.raises(EngineError, match="SamplingConfig"):
-        eng.submit([1, 2], sampling={"temperature": 0.0})
+        eng.submit([1, 2], max_new_tokens=4, sampling={"temperature": 0.0})
     with pytest.raises(ValueError, match="unknown policy"):
         Engine(target, draft, policy="fastest")
     with pytest.raises(EngineError, match="needs a draft"):
@@ -143,22 +136,25 @@ def test_streaming_cancel_and_bad_input(pair):
     a = eng.submit(PROMPTS[0], max_new_tokens=MAX_NEW[0])
     b = eng.submit(PROMPTS[1], max_new_tokens=MAX_NEW[1])
     with pytest.raises(EngineError, match="queue full"):
-        eng.submit(PROMPTS[2])
+        eng.submit(PROMPTS[2], max_new_tokens=4)
     streamed = [t for chunk in eng.stream(a) for t in chunk]
     assert streamed == eng.result(a).token_ids == solo(target, PROMPTS[0], MAX_NEW[0])
 
-    c = eng.submit(PROMPTS[2], max_new_tokens=MAX_NEW[2])
-    d = eng.submit(PROMPTS[3], max_new_tokens=MAX_NEW[3])
-    eng.step()
-    assert eng.num_active == 3
+    long = [p for p in PROMPTS if len(solo(target, p, REF_NEW)) == REF_NEW][:2]  # no stop within 16 tokens
+    c = eng.submit(long[0], max_new_tokens=REF_NEW)
+    d = eng.submit(long[-1], max_new_tokens=REF_NEW)
+    eng.step()  # both admitted; one round commits at most 1 + γ tokens each: both still running
+    assert eng.num_active == 2
     eng.cancel(c)  # frees its slot at once
-    assert eng.num_active == 2 and eng.result(c).finish_reason == "cancelled"
+    assert eng.num_active == 1 and eng.result(c).finish_reason == "cancelled"
     # One request's post-processing fails: it ends with an error, the others keep their tokens.
+    e = eng.submit(PROMPTS[2], max_new_tokens=MAX_NEW[2])
     eng._live[d].stops = _Exploding()
     for _ in eng.run():
         pass
     assert eng.result(d).finish_reason == "error" and "boom" in eng.result(d).error
     assert eng.result(b).token_ids == solo(target, PROMPTS[1], MAX_NEW[1])
+    assert eng.result(e).token_ids == solo(target, PROMPTS[2], MAX_NEW[2])
 
 
 class _Exploding(frozenset):

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from dspark_jax.sampling import SamplingMode, warp_probs
+from dspark_jax.sampling import SamplingMode, SamplingParams, warp_probs
 from dspark_jax.target.kv_cache import KVCache
 from dspark_jax.target.model import TargetModel
 from infer.autoregressive import prefill
-from infer.ragged import pack_chunks, packed_rejection_sample, packed_sampling_values, packed_target_forward, pick_bucket
+from infer.ragged import pack_chunks, packed_rejection_sample, packed_target_forward, pick_bucket
 from infer.verify import greedy_verify, rejection_sample
 from tests.spec_helpers import random_target
 
@@ -80,40 +80,43 @@ def _random_round(seed: int, vocab: int = V_SMALL):
     return tl, dl
 
 
-def _packed_inputs(tl, dl, drafts, ell, values, mode):
+def _row(params: SamplingParams, r) -> SamplingParams:
+    return jax.tree_util.tree_map(lambda x: x[r], params)
+
+
+def _packed_inputs(tl, dl, drafts, ell, params, mode):
     active = jnp.ones((R,), bool)
     packed = pack_chunks(jnp.zeros((R,), jnp.int32), drafts, ell, jnp.zeros((R,), jnp.int32), active, bucket=16)
     slot_c = jnp.minimum(packed.token_slot, R - 1)
     off = packed.token_offset
     target_logits = tl[slot_c, off]  # [T, V]
-    dprobs = jax.vmap(lambda z, v: warp_probs(z, v, mode))(dl, values)  # [R, γ, V]
+    dprobs = warp_probs(dl, params, mode)  # [R, γ, V]
     draft_probs = dprobs[slot_c, jnp.clip(off - 1, 0, G - 1)]
     return packed, target_logits, dprobs, draft_probs
 
 
 def test_packed_rejection_matches_per_row_same_bits():
-    mode = SamplingMode(greedy=False, use_top_k=True, use_top_p=True, top_k_bound=V_SMALL)
+    mode = SamplingMode(greedy=False, use_top_k=True, use_top_p=True, top_k_bound=64)
     temps = jnp.asarray([1.0, 0.7, 1.3, 0.0])  # slot 3 greedy
-    values = packed_sampling_values(temps, jnp.asarray([0, 3, 0, 0]), jnp.asarray([1.0, 1.0, 0.8, 1.0]),
-                                    V_SMALL, mode)
+    params = SamplingParams(temperature=temps, top_k=jnp.asarray([0, 3, 0, 0]), top_p=jnp.asarray([1.0, 1.0, 0.8, 1.0]))
     stop_ids = jnp.asarray([4, -1])
     run = jax.jit(functools.partial(packed_rejection_sample, mode=mode, num_draft_slots=G))
     for trial in range(6):
         tl, dl = _random_round(trial)
         keys = jax.random.split(jax.random.PRNGKey(trial), R)
-        dprobs = jax.vmap(lambda z, v: warp_probs(z, v, mode))(dl, values)
+        dprobs = _warp(dl, params, mode=mode)
         drafts = jax.vmap(jax.vmap(lambda k, p: jax.random.categorical(k, jnp.log(p))))(
             jax.random.split(jax.random.PRNGKey(100 + trial), (R, G)), dprobs).astype(jnp.int32)
         drafts = drafts.at[3].set(jnp.argmax(tl[3, :G], axis=-1).at[trial % G].set(trial % V_SMALL))
         ell = jnp.asarray([3, trial % 4, 2, 3])
-        packed, target_logits, dprobs, draft_probs = _packed_inputs(tl, dl, drafts, ell, values, mode)
-        got = run(keys, packed, target_logits, draft_probs, temps == 0, values, stop_ids)
+        packed, target_logits, dprobs, draft_probs = _packed_inputs(tl, dl, drafts, ell, params, mode)
+        got = run(keys, packed, target_logits, draft_probs, params, stop_ids)
         for r in range(R):
             if r == 3:
                 want = _greedy_verify(drafts[r:r + 1], jnp.argmax(tl[r:r + 1], axis=-1), ell[r:r + 1], stop_ids)
             else:
-                tprobs = _warp(tl[r:r + 1], values[r], mode=mode)
-                want = _rejection_sample(keys[r], drafts[r:r + 1], dprobs[r:r + 1], tprobs, ell[r:r + 1], stop_ids,
+                tprobs = _warp(tl[r:r + 1], _row(params, slice(r, r + 1)), mode=mode)
+                want = _rejection_sample(keys[r:r + 1], drafts[r:r + 1], dprobs[r:r + 1], tprobs, ell[r:r + 1], stop_ids,
                                          mode=mode)
             for field in ("accepted", "next_token", "terminated", "prefix_accepted"):
                 np.testing.assert_array_equal(getattr(got, field)[r], getattr(want, field)[0], err_msg=f"{field} {r}")
@@ -122,24 +125,24 @@ def test_packed_rejection_matches_per_row_same_bits():
 def test_packed_rejection_lossless_chi_square():
     """First committed token of every slot ~ the slot's warped target distribution."""
     n = 40_000
-    mode = SamplingMode(greedy=False, use_top_k=True, top_k_bound=V_SMALL)
-    temps = jnp.asarray([1.0, 0.6, 1.5, 1.0])
-    values = packed_sampling_values(temps, jnp.asarray([0, 0, 3, 0]), jnp.ones(R), V_SMALL, mode)
+    mode = SamplingMode(greedy=False, use_top_k=True, top_k_bound=64)
+    params = SamplingParams(temperature=jnp.asarray([1.0, 0.6, 1.5, 1.0]), top_k=jnp.asarray([0, 0, 3, 0]),
+                            top_p=jnp.ones(R))
     tl, dl = _random_round(42)
-    dprobs = jax.vmap(lambda z, v: warp_probs(z, v, mode))(dl, values)
+    dprobs = warp_probs(dl, params, mode)
     ell = jnp.asarray([3, 1, 2, 0])
 
     def one(key):
         k_d, k_v = jax.random.split(key)
         drafts = jax.random.categorical(k_d, jnp.log(dprobs), axis=-1).astype(jnp.int32)  # [R, γ]
-        packed, target_logits, _, draft_probs = _packed_inputs(tl, dl, drafts, ell, values, mode)
-        res = packed_rejection_sample(jax.random.split(k_v, R), packed, target_logits, draft_probs,
-                                      jnp.zeros(R, bool), values, jnp.asarray([-1]), mode, G)
+        packed, target_logits, _, draft_probs = _packed_inputs(tl, dl, drafts, ell, params, mode)
+        res = packed_rejection_sample(jax.random.split(k_v, R), packed, target_logits, draft_probs, params,
+                                      jnp.asarray([-1]), mode, G)
         return jnp.where(res.accepted >= 1, drafts[:, 0], res.next_token)  # [R]
 
     first = np.asarray(jax.jit(jax.vmap(one))(jax.random.split(jax.random.PRNGKey(7), n)))
     for r in range(R):
-        expected = np.asarray(warp_probs(tl[r, 0], values[r], mode), np.float64)
+        expected = np.asarray(warp_probs(tl[r:r + 1, 0], _row(params, slice(r, r + 1)), mode)[0], np.float64)
         counts = np.bincount(first[:, r], minlength=V_SMALL)
         support = expected > 0
         assert counts[~support].sum() == 0

@@ -29,16 +29,16 @@ import jax.numpy as jnp
 from dspark_jax.config import TargetConfig
 from dspark_jax.draft.cache import DraftCache
 from dspark_jax.draft.config import DraftConfig
-from dspark_jax.draft.model import DraftModel
 from dspark_jax.layers import dtype_of
-from dspark_jax.sampling import SamplingMode, greedy_argmax, sample_from_probs, warp_probs
+from dspark_jax.sampling import SamplingMode, SamplingParams, next_token
 from dspark_jax.scheduling import async_schedule, prefix_schedule, survival_from_confidence
 from dspark_jax.target.kv_cache import KVCache
 from dspark_jax.target.model import TargetModel
 from infer.autoregressive import prefill
 from infer.cost_model import RoundCostModel
 from infer.ragged import pack_chunks, packed_rejection_sample, packed_target_forward
-from infer.speculative import SpecOptions, draft_backbone, sample_block, truncate_proposal
+from infer.speculative import Pending, draft_backbone, sample_block, truncate_proposal
+from infer.state import RowParams, SpecLoop, SpecModels
 
 __all__ = ["EngineSpec", "Policy", "EngineState", "insert_request", "plan_round", "engine_round", "draft_pass_only",
            "parse_policy", "POLICIES"]
@@ -119,8 +119,9 @@ class EngineState:
 
     tcache / dcache: per-slot target / draft caches; anchor [R] last committed token (not yet in
     the target cache) at position start [R]; prop_tokens [R, γ], prop_probs [R, γ, V] (None when
-    every request is greedy), prop_conf [R, γ] the pending proposal; values [R, 3] sampling values,
-    greedy [R]; keys [R, 2] per-request base keys, rnd [R] rounds done; surv_hist [2, R, γ] with
+    every request is greedy), prop_conf [R, γ] the pending proposal; sampling: per-slot
+    `SamplingParams` [R] (temperature 0 = greedy); keys [R, 2] per-request base keys, rnd [R]
+    rounds done; surv_hist [2, R, γ] with
     hist_valid [2, R]: calibrated survivals of the proposals verified one and two rounds ago
     (for dspark-async); pending [R, W, n_ctx·E] / pending_pos [R, W] / pending_n [R]: target
     features of tokens committed in rounds without a draft pass (cost model said drafting does not
@@ -134,8 +135,7 @@ class EngineState:
     prop_tokens: Array
     prop_probs: Array | None
     prop_conf: Array
-    values: Array
-    greedy: Array
+    sampling: SamplingParams
     keys: Array
     rnd: Array
     surv_hist: Array
@@ -155,7 +155,8 @@ class EngineState:
         zi = lambda: jnp.zeros((r,), jnp.int32)  # noqa: E731 - distinct buffers (the state is donated)
         return cls(tcache=KVCache.create(spec.config, r, spec.cache_len), dcache=dcache, anchor=zi(), start=zi(),
                    prop_tokens=jnp.zeros((r, g), jnp.int32), prop_probs=probs, prop_conf=jnp.zeros((r, g)),
-                   values=jnp.ones((r, 3), jnp.float32), greedy=jnp.ones((r,), bool),
+                   sampling=SamplingParams(temperature=jnp.zeros((r,), jnp.float32), top_k=zi(),
+                                           top_p=jnp.ones((r,), jnp.float32)),
                    keys=jnp.zeros((r, 2), jnp.uint32), rnd=zi(), surv_hist=jnp.zeros((2, r, g)),
                    hist_valid=jnp.zeros((2, r), bool),
                    pending=None if dcfg is None else jnp.zeros((r, PENDING_ROWS, spec.dcfg.context_dim),
@@ -164,31 +165,29 @@ class EngineState:
                    pending_n=None if dcfg is None else zi())
 
 
-def _sample_rows(keys: Array, logits: Array, values: Array, greedy: Array, mode: SamplingMode) -> Array:
-    """One token per row: logits [N, V], per-row keys [N, 2] / values [N, 3] / greedy [N] -> [N]."""
-    top = greedy_argmax(logits)
-    if mode.greedy:
-        return top
-    sampled = jax.vmap(lambda k, z, v: sample_from_probs(k, warp_probs(z, v, mode), mode))(keys, logits, values)
-    return jnp.where(greedy, top, sampled)
+def _spec_loop(spec: EngineSpec) -> SpecLoop:
+    """The speculative step's static description for the engine's draft pass."""
+    return SpecLoop(target=spec.config, draft=spec.dcfg, block_size=spec.gamma, mode=spec.mode, max_new_tokens=1,
+                    cache_len=spec.cache_len, share_lm_head=spec.share_lm_head)
 
 
-def _propose(spec: EngineSpec, draft_params, dcache: DraftCache, pending: Array, pending_pos: Array,
-             pending_valid: Array, anchor: Array, start: Array, keys: Array, values: Array):
-    """Draft one block per row with per-row keys and sampling values -> (tokens, probs|None, conf, dcache)."""
-    dcfg, g = spec.dcfg, spec.gamma
-    h, base, dcache = draft_backbone(DraftModel(dcfg), draft_params, dcfg, dcache, pending, pending_pos,
-                                     pending_valid, anchor, start, g)
-    options = SpecOptions(block_size=g)
-    # Greedy rows in a sampled engine draft at temperature ~0 (their verification is on token ids,
-    # exact whatever the draft); an all-greedy engine drafts argmax tokens and keeps no probs.
+def _propose(spec: EngineSpec, draft_params, head: Array, dcache: DraftCache, pending: Pending, anchor: Array,
+             start: Array, keys: Array, sampling: SamplingParams):
+    """Draft one block per row with per-row keys [N, 2] and sampling params [N] -> (tokens, probs|None, conf, dcache).
 
-    def one(h_r, u_r, a_r, k_r, v_r):
-        p = sample_block(draft_params, dcfg, h_r[None], u_r[None], a_r[None], k_r, v_r, spec.mode, options)
-        return p.tokens[0], (None if p.probs is None else p.probs[0]), p.conf_logits[0]
-
-    tokens, probs, conf = jax.vmap(one)(h, base, anchor, keys, values)
-    return tokens, probs, conf, dcache
+    Uses `infer.speculative.draft_backbone` / `sample_block` (no threshold truncation: the policy picks ℓ).
+    """
+    loop = _spec_loop(spec)
+    if spec.share_lm_head:  # the draft's frozen LM head is the target's output kernel
+        draft_params = {**draft_params, "lm_head": {"kernel": head}}
+    models = SpecModels(target=None, draft=draft_params, head=head)
+    n = anchor.shape[0]
+    zeros = jnp.zeros((n,), jnp.float32)
+    rows = RowParams(sampling=sampling, keys=keys, stop_ids=jnp.full((n, 1), -1, jnp.int32),
+                     max_new=jnp.ones((n,), jnp.int32), confidence_threshold=zeros, survival_threshold=zeros)
+    h, base, dcache = draft_backbone(loop, models, dcache, pending, anchor, start)
+    prop = sample_block(loop, models, h, base, anchor, keys, rows)
+    return prop.tokens, prop.probs, prop.conf_logits, dcache
 
 
 def _row_keys(state: EngineState) -> tuple[Array, Array, Array]:
@@ -203,24 +202,26 @@ def _set_row(buf: Array, slot: Array, row: Array) -> Array:
 
 @functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
 def insert_request(params, draft_params, head, state: EngineState, slot: Array, prompt: Array, prompt_len: Array,
-                   values: Array, greedy: Array, seed_key: Array, *, spec: EngineSpec) -> tuple[EngineState, Array]:
+                   sampling: SamplingParams, seed_key: Array, *, spec: EngineSpec) -> tuple[EngineState, Array]:
     """Prefill `prompt` [1, P] (length prompt_len [1]) into slot `slot` and draft its first block.
 
-    values [3] per-request sampling values (`infer.ragged.packed_sampling_values` row), greedy
-    scalar bool, seed_key [2]. Returns (state, first token scalar int32).
+    sampling: the request's `SamplingParams` (scalars); seed_key [2] = PRNGKey(seed). Returns
+    (state, first token scalar int32).
     """
     cfg, dcfg = spec.config, spec.dcfg
     taps_ids = tuple(dcfg.target_layer_ids) if dcfg is not None else ()
     logits, row_cache, taps = prefill(TargetModel(cfg), params, prompt, prompt_len, spec.cache_len, taps_ids)
     k0 = jax.random.split(jax.random.fold_in(seed_key, 0), 2)
-    first = _sample_rows(k0[:1], logits, values[None], greedy[None], spec.mode)[0]
+    one = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], sampling)  # [1] rows
+    first = next_token(k0[:1], logits, one, spec.mode)[0]
     tc = state.tcache
     tcache = tc.replace(k=tuple(_set_row(a, slot, b[0]) for a, b in zip(tc.k, row_cache.k)),
                         v=tuple(_set_row(a, slot, b[0]) for a, b in zip(tc.v, row_cache.v)),
                         lengths=_set_row(tc.lengths, slot, prompt_len[0]))
     state = state.replace(tcache=tcache, anchor=_set_row(state.anchor, slot, first),
-                          start=_set_row(state.start, slot, prompt_len[0]), values=_set_row(state.values, slot, values),
-                          greedy=_set_row(state.greedy, slot, greedy), keys=_set_row(state.keys, slot, seed_key),
+                          start=_set_row(state.start, slot, prompt_len[0]),
+                          sampling=jax.tree_util.tree_map(lambda a, b: _set_row(a, slot, b), state.sampling, sampling),
+                          keys=_set_row(state.keys, slot, seed_key),
                           rnd=_set_row(state.rnd, slot, jnp.int32(1)),
                           hist_valid=state.hist_valid.at[:, slot].set(False))
     if dcfg is None:
@@ -228,10 +229,9 @@ def insert_request(params, draft_params, head, state: EngineState, slot: Array, 
     p_len = prompt.shape[1]
     pos = jnp.arange(p_len, dtype=jnp.int32)[None, :]
     one_cache = DraftCache.create(dcfg, 1, spec.cache_len)
-    if spec.share_lm_head:
-        draft_params = {**draft_params, "lm_head": {"kernel": head}}
-    tokens, probs, conf, one_cache = _propose(spec, draft_params, one_cache, jnp.concatenate(taps, axis=-1), pos,
-                                              pos < prompt_len[:, None], first[None], prompt_len, k0[1:], values[None])
+    pending = Pending(features=jnp.concatenate(taps, axis=-1), positions=pos, valid=pos < prompt_len[:, None])
+    tokens, probs, conf, one_cache = _propose(spec, draft_params, head, one_cache, pending, first[None], prompt_len,
+                                              k0[1:], one)
     dc = state.dcache
     dcache = dc.replace(k=tuple(_set_row(a, slot, b[0]) for a, b in zip(dc.k, one_cache.k)),
                         v=tuple(_set_row(a, slot, b[0]) for a, b in zip(dc.v, one_cache.v)),
@@ -261,7 +261,7 @@ def plan_round(state: EngineState, active: Array, has_proposal: Array, round_sps
     elif policy.kind == "static":
         ell = jnp.full((r,), min(policy.k, g), jnp.int32)
     elif policy.kind == "threshold":  # the reference rule: stop at the first raw confidence below c
-        ell = truncate_proposal(state.prop_conf, g, policy.threshold, 0.0)
+        ell = truncate_proposal(state.prop_conf, policy.threshold, 0.0)
     else:
         surv = survival_from_confidence(state.prop_conf, temperatures)
         if policy.kind == "dspark":
@@ -298,8 +298,8 @@ def engine_round(params, draft_params, head, state: EngineState, ell: Array, act
     draft_probs = None
     if state.prop_probs is not None:
         draft_probs = state.prop_probs[slot_c, jnp.clip(packed.token_offset - 1, 0, g - 1)]  # [T, V]
-    ver = packed_rejection_sample(k_ver, packed, logits, draft_probs, state.greedy, state.values,
-                                  jnp.asarray([-1], jnp.int32), spec.mode, g)
+    ver = packed_rejection_sample(k_ver, packed, logits, draft_probs, state.sampling, jnp.asarray([-1], jnp.int32),
+                                  spec.mode, g)
     a = jnp.where(active, ver.accepted, 0)
     col = jnp.arange(g + 1, dtype=jnp.int32)[None, :]
     drafts_ext = jnp.concatenate([state.prop_tokens, jnp.zeros((r, 1), jnp.int32)], axis=1)
@@ -327,10 +327,9 @@ def engine_round(params, draft_params, head, state: EngineState, ell: Array, act
                 pending = jnp.concatenate([state.pending, ctx.astype(state.pending.dtype)], axis=1)
                 pending_pos = jnp.concatenate([state.pending_pos, ctx_pos], axis=1)
                 pending_valid = jnp.concatenate([w < state.pending_n[:, None], ctx_valid], axis=1)
-            if spec.share_lm_head:
-                draft_params = {**draft_params, "lm_head": {"kernel": head}}
-            tokens, probs, conf, dcache = _propose(spec, draft_params, state.dcache, pending, pending_pos,
-                                                   pending_valid, anchor, new_start, k_prop, state.values)
+            tokens, probs, conf, dcache = _propose(spec, draft_params, head, state.dcache,
+                                                   Pending(features=pending, positions=pending_pos, valid=pending_valid),
+                                                   anchor, new_start, k_prop, state.sampling)
             state = state.replace(dcache=dcache, prop_tokens=tokens, prop_probs=probs, prop_conf=conf,
                                   pending_n=jnp.zeros_like(state.pending_n))
         else:  # hold this round's context rows back (the host keeps pending_n + γ + 1 <= PENDING_ROWS)
@@ -351,8 +350,7 @@ def draft_pass_only(draft_params, head, state: EngineState, *, spec: EngineSpec)
     width = spec.dcfg.num_context_layers * spec.config.hidden_size
     pending = jnp.zeros((r, g + 1, width), dtype_of(spec.config.dtype))
     pos = state.start[:, None] + jnp.arange(g + 1, dtype=jnp.int32)[None, :]
-    if spec.share_lm_head:
-        draft_params = {**draft_params, "lm_head": {"kernel": head}}
-    tokens, _, _, _ = _propose(spec, draft_params, state.dcache, pending, pos, jnp.ones((r, g + 1), bool),
-                               state.anchor, state.start, k_prop, state.values)
+    tokens, _, _, _ = _propose(spec, draft_params, head, state.dcache,
+                               Pending(features=pending, positions=pos, valid=jnp.ones((r, g + 1), bool)),
+                               state.anchor, state.start, k_prop, state.sampling)
     return tokens

@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dspark_jax.sampling import SamplingConfig, SamplingError, SamplingMode
+from dspark_jax.sampling import SamplingConfig, SamplingMode
 from infer.cost_model import SPSProfile, profile_sps
 from infer.engine.core import (PENDING_ROWS, EngineSpec, EngineState, draft_pass_only, engine_round, insert_request, parse_policy,
                                plan_round)
-from infer.ragged import packed_sampling_values, pick_bucket
+from infer.ragged import pick_bucket
 
 __all__ = ["Engine", "EngineError", "Request", "RequestOutput", "default_token_buckets"]
 
@@ -94,9 +94,6 @@ class _Live:
                 "mean_verify_budget": 1 + self.drafts_verified / self.rounds if self.rounds else None}
 
 
-_sampling_values = jax.jit(packed_sampling_values, static_argnames=("vocab", "mode"))
-
-
 def default_token_buckets(slots: int, gamma: int) -> tuple[int, ...]:
     """Powers of two up to slots·(γ + 1), plus slots·(γ + 1) itself (one compiled round each)."""
     top = slots * (gamma + 1)
@@ -121,7 +118,7 @@ class Engine:
     policy: ar | static:K | mtp1 | threshold[:C] | dspark | dspark-async; max_len: tokens per slot
     (prompt + max_new_tokens + γ + 1 must fit; default the target's max positions); sampling:
     "greedy" (greedy requests only), "temperature" (default: greedy or temperature sampling) or
-    "full" (also per-request top-k / top-p); buckets: verify token buckets; sps_profile: an
+    "full" (also per-request top-k <= 256 / top-p); buckets: verify token buckets; sps_profile: an
     `SPSProfile` for the scheduler (measured by `profile()` when None and the policy needs it; a
     flat table until then); max_queue: queued requests beyond which `submit` refuses.
     """
@@ -140,8 +137,7 @@ class Engine:
         if self.policy.kind == "threshold" and draft is not None and not draft.config.enable_confidence_head:
             raise EngineError(f"policy {policy!r} needs a drafter with a confidence head")
         modes = {"greedy": SamplingMode(greedy=True), "temperature": SamplingMode(greedy=False),
-                 "full": SamplingMode(greedy=False, use_top_k=True, use_top_p=True,
-                                      top_k_bound=target.config.vocab_size)}
+                 "full": SamplingMode(greedy=False, use_top_k=True, use_top_p=True, top_k_bound=256)}
         if sampling not in modes:
             raise EngineError(f"sampling must be one of {sorted(modes)}, got {sampling!r}")
         self.sampling_kind = sampling
@@ -241,8 +237,9 @@ class Engine:
             raise EngineError(f"sampling must be a SamplingConfig, got {type(s).__name__}")
         if self.spec.mode.greedy and s.temperature > 0:
             raise EngineError("this engine was built with sampling='greedy'; temperature > 0 needs 'temperature'")
-        if not self.spec.mode.use_top_k and s.temperature > 0 and (s.top_k > 0 or s.top_p < 1.0):
-            raise EngineError("top_k / top_p need an engine built with sampling='full'")
+        if not self.spec.mode.covers(s.mode):
+            raise EngineError(f"top_k {s.top_k} / top_p {s.top_p} need an engine built with sampling='full' "
+                              f"(top_k <= {self.spec.mode.top_k_bound or 256})")
         if not isinstance(req.seed, int) or not 0 <= req.seed < 2 ** 32:
             raise EngineError(f"seed must be an integer in [0, 2^32), got {req.seed!r}")
         stops = self.target.stop_token_ids if req.stop_token_ids is None else req.stop_token_ids
@@ -321,14 +318,9 @@ class Engine:
             p = _bucket(len(live.ids))
             prompt = np.zeros((1, p), np.int32)
             prompt[0, :len(live.ids)] = live.ids
-            mode = self.spec.mode
-            values = _sampling_values(jnp.asarray([s.temperature], jnp.float32), jnp.asarray([s.top_k], jnp.int32),
-                                      jnp.asarray([s.top_p], jnp.float32), vocab=self.spec.config.vocab_size,
-                                      mode=mode)[0]
             self.state, first = insert_request(
                 self.target.params, self._dparams, self._head, self.state, jnp.int32(slot), jnp.asarray(prompt),
-                jnp.asarray([len(live.ids)], jnp.int32), values, jnp.asarray(s.temperature == 0.0),
-                jax.random.PRNGKey(live.seed), spec=self.spec)
+                jnp.asarray([len(live.ids)], jnp.int32), s.params(), jax.random.PRNGKey(live.seed), spec=self.spec)
             live.slot = slot
             self._active[slot] = True
             self._has_prop[slot] = self.spec.gamma > 0
