@@ -72,7 +72,10 @@ class Projection(nn.Module):
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", dense_init(self.std, self.axes),
                             (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        # float32 accumulation, one rounding to `dtype`: a contraction split over devices (tensor
+        # parallelism) then sums float32 partials, and bfloat16 results match one device.
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
+                       preferred_element_type=jnp.float32).astype(self.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
                               (self.features,), self.param_dtype)

@@ -20,6 +20,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dspark_jax import vocab_parallel
+
 __all__ = ["SamplingConfig", "SamplingMode", "SamplingError", "warp_probs", "sample_from_probs", "greedy_argmax",
            "next_token"]
 
@@ -82,6 +84,9 @@ def warp_probs(logits: Array, values: Array, mode: SamplingMode) -> Array:
     """
     logits = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
+    if vocab_parallel.vocab_sharded(vocab) > 1:  # under a mesh: never gather [..., V]
+        return vocab_parallel.warp_probs(logits, values[0], values[1], values[2], top_k_bound=mode.top_k_bound
+                                         if mode.use_top_k else 0, use_top_p=mode.use_top_p, all_greedy=mode.greedy)
     if mode.greedy:
         return jax.nn.one_hot(greedy_argmax(logits), vocab, dtype=jnp.float32)
     z = logits / values[0]
@@ -123,6 +128,8 @@ def sample_from_probs(key: Array, probs: Array, mode: SamplingMode) -> Array:
     """
     if mode.greedy:
         return greedy_argmax(probs)
+    if vocab_parallel.vocab_sharded(probs.shape[-1]) > 1:
+        return vocab_parallel.sample(key, probs)
     cdf = jnp.cumsum(probs.astype(jnp.float32), axis=-1)
     u = jax.random.uniform(key, probs.shape[:-1], jnp.float32) * cdf[..., -1]
     idx = jnp.sum(cdf <= u[..., None], axis=-1)
@@ -139,6 +146,8 @@ def greedy_argmax(logits: Array) -> Array:
     B=8 on one core). NaN rows give V - 1 (jnp.argmax would give the NaN's index).
     """
     vocab = logits.shape[-1]
+    if vocab_parallel.vocab_sharded(vocab) > 1:
+        return vocab_parallel.argmax(logits)
     top = jnp.max(logits, axis=-1, keepdims=True)
     iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
     return jnp.minimum(jnp.min(jnp.where(logits == top, iota, vocab), axis=-1), vocab - 1).astype(jnp.int32)

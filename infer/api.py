@@ -11,6 +11,7 @@ similar prompts reuse one compiled program; compile time is reported separately 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any, Sequence
@@ -106,6 +107,14 @@ def _pad_batch(prompts: list[list[int]], bucket: int) -> tuple[np.ndarray, np.nd
     return tokens, np.asarray([len(p) for p in prompts], np.int32)
 
 
+def place_prompts(tokens: np.ndarray, lengths: np.ndarray) -> tuple:
+    """Prompt arrays on the batch axis of the mesh set by `jax.set_mesh` (plain arrays without one)."""
+    from dspark_jax.sharding import current_mesh, place_batch
+
+    mesh = jax.sharding.get_mesh() if current_mesh() is not None else None
+    return place_batch(mesh, tokens, lengths) if mesh is not None else (jnp.asarray(tokens), jnp.asarray(lengths))
+
+
 def stop_array(stop_ids: Sequence[int], width: int = 8) -> np.ndarray:
     """Stop ids padded with -1 to a fixed width (so the compiled program does not depend on them)."""
     ids = list(dict.fromkeys(int(s) for s in stop_ids))
@@ -117,13 +126,23 @@ def stop_array(stop_ids: Sequence[int], width: int = 8) -> np.ndarray:
 
 def generate(target: Target, prompts: Sequence[str] | Sequence[Sequence[int]], *, draft=None,
              max_new_tokens: int = 128, sampling: SamplingConfig | None = None, seed: int = 0,
-             stop_token_ids: Sequence[int] | None = None, **speculative_options) -> GenerationResult:
+             stop_token_ids: Sequence[int] | None = None, mesh=None, **speculative_options) -> GenerationResult:
     """Generate continuations for a batch of prompts.
 
     With `draft=None` this is plain autoregressive decoding; with a loaded draft it runs the
     lossless speculative loop (`infer.speculative`). Output excludes the prompt and includes a
-    row's stop token when one ends it.
+    row's stop token when one ends it. `mesh` (`dspark_jax.sharding.make_mesh`): place the batch
+    on `data`, the target by the rules table, the draft replicated, and sample over the
+    vocabulary shards (docs/sharding.md); the same tokens as on one device.
     """
+    if mesh is not None:
+        from dspark_jax.sharding import shard_params, target_param_shardings
+
+        target = dataclasses.replace(target, params=shard_params(target.params,
+                                                                 target_param_shardings(target.config, mesh)))
+        with jax.set_mesh(mesh):
+            return generate(target, prompts, draft=draft, max_new_tokens=max_new_tokens, sampling=sampling,
+                            seed=seed, stop_token_ids=stop_token_ids, **speculative_options)
     sampling = sampling or SamplingConfig()
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -145,7 +164,7 @@ def generate(target: Target, prompts: Sequence[str] | Sequence[Sequence[int]], *
     cache_len = -(-max(bucket, longest + max_new_tokens) // 64) * 64
     tokens, lengths = _pad_batch(ids, bucket)
     static = dict(config=target.config, max_new_tokens=max_new_tokens, cache_len=cache_len, mode=sampling.mode)
-    args = (target.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed),
+    args = (target.params, *place_prompts(tokens, lengths), jax.random.PRNGKey(seed),
             sampling.values(), jnp.asarray(stops))
     (out, num), compile_s, wall = run_compiled(autoregressive_generate, args, static)
     out, num = np.asarray(out), np.asarray(num)

@@ -19,6 +19,7 @@ import numpy as np
 
 from dspark_jax.draft.config import DraftConfig
 from dspark_jax.sampling import SamplingConfig
+from dspark_jax.sharding import current_mesh, replicated_shardings, shard_params
 from infer.compiled import run_compiled
 from infer.spec_metrics import summarize_stats
 
@@ -74,7 +75,7 @@ def speculative_generate_batch(target, draft: Draft, prompts: list[list[int]], *
                                block_size: int | None = None, confidence_threshold: float = 0.0,
                                survival_threshold: float = 0.0, record_rounds: bool = False):
     """Run `infer.speculative.speculative_generate` on token-id prompts; returns a GenerationResult."""
-    from infer.api import GenerationError, GenerationResult, _pad_batch, bucket_length
+    from infer.api import GenerationError, GenerationResult, _pad_batch, bucket_length, place_prompts
     from infer.speculative import SpecOptions, speculative_generate
 
     dcfg = draft.config
@@ -98,7 +99,10 @@ def speculative_generate_batch(target, draft: Draft, prompts: list[list[int]], *
     temps = None if draft.temperatures is None else jnp.asarray(draft.temperatures[:k], jnp.float32)
     static = dict(config=target.config, dcfg=dcfg, max_new_tokens=max_new_tokens, cache_len=cache_len,
                   mode=sampling.mode, options=options)
-    args = (target.params, draft.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed),
+    draft_params = draft.params
+    if current_mesh() is not None:  # drafts run replicated
+        draft_params = shard_params(draft_params, replicated_shardings(draft_params, jax.sharding.get_mesh()))
+    args = (target.params, draft_params, *place_prompts(tokens, lengths), jax.random.PRNGKey(seed),
             sampling.values(), jnp.asarray(stop_ids), temps)
     (out, num, stats, records), compile_s, wall = run_compiled(speculative_generate, args, static)
     out, num = np.asarray(out), np.asarray(num)

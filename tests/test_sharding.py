@@ -77,3 +77,13 @@ def test_vocab_parallel_sampling_on_sharded_logits():
                           env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.strip().splitlines()[-1].startswith("OK")
+
+
+def test_sharded_speculative_loop_equals_single_device_and_moves_no_vocab():
+    """6 query / 2 KV heads on data 2 x model 4, f32 and bf16, greedy and sampled (tests/scripts/sharded_loop.py)."""
+    flags = "--xla_force_host_platform_device_count=8 --xla_allow_excess_precision=false"
+    env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "scripts", "sharded_loop.py")],
+                          env=env, capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("OK")
