@@ -4,6 +4,7 @@ Target with 6 query heads and 2 KV heads (fewer KV heads than the model axis) on
 model 4 mesh via `generate(..., mesh=...)`, in float32 and bfloat16, greedy and sampled:
   * outputs equal the 1-device run (greedy token for token; sampled with the same seed, the same
     tokens: the draws use the same uniforms, only float32 summation order differs);
+  * the target forward (logits, taps) and autoregressive generate equal the 1-device run;
   * the compiled loop moves no vocabulary-sized operand through any collective, and has no
     all-to-all (KV heads are replicated, not split along head_dim).
 Run with --xla_allow_excess_precision=false as well: by default XLA may skip bfloat16 roundings
@@ -60,8 +61,25 @@ def last_hlo() -> str:
 only = sys.argv[1:]  # e.g. "bfloat16" to run one dtype while debugging
 for dtype in [d for d in ("float32", "bfloat16") if not only or d in only]:
     target, draft = models(dtype)
+    if dtype == "float32":  # forward and the autoregressive loop
+        import numpy as np
+
+        from dspark_jax.sharding import batch_sharding, shard_params, target_param_shardings
+
+        tokens = jnp.asarray(np.random.RandomState(0).randint(0, V, (4, 12)), jnp.int32)
+        pos = jnp.broadcast_to(jnp.arange(12), (4, 12))
+        fwd = jax.jit(lambda p, t: TargetModel(target.config).apply({"params": p}, t, pos, tap_layers=(0,)))
+        ref = fwd(target.params, tokens)
+        sharded = shard_params(target.params, target_param_shardings(target.config, mesh))
+        assert "model" in str(sharded["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec)
+        with jax.set_mesh(mesh):
+            out = fwd(sharded, jax.device_put(tokens, batch_sharding(mesh, 2, 4)))
+        assert float(jnp.max(jnp.abs(out.logits - ref.logits))) < 1e-4
+        assert float(jnp.max(jnp.abs(out.taps[0] - ref.taps[0]))) < 1e-4
+        ar = generate(target, prompts, max_new_tokens=12)
+        assert generate(target, prompts, max_new_tokens=12, mesh=mesh).token_ids == ar.token_ids
     for sampling in (SamplingConfig(), SamplingConfig(temperature=1.0, top_k=20, top_p=0.9)):
-        kw = dict(draft=draft, max_new_tokens=16, sampling=sampling, seed=3)
+        kw = dict(draft=draft, max_new_tokens=12, sampling=sampling, seed=3)
         ref = generate(target, prompts, **kw)
         out = generate(target, prompts, mesh=mesh, **kw)
         hlo = last_hlo()
