@@ -33,7 +33,7 @@ def test_cached_attention_matches_full_mask_in_every_bucket():
 
 
 def test_target_decode_and_verify_equal_full_capacity_path():
-    cfg, params = random_target(vocab=64, hidden=32, max_pos=512)
+    cfg, params = random_target(vocab=64, hidden=32, layers=1, max_pos=512)
     capacity = 256
     rng = np.random.RandomState(1)
     prompt = jnp.asarray(rng.randint(0, 64, (2, 100)), jnp.int32)
