@@ -35,19 +35,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def lower_loop(cfg, dcfg, params, dparams, b, p_len, cache_len, sampling, mesh, bsharding):
-    """Lower the speculative `generate` loop on abstract inputs (the current loop's signature)."""
+    """Lower the speculative `generate` loop (`infer.speculative.speculative_generate`) on abstract inputs.
+
+    (The 'before' record was lowered through the pre-`[step-ready]` signature of the same loop.)
+    """
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
-    from infer.speculative import SpecOptions, speculative_generate
+    from dspark_jax.sampling import SamplingMode
+    from dspark_jax.sharding import place_rows
+    from infer.batching import row_params, stop_array
+    from infer.speculative import speculative_generate
+    from infer.state import SpecLoop
 
     tokens = jax.ShapeDtypeStruct((b, p_len), jnp.int32, sharding=bsharding)
-    lengths = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*bsharding.spec[:1])))
-    stops = jnp.full((8,), -1, jnp.int32)
-    return speculative_generate.lower(
-        params, dparams, tokens, lengths, jax.random.PRNGKey(0), sampling.values(), stops, None, config=cfg,
-        dcfg=dcfg, max_new_tokens=cache_len - p_len - 16, cache_len=cache_len, mode=sampling.mode,
-        options=SpecOptions(block_size=dcfg.block_size, share_lm_head=True))
+    lengths = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(*bsharding.spec[:1])))
+    max_new = cache_len - p_len - 16
+    rows, configs = row_params(b, sampling=sampling, seed=0, stop_ids=stop_array([]), max_new_tokens=max_new)
+    loop = SpecLoop(target=cfg, draft=dcfg, block_size=dcfg.block_size, mode=SamplingMode.covering(configs),
+                    max_new_tokens=max_new, cache_len=cache_len, share_lm_head=True)
+    return speculative_generate.lower(params, dparams, None, tokens, lengths, place_rows(rows), loop=loop)
 
 
 def child(args) -> dict:

@@ -5,9 +5,9 @@ verify K+1) costs less than τ autoregressive steps. On a GPU, scoring K+1 token
 as much as scoring one (the step is bound by reading the weights); whether that holds here is
 measured, with the bundled pair (or any --target/--draft), greedy, batch 1:
 
-  A. in-loop target forward cost for T = 1 .. K_max+1 tokens on a cache (a `fori_loop` of
-     `--iters` forwards, each feeding its argmax back, the output layer laid out as in the
-     decode loops), as ms per forward and as a multiple of T = 1;
+  A. in-loop target cost for T = 1 .. K_max+1 tokens on a cache: a `fori_loop` of `--iters`
+     real loop pieces (T = 1: `autoregressive_step`; T = K+1: the round's `target_verify`, each
+     feeding its argmax back), as ms per pass and as a multiple of T = 1;
   B. end to end with `infer.api.generate` on the default demo prompt: autoregressive ms/token,
      then per block size K the measured τ, ms per round, round / AR step, the speed-up, and the
      τ a round of that cost would need for 1.0x and for 1.5x.
@@ -33,35 +33,53 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_info, save_result  # noqa: E402
 
-from dspark_jax.sampling import greedy_argmax  # noqa: E402
-from dspark_jax.target.kv_cache import KVCache  # noqa: E402
-from dspark_jax.target.model import TargetModel, output_kernel  # noqa: E402
+from dspark_jax.sampling import SamplingConfig, greedy_argmax  # noqa: E402
+from dspark_jax.target.model import output_kernel  # noqa: E402
 from infer.api import generate, load_target_bundle  # noqa: E402
+from infer.autoregressive import autoregressive_step  # noqa: E402
 from infer.demo import DEFAULT_PROMPT, bundled_paths  # noqa: E402
+from infer.speculative import target_verify  # noqa: E402
 from infer.speculative_api import load_draft_bundle  # noqa: E402
+from infer.state import ARLoop, RowParams, SpecLoop, row_keys_from_seeds  # noqa: E402
+from infer.step import ar_init, spec_init, spec_models  # noqa: E402
 
 
-def forward_program(target, tokens: int, *, context: int, iters: int):
-    """A compiled-on-first-call program: `iters` in-loop target forwards of `tokens` tokens at batch 1."""
+def forward_program(target, draft, tokens: int, *, context: int, iters: int):
+    """A compiled-on-first-call program: `iters` in-loop target passes of `tokens` tokens at batch 1.
+
+    tokens = 1 runs the real autoregressive step (`autoregressive_step`: forward + next token +
+    output write); tokens = K+1 runs the real verify forward of a K-draft round (`target_verify`)
+    with each pass's argmax fed back as the next anchor + drafts (the cache is not advanced).
+    """
     cfg = target.config
-    model = TargetModel(cfg)
-    cache_len = context + tokens + 64
+    prompt = jnp.ones((1, context), jnp.int32)
+    lengths = jnp.full((1,), context, jnp.int32)
+    rows = RowParams.build([SamplingConfig()], row_keys_from_seeds(0, 1), [-1], iters + 2)
+    if tokens == 1:
+        loop = ARLoop(target=cfg, mode=SamplingConfig().mode, max_new_tokens=iters + 2,
+                      cache_len=context + iters + 64)
+        state = ar_init(loop, target.params, prompt, lengths, rows)
+
+        @jax.jit
+        def run(params, state):
+            head = output_kernel(cfg, params)
+            return jax.lax.fori_loop(0, iters, lambda _, s: autoregressive_step(loop, params, head, s), state).last
+
+        return lambda: jax.block_until_ready(run(target.params, state))
+    loop = SpecLoop(target=cfg, draft=draft.config, block_size=tokens - 1, mode=SamplingConfig().mode,
+                    max_new_tokens=1, cache_len=context + tokens + 64, share_lm_head=draft.shares_target_lm_head)
+    models = spec_models(loop, target.params, draft.params, None)
+    state = spec_init(loop, models, prompt, lengths, rows)
 
     @jax.jit
-    def run(params, toks):
-        head = output_kernel(cfg, params)
-        cache = KVCache.create(cfg, 1, cache_len).with_lengths(jnp.full((1,), context, jnp.int32))
-        positions = context + jnp.arange(tokens, dtype=jnp.int32)[None, :]
+    def run(models, state):
+        def body(_, s):
+            toks = greedy_argmax(target_verify(loop, models, s).logits)  # [1, T]
+            return s.replace(anchor=toks[:, 0], proposal=s.proposal.replace(tokens=toks[:, 1:]))
 
-        def body(_, carry):
-            toks, cache = carry
-            res = model.apply({"params": params}, toks, positions, cache, lm_head_kernel=head)
-            return greedy_argmax(res.logits), res.cache.with_lengths(cache.lengths)
+        return jax.lax.fori_loop(0, iters, body, state).anchor
 
-        return jax.lax.fori_loop(0, iters, body, (toks, cache))[0]
-
-    toks = jnp.ones((1, tokens), jnp.int32)
-    return lambda: jax.block_until_ready(run(target.params, toks))
+    return lambda: jax.block_until_ready(run(models, state))
 
 
 def interleaved_best(fns: dict, reps: int) -> dict:
@@ -99,7 +117,8 @@ def main(argv=None) -> int:
     if max(ks) > draft.config.block_size:
         raise SystemExit(f"block size {max(ks)} > the draft's {draft.config.block_size}")
 
-    forward_fns = {t: forward_program(target, t, context=args.context, iters=args.iters) for t in range(1, max(ks) + 2)}
+    forward_fns = {t: forward_program(target, draft, t, context=args.context, iters=args.iters)
+                   for t in range(1, max(ks) + 2)}
     forward_s = interleaved_best(forward_fns, args.reps)
     forward = [{"tokens": t, "forward_ms": forward_s[t] / args.iters * 1e3} for t in forward_fns]
     for row in forward:

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 __all__ = ["LOGICAL_AXIS_RULES", "CACHE_BATCH", "CACHE_SEQUENCE", "CACHE_HEADS", "CACHE_KV", "make_mesh",
            "logical_to_spec", "param_shardings", "replicated_shardings", "batch_sharding", "shard_params",
            "target_param_shardings", "rules_for_config", "constrain", "target_rules_scope", "current_mesh",
-           "place_batch"]
+           "place_rows"]
 
 # Logical axes of the KV cache [B, S, K, D] (maxtext's CACHE_BATCH / CACHE_SEQUENCE / CACHE_HEADS / CACHE_KV).
 CACHE_BATCH, CACHE_SEQUENCE, CACHE_HEADS, CACHE_KV = "cache_batch", "cache_sequence", "cache_heads", "cache_kv"
@@ -184,9 +184,27 @@ def target_rules_scope(config):
     return nn.logical_axis_rules(rules_for_config(config, mesh, nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES))
 
 
-def place_batch(mesh: Mesh, *arrays):
-    """Put host arrays whose leading dim is the batch on the mesh (sharded over data x fsdp when divisible)."""
-    return tuple(jax.device_put(a, batch_sharding(mesh, np.ndim(a), np.shape(a)[0])) for a in arrays)
+def place_rows(tree: Any) -> Any:
+    """Put per-row arrays (leading dim = the batch) on the mesh set by `jax.set_mesh`: the batch
+    over data x fsdp when divisible. Without a mesh the tree is returned unchanged.
+
+    The batch size is the leading dim of the first leaf; leaves with another leading dim (or
+    scalars) are replicated.
+    """
+    if current_mesh() is None:
+        return tree
+    mesh = jax.sharding.get_mesh()
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if np.ndim(x) >= 1]
+    if not leaves:
+        return tree
+    rows = np.shape(leaves[0])[0]
+
+    def one(x):
+        if np.ndim(x) >= 1 and np.shape(x)[0] == rows:
+            return jax.device_put(x, batch_sharding(mesh, np.ndim(x), rows))
+        return jax.device_put(x, NamedSharding(mesh, P()))
+
+    return jax.tree_util.tree_map(one, tree)
 
 
 def target_param_shardings(config, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Any:

@@ -12,8 +12,8 @@ scalars (or, for top-k, m x bound candidates per row) cross devices:
     list; top-p alone finds the global threshold by a 32-step bisection over the float32 order
     (the smallest logit value whose strictly-larger mass is < p — exactly the `sampling` rule),
     each step one `psum` of [rows] partial masses;
-  * `sample` (inverse CDF): one uniform per row drawn at the global shape (so a row's draw does
-    not depend on the layout), each shard counts its CDF entries <= u after adding the mass of
+  * `inverse_cdf`: given one uniform per row (drawn by the caller at the global shape, so a row's
+    draw does not depend on the layout), each shard counts its CDF entries <= u after adding the mass of
     the shards before it (an all-gather of [m, rows] shard totals), counts are `psum`-ed;
   * `token_probs` (p[x] for the rejection test) and `residual` (norm(max(p_t - p_d, 0))).
 Without such a mesh the same calls run the single-device code (collectives become identities),
@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from dspark_jax.sharding import current_mesh, logical_to_spec
 
-__all__ = ["VOCAB_AXIS", "vocab_sharded", "argmax", "max_logit", "logsumexp", "warp_probs", "sample", "token_probs",
+__all__ = ["VOCAB_AXIS", "vocab_sharded", "argmax", "max_logit", "logsumexp", "warp_probs", "inverse_cdf", "token_probs",
            "residual"]
 
 Array = jax.Array
@@ -250,14 +250,14 @@ def _sample_local(ax: _Axis, probs: Array, u: Array) -> Array:
     return jnp.minimum(idx, last_positive).astype(jnp.int32)
 
 
-def sample(key: Array, probs: Array) -> Array:
-    """One token per row from probs [..., V] by inverse CDF; int32 [...].
+def inverse_cdf(probs: Array, u: Array) -> Array:
+    """One token per row from probs [..., V] for uniforms u [...] in [0, 1); int32 [...].
 
-    Same draw as `dspark_jax.sampling.sample_from_probs` for the same key (one uniform per row at
-    the global shape), up to the float32 summation order of the CDF.
+    The draw of `dspark_jax.sampling.sample_from_probs` for the same uniforms (drawn there at the
+    global shape, so a row's draw does not depend on the layout), up to the float32 summation
+    order of the CDF.
     """
-    u = jax.random.uniform(key, probs.shape[:-1], jnp.float32)
-    return _run(_sample_local, (probs,), (u,), False, probs.shape[-1])
+    return _run(_sample_local, (probs,), (u.astype(jnp.float32),), False, probs.shape[-1])
 
 
 def _token_probs_local(ax: _Axis, probs: Array, tokens: Array) -> Array:

@@ -1,8 +1,11 @@
 """Jitted autoregressive decoding: the baseline every speculative speed-up is measured against.
 
-One compiled program per (batch, prompt bucket, cache length, max_new_tokens, sampling mode):
-prefill of right-padded prompts, then a `lax.while_loop` of one-token decode steps that stops
-when every row has emitted a stop token or `max_new_tokens` tokens. No host round trip per token.
+`autoregressive_init` prefills right-padded prompts and samples the first token;
+`autoregressive_step(loop, params, head, state)` decodes one token per unfinished row (usable one
+step at a time from Python); `autoregressive_generate` is a `lax.while_loop` over that step that
+ends when every row has emitted a stop token or its `max_new` tokens. One compiled program per
+`ARLoop` (config, sampling class, buffer, cache length) and batch/prompt shape; per-row sampling
+values, seeds, stop ids and limits are traced.
 """
 
 from __future__ import annotations
@@ -12,19 +15,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.config import TargetConfig
-from dspark_jax.sampling import SamplingMode, next_token
+from dspark_jax.sampling import next_token
 from dspark_jax.target.kv_cache import KVCache
 from dspark_jax.target.model import TargetModel, output_kernel
+from infer.state import (NONFINITE_PREFILL, NONFINITE_TARGET, ARLoop, ARState, OutputBuffer, RowParams, all_finite,
+                         is_stop, step_keys)
 
-__all__ = ["autoregressive_generate", "prefill", "is_stop"]
+__all__ = ["autoregressive_generate", "autoregressive_init", "autoregressive_step", "prefill", "is_stop"]
 
 Array = jax.Array
-
-
-def is_stop(tokens: Array, stop_ids: Array) -> Array:
-    """tokens [...] int32, stop_ids [n] int32 (-1 = unused slot) -> bool [...]."""
-    return jnp.any(tokens[..., None] == stop_ids, axis=-1) & (tokens >= 0)
 
 
 def prefill(model: TargetModel, params, prompt_tokens: Array, prompt_lengths: Array, cache_len: int,
@@ -41,43 +40,47 @@ def prefill(model: TargetModel, params, prompt_tokens: Array, prompt_lengths: Ar
     return out.logits[:, 0], out.cache.with_lengths(prompt_lengths), out.taps
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "cache_len", "mode"))
-def autoregressive_generate(params, prompt_tokens: Array, prompt_lengths: Array, key: Array,
-                            sampling_values: Array, stop_ids: Array, *, config: TargetConfig,
-                            max_new_tokens: int, cache_len: int, mode: SamplingMode):
-    """Generate up to `max_new_tokens` per row.
+def autoregressive_init(loop: ARLoop, params, prompt_tokens: Array, prompt_lengths: Array,
+                        row_params: RowParams) -> ARState:
+    """Prefill and the first token: the state before the first decode step."""
+    logits, cache, _ = prefill(TargetModel(loop.target), params, prompt_tokens, prompt_lengths, loop.cache_len)
+    first = next_token(step_keys(row_params.keys, 0, 1)[0], logits, row_params.sampling, loop.mode)
+    bad = jnp.where(all_finite(logits), 0, NONFINITE_PREFILL).astype(jnp.int32)
+    done = is_stop(first, row_params.stop_ids) | (row_params.max_new <= 1) | (bad != 0)
+    return ARState(step=jnp.int32(1), cache=cache, last=first, params=row_params,
+                   out=OutputBuffer.start(first, loop.max_new_tokens, done), nonfinite=bad)
 
-    prompt_tokens: [B, P] int32, right-padded; prompt_lengths: [B] int32 (>= 1);
-    sampling_values: [3] from `SamplingConfig.values()`; stop_ids: [n] int32 (-1 pads).
+
+def autoregressive_step(loop: ARLoop, params, head: Array, state: ARState) -> ARState:
+    """Decode one token for every unfinished row. head: the [d, V] output kernel (`output_kernel`)."""
+    model = TargetModel(loop.target)
+    active = ~state.out.done
+    cache = state.cache
+    res = model.apply({"params": params}, state.last[:, None], cache.lengths[:, None], cache, lm_head_kernel=head)
+    logits = res.logits[:, 0]  # [B, V]
+    cache = res.cache.with_lengths(cache.lengths + active.astype(jnp.int32))
+    nxt = next_token(step_keys(state.params.keys, state.step, 1)[0], logits, state.params.sampling, loop.mode)
+    bad = jnp.where(active & ~all_finite(logits), NONFINITE_TARGET, 0).astype(jnp.int32)
+    n_new = (active & (bad == 0)).astype(jnp.int32)
+    out = state.out.append(nxt[:, None], n_new)
+    done = state.out.done | (bad != 0) | (out.count >= state.params.max_new) | (
+        (n_new > 0) & is_stop(nxt, state.params.stop_ids))
+    return state.replace(step=state.step + 1, cache=cache, last=jnp.where(n_new > 0, nxt, state.last),
+                         out=out.replace(done=done), nonfinite=state.nonfinite | bad)
+
+
+@functools.partial(jax.jit, static_argnames=("loop",))
+def autoregressive_generate(params, prompt_tokens: Array, prompt_lengths: Array, row_params: RowParams, *,
+                            loop: ARLoop):
+    """Generate up to `row_params.max_new[b]` (<= loop.max_new_tokens) tokens per row.
+
+    prompt_tokens: [B, P] int32, right-padded; prompt_lengths: [B] int32 (>= 1).
     Requires P + max_new_tokens <= cache_len (checked by the caller).
-    Returns (tokens [B, max_new_tokens] int32 with -1 after a row ends, num_generated [B] int32).
-    A row's stop token is included in its output and counted.
+    Returns (tokens [B, max_new_tokens] int32 with -1 after a row ends, num_generated [B] int32,
+    nonfinite [B] int32 flags). A row's stop token is included in its output and counted.
     """
-    model = TargetModel(config)
-    b = prompt_tokens.shape[0]
-    head = output_kernel(config, params)  # [d, V], laid out once for the whole loop
-    logits, cache, _ = prefill(model, params, prompt_tokens, prompt_lengths, cache_len)
-    first = next_token(jax.random.fold_in(key, 0), logits, sampling_values, mode)
-    out = jnp.full((b, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
-    done = is_stop(first, stop_ids)
-    num = jnp.ones((b,), jnp.int32)
-
-    def cond(state):
-        step, _, _, done, _, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        step, cache, last, done, out, num = state
-        positions = cache.lengths[:, None]
-        res = model.apply({"params": params}, last[:, None], positions, cache, lm_head_kernel=head)
-        cache = res.cache.with_lengths(cache.lengths + 1)
-        nxt = next_token(jax.random.fold_in(key, step), res.logits[:, 0], sampling_values, mode)
-        nxt = jnp.where(done, -1, nxt)
-        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
-        num = num + (~done).astype(jnp.int32)
-        done = done | is_stop(nxt, stop_ids)
-        return step + 1, cache, jnp.maximum(nxt, 0), done, out, num
-
-    state = (jnp.int32(1), cache, first, done, out, num)
-    _, _, _, _, out, num = jax.lax.while_loop(cond, body, state)
-    return out, num
+    head = output_kernel(loop.target, params)  # [d, V], laid out once for the whole loop
+    state = autoregressive_init(loop, params, prompt_tokens, prompt_lengths, row_params)
+    state = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done),
+                               lambda s: autoregressive_step(loop, params, head, s), state)
+    return state.out.tokens, state.out.count, state.nonfinite

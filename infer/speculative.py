@@ -1,21 +1,24 @@
-"""Jitted, batched DSpark/DFlash speculative decoding loop (DSpark spec §5).
+"""Batched DSpark/DFlash speculative decoding as one reusable round (DSpark spec §5).
 
-Per row b the loop keeps: the anchor (last committed token, not yet in the target cache) at
-position start[b] == target cache length; the draft cache (context K/V derived from target
-features of committed tokens); the *pending* context rows (target features of tokens committed
-in the last round, not yet in the draft cache); and the current proposal.
+Per row b the state (`infer.state.SpecState`) keeps: the anchor (last committed token, not yet in
+the target cache) at position start[b] == target cache length; the draft cache (context K/V
+derived from target features of committed tokens); the current proposal; the per-row request
+settings (`RowParams`: sampling values, PRNG key, stop ids, limit, thresholds); the output buffer
+and metrics. Everything static is one hashable `SpecLoop`.
 
-Round (one `lax.while_loop` iteration, rows progress independently):
+`speculative_step(loop, models, state)` is one round (rows progress independently):
   1. verify: one target forward over [anchor, x_0..x_{K-1}] appended at each row's own position,
      with taps; target distributions warped exactly like the draft's;
-  2. rejection sampling (`infer.verify`) on the first n[b] drafts -> a[b] accepted + next token;
+  2. rejection sampling (`infer.verify`) on the first n[b] drafts -> a[b] accepted + next token
+     (greedy rows compare token ids);
   3. commit: anchor + accepted drafts become part of the target cache (lengths = start + a + 1;
      the rejected tail is rolled back by the length alone), the next token becomes the anchor;
      the verify taps of rows 0..a become the pending draft context;
-  4. propose: draft backbone over [anchor, mask x (K-1)] attending to cached + pending context,
-     sequential head samples the K drafts left to right from warped float32 distributions,
-     confidence head scores them; optional truncation picks n[b].
-The very first proposal is made after the prefill (pending context = the prompt's features).
+  4. propose: draft backbone over [anchor, mask x (K_trained-1)] attending to cached + pending
+     context, sequential head samples the first K drafts left to right from warped float32
+     distributions, confidence head scores them; the per-row thresholds pick n[b].
+`speculative_init` prefills and makes the first proposal (pending context = the prompt's
+features); `speculative_generate` is a `lax.while_loop` of `speculative_step`.
 """
 
 from __future__ import annotations
@@ -26,103 +29,93 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dspark_jax.config import TargetConfig
 from dspark_jax.draft import heads
 from dspark_jax.draft.cache import DraftCache
-from dspark_jax.draft.config import DraftConfig
 from dspark_jax.draft.model import DraftModel
-from dspark_jax.sampling import SamplingMode, greedy_argmax, next_token, sample_from_probs, warp_probs
+from dspark_jax.sampling import greedy_argmax, next_token, sample_from_probs, warp_probs
 from dspark_jax.target.model import TargetModel, output_kernel
-from infer.autoregressive import is_stop, prefill
+from infer.autoregressive import prefill
 from infer.spec_metrics import RoundRecords, RoundStats
-from infer.verify import greedy_verify, rejection_sample
+from infer.state import (NONFINITE_DRAFT, NONFINITE_PREFILL, NONFINITE_TARGET, OutputBuffer, Proposal, RowParams,
+                         SpecLoop, SpecModels, SpecState, all_finite, is_stop, split_keys, step_keys)
+from infer.verify import VerifyResult, greedy_verify, rejection_sample
 
-__all__ = ["Proposal", "SpecOptions", "speculative_generate", "propose", "draft_backbone", "sample_block",
-           "truncate_proposal"]
+__all__ = ["Pending", "Proposal", "make_models", "speculative_init", "speculative_step", "speculative_generate",
+           "propose", "draft_backbone", "sample_block", "truncate_proposal", "target_verify", "verify_proposal"]
 
 Array = jax.Array
 
 
 @flax.struct.dataclass
-class Proposal:
-    """K drafts per row with the distributions they were sampled from.
+class Pending:
+    """Target features not yet in the draft cache: features [B, C, n_ctx*d] at positions [B, C];
+    only rows where valid [B, C] are committed."""
 
-    tokens [B, K] int32; probs [B, K, V] float32 (warped, Markov-corrected; None in greedy mode,
-    where verification compares token ids); conf_logits [B, K]
-    float32 raw confidence logits (zeros without a confidence head); num [B] int32 drafts to verify.
+    features: Array
+    positions: Array
+    valid: Array
+
+
+def make_models(loop: SpecLoop, target_params, draft_params, sts_temperatures: Array | None = None) -> SpecModels:
+    """Bundle the weights for the step; lays the target's output kernel out once as [d, V]."""
+    head = output_kernel(loop.target, target_params)
+    if loop.share_lm_head:  # the draft's frozen LM head is this very kernel: keep one copy hot
+        draft_params = {**draft_params, "lm_head": {"kernel": head}}
+    temps = None if sts_temperatures is None else jnp.asarray(sts_temperatures, jnp.float32)
+    return SpecModels(target=target_params, draft=draft_params, head=head, sts_temperatures=temps)
+
+
+def truncate_proposal(conf_logits: Array, confidence_threshold: Array | float, survival_threshold: Array | float,
+                      temperatures: Array | None = None) -> Array:
+    """Number of drafts to verify per row [B] from raw confidence logits [B, K].
+
+    confidence_threshold [B] (or scalar): the reference rule, cut at the first slot whose raw
+    sigmoid(confidence) is below it (STS temperatures are NOT applied; 0 = off).
+    survival_threshold [B] (or scalar): cut where the cumulative product of confidences, calibrated
+    by the per-slot STS `temperatures` [>= K] when given, drops below it (0 = off).
     """
-
-    tokens: Array
-    probs: Array
-    conf_logits: Array
-    num: Array
-
-
-@flax.struct.dataclass(frozen=True)
-class SpecOptions:
-    """Static options of the speculative loop.
-
-    block_size: drafts per round (<= the checkpoint's). confidence_threshold: truncate at the
-    first slot whose sigmoid(confidence) is below it (reference rule; 0 = off).
-    survival_threshold: truncate where the cumulative product of confidences drops below it
-    (0 = off). record_rounds: keep per-round confidence logits and prefix labels.
-    share_lm_head: the draft's frozen LM head equals the target's output layer (checked when the
-    draft is loaded); the loop then uses the target's kernel for both.
-    """
-
-    block_size: int = flax.struct.field(pytree_node=False, default=7)
-    confidence_threshold: float = flax.struct.field(pytree_node=False, default=0.0)
-    survival_threshold: float = flax.struct.field(pytree_node=False, default=0.0)
-    record_rounds: bool = flax.struct.field(pytree_node=False, default=False)
-    share_lm_head: bool = flax.struct.field(pytree_node=False, default=False)
-
-
-def truncate_proposal(conf_logits: Array, block_size: int, confidence_threshold: float,
-                      survival_threshold: float, temperatures: Array | None = None) -> Array:
-    """Number of drafts to verify per row [B] from confidence logits [B, K]."""
     b, k = conf_logits.shape
-    num = jnp.full((b,), k, jnp.int32)
-    scaled = conf_logits if temperatures is None else conf_logits / temperatures[None, :k]
-    conf = jax.nn.sigmoid(scaled)
-    if confidence_threshold > 0:
-        below = conf < confidence_threshold
-        num = jnp.where(jnp.any(below, axis=1), jnp.argmax(below, axis=1), num).astype(jnp.int32)
-    if survival_threshold > 0:
-        keep = jnp.cumprod(conf, axis=1) >= survival_threshold
-        num = jnp.minimum(num, jnp.sum(jnp.cumprod(keep.astype(jnp.int32), axis=1), axis=1)).astype(jnp.int32)
-    return num
+    conf_t = jnp.broadcast_to(jnp.asarray(confidence_threshold, jnp.float32), (b,))[:, None]
+    surv_t = jnp.broadcast_to(jnp.asarray(survival_threshold, jnp.float32), (b,))
+    raw = jax.nn.sigmoid(conf_logits)
+    below = (raw < conf_t) & (conf_t > 0)
+    num = jnp.where(jnp.any(below, axis=1), jnp.argmax(below, axis=1), k).astype(jnp.int32)
+    calibrated = raw if temperatures is None else jax.nn.sigmoid(conf_logits / temperatures[None, :k])
+    keep = jnp.cumprod(calibrated, axis=1) >= surv_t[:, None]
+    surv_num = jnp.sum(jnp.cumprod(keep.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
+    return jnp.where(surv_t > 0, jnp.minimum(num, surv_num), num)
 
 
-def draft_backbone(draft_model: DraftModel, draft_params, dcfg: DraftConfig, cache: DraftCache, pending: Array,
-                   pending_positions: Array, pending_valid: Array, anchor: Array, start: Array,
-                   block_size: int) -> tuple[Array, Array, DraftCache]:
-    """The parallel draft pass for one block per row.
+def draft_backbone(loop: SpecLoop, models: SpecModels, cache: DraftCache, pending: Pending, anchor: Array,
+                   start: Array) -> tuple[Array, Array, DraftCache]:
+    """The parallel draft pass over the full trained block per row.
 
-    pending [B, C, n_ctx*d] target features not yet in the draft cache (rows where pending_valid),
-    at pending_positions [B, C]; anchor [B] at position start [B]. Returns (h [B, K, d],
-    base logits U [B, K, V] float32, draft cache with the pending rows committed).
+    anchor [B] at position start [B]. Returns (h [B, K_trained, d], base logits U [B, K_trained, V]
+    float32, draft cache with the pending rows committed).
     """
-    b = anchor.shape[0]
-    p = {"params": draft_params}
-    new_ctx = draft_model.apply(p, pending, method=DraftModel.project_context)
-    block_tokens = jnp.concatenate(
-        [anchor[:, None], jnp.full((b, block_size - 1), dcfg.mask_token_id, jnp.int32)], axis=1)
-    block_positions = start[:, None] + jnp.arange(block_size, dtype=jnp.int32)[None, :]
-    return draft_model.apply(p, block_tokens, block_positions, cache, new_ctx, pending_positions, pending_valid,
-                             method=DraftModel.block_forward)
+    dcfg = loop.draft
+    model = DraftModel(dcfg)
+    b, kt = anchor.shape[0], dcfg.block_size
+    p = {"params": models.draft}
+    new_ctx = model.apply(p, pending.features, method=DraftModel.project_context)
+    block_tokens = jnp.concatenate([anchor[:, None], jnp.full((b, kt - 1), dcfg.mask_token_id, jnp.int32)], axis=1)
+    block_positions = start[:, None] + jnp.arange(kt, dtype=jnp.int32)[None, :]
+    return model.apply(p, block_tokens, block_positions, cache, new_ctx, pending.positions, pending.valid,
+                       method=DraftModel.block_forward)
 
 
-def sample_block(draft_params, dcfg: DraftConfig, h: Array, base_logits: Array, anchor: Array, key: Array,
-                 sampling_values: Array, mode: SamplingMode, options: SpecOptions,
-                 temperatures: Array | None = None) -> Proposal:
-    """Sequential head: sample the K drafts left to right (spec §2.5) and score their confidences.
+def sample_block(loop: SpecLoop, models: SpecModels, h: Array, base_logits: Array, anchor: Array, keys: Array,
+                 params: RowParams) -> Proposal:
+    """Sequential head: sample the first K drafts left to right (spec §2.5) and score their confidences.
 
-    Slot k's logits are Z_k = U_k + B(prev, h_k[, state]); the draft token is sampled from
-    warp_probs(Z_k) — the same float32 distribution handed to the verifier.
+    h [B, >=K, d], base_logits [B, >=K, V]; keys [B, 2] per row. Slot k's logits are
+    Z_k = U_k + B(prev, h_k[, state]); the draft token is sampled from warp_probs(Z_k) — the same
+    float32 distribution handed to the verifier (greedy rows: its argmax).
     """
+    dcfg, mode, k = loop.draft, loop.mode, loop.block_size
     b = anchor.shape[0]
-    markov = draft_params.get("markov_head")
-    conf_params = draft_params.get("confidence_head")
+    markov = models.draft.get("markov_head")
+    conf_params = models.draft.get("confidence_head")
 
     def slot(carry, inp):
         prev, state = carry
@@ -135,7 +128,7 @@ def sample_block(draft_params, dcfg: DraftConfig, h: Array, base_logits: Array, 
         if mode.greedy:  # the argmax of the one-hot warp, without materialising it
             probs, tok = None, greedy_argmax(z)
         else:
-            probs = warp_probs(z, sampling_values, mode)
+            probs = warp_probs(z, params.sampling, mode)
             tok = sample_from_probs(key_k, probs, mode)
         if conf_params is not None:
             conf = heads.confidence_logits(conf_params, h_k, prev if dcfg.confidence_head_with_markov else None,
@@ -144,133 +137,154 @@ def sample_block(draft_params, dcfg: DraftConfig, h: Array, base_logits: Array, 
             conf = jnp.zeros((b,), jnp.float32)
         return (tok, state), (tok, probs, conf)
 
-    k = options.block_size
     state0 = heads.init_state((b,), max(dcfg.markov_rank, 1))
-    xs = (jnp.moveaxis(h[:, :k], 1, 0), jnp.moveaxis(base_logits[:, :k], 1, 0), jax.random.split(key, k))
+    xs = (jnp.moveaxis(h[:, :k], 1, 0), jnp.moveaxis(base_logits[:, :k], 1, 0), split_keys(keys, k))
     # K is small and static: unrolled, the slots run without while-loop overhead.
     _, (toks, probs, conf) = jax.lax.scan(slot, (anchor, state0), xs, unroll=True)
     tokens, conf = jnp.moveaxis(toks, 0, 1), jnp.moveaxis(conf, 0, 1)
     probs = None if probs is None else jnp.moveaxis(probs, 0, 1)
-    num = truncate_proposal(conf, k, options.confidence_threshold, options.survival_threshold, temperatures)
+    num = truncate_proposal(conf, params.confidence_threshold, params.survival_threshold, models.sts_temperatures)
     return Proposal(tokens=tokens, probs=probs, conf_logits=conf, num=num)
 
 
-def propose(draft_model: DraftModel, draft_params, dcfg: DraftConfig, cache: DraftCache, pending: Array,
-            pending_positions: Array, pending_valid: Array, anchor: Array, start: Array, key: Array,
-            sampling_values: Array, mode: SamplingMode, options: SpecOptions,
-            temperatures: Array | None = None) -> tuple[Proposal, DraftCache]:
-    """Draft one block per row: `draft_backbone` then `sample_block`."""
-    h, base_logits, cache = draft_backbone(draft_model, draft_params, dcfg, cache, pending, pending_positions,
-                                           pending_valid, anchor, start, options.block_size)
-    proposal = sample_block(draft_params, dcfg, h, base_logits, anchor, key, sampling_values, mode, options,
-                            temperatures)
-    return proposal, cache
+def propose(loop: SpecLoop, models: SpecModels, cache: DraftCache, pending: Pending, anchor: Array, start: Array,
+            keys: Array, params: RowParams) -> tuple[Proposal, DraftCache, Array]:
+    """Draft one block per row: `draft_backbone` then `sample_block`.
 
-
-def _write_rows(buf: Array, rows: Array, starts: Array) -> Array:
-    """buf [B, N], rows [B, W] written at per-row offsets starts [B] (entries < 0 keep buf)."""
-
-    def one(bf, r, s):
-        cur = jax.lax.dynamic_slice(bf, (s,), (r.shape[0],))
-        return jax.lax.dynamic_update_slice(bf, jnp.where(r >= 0, r, cur), (s,))
-
-    return jax.vmap(one)(buf, rows, starts)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "dcfg", "max_new_tokens", "cache_len", "mode", "options"))
-def speculative_generate(params, draft_params, prompt_tokens: Array, prompt_lengths: Array, key: Array,
-                         sampling_values: Array, stop_ids: Array, temperatures: Array | None = None, *,
-                         config: TargetConfig, dcfg: DraftConfig, max_new_tokens: int, cache_len: int,
-                         mode: SamplingMode, options: SpecOptions):
-    """Speculative generation for a batch of right-padded prompts.
-
-    prompt_tokens [B, P] int32; prompt_lengths [B]; cache_len >= P_max + max_new_tokens + K + 1.
-    temperatures: optional [K] per-slot STS temperatures applied to confidences before truncation.
-    Returns (tokens [B, max_new_tokens] (-1 after the end), num_generated [B], RoundStats,
-    RoundRecords or None).
+    Returns (proposal, draft cache, bool [B] whether the row's draft logits were all finite).
     """
-    k = options.block_size
-    target = TargetModel(config)
-    draft = DraftModel(dcfg)
-    taps_ids = tuple(dcfg.target_layer_ids)
+    h, base_logits, cache = draft_backbone(loop, models, cache, pending, anchor, start)
+    proposal = sample_block(loop, models, h, base_logits, anchor, keys, params)
+    finite = all_finite(base_logits[:, :loop.block_size]) & all_finite(proposal.conf_logits)
+    return proposal, cache, finite
+
+
+def speculative_init(loop: SpecLoop, models: SpecModels, prompt_tokens: Array, prompt_lengths: Array,
+                     params: RowParams) -> SpecState:
+    """Prefill right-padded prompts [B, P], sample the first token, make the first proposal.
+
+    Requires cache_len >= P_max + max_new_tokens + K + 1 (checked by the caller).
+    """
+    k = loop.block_size
     b, p_len = prompt_tokens.shape
-    key_first, key_prop, key_loop = jax.random.split(key, 3)
-    head = output_kernel(config, params)  # [d, V], laid out once for the whole loop
-    if options.share_lm_head:  # the draft's frozen LM head is this very kernel: keep one copy hot
-        draft_params = {**draft_params, "lm_head": {"kernel": head}}
-
-    # Prefill: the target's prompt pass gives the first token and the prompt's context features.
-    logits, tcache, taps = prefill(target, params, prompt_tokens, prompt_lengths, cache_len, taps_ids)
-    first = next_token(key_first, logits, sampling_values, mode)
-    out = jnp.full((b, max_new_tokens + k + 1), -1, jnp.int32).at[:, 0].set(first)
-    num_out = jnp.ones((b,), jnp.int32)
-    done = is_stop(first, stop_ids) | (max_new_tokens <= 1)
+    key_first, key_prop = step_keys(params.keys, 0, 2)
+    logits, tcache, taps = prefill(TargetModel(loop.target), models.target, prompt_tokens, prompt_lengths,
+                                   loop.cache_len, tuple(loop.draft.target_layer_ids))
+    first = next_token(key_first, logits, params.sampling, loop.mode)
     start = prompt_lengths.astype(jnp.int32)  # position of the anchor
-
-    dcache = DraftCache.create(dcfg, b, cache_len)
     prompt_pos = jnp.broadcast_to(jnp.arange(p_len, dtype=jnp.int32), (b, p_len))
-    proposal, dcache = propose(draft, draft_params, dcfg, dcache, jnp.concatenate(taps, axis=-1), prompt_pos,
-                               prompt_pos < prompt_lengths[:, None], first, start, key_prop, sampling_values,
-                               mode, options, temperatures)
-    stats = RoundStats.zeros(b, k)
-    records = RoundRecords.empty(b, max_new_tokens, k) if options.record_rounds else None
+    pending = Pending(features=jnp.concatenate(taps, axis=-1), positions=prompt_pos,
+                      valid=prompt_pos < prompt_lengths[:, None])
+    proposal, dcache, draft_ok = propose(loop, models, DraftCache.create(loop.draft, b, loop.cache_len), pending,
+                                         first, start, key_prop, params)
+    bad = jnp.where(all_finite(logits), 0, NONFINITE_PREFILL) | jnp.where(draft_ok, 0, NONFINITE_DRAFT)
+    bad = bad.astype(jnp.int32)
+    # The reference stops once start - P >= max_new: a limit of 1 still runs one verify round.
+    limit_reached = params.max_new <= (0 if loop.reference_length_rule else 1)
+    done = is_stop(first, params.stop_ids) | limit_reached | (bad != 0)
+    return SpecState(round=jnp.int32(0), anchor=first, start=start, prompt_len=start, tcache=tcache, dcache=dcache,
+                     proposal=proposal, params=params, out=OutputBuffer.start(first, loop.buffer_width, done),
+                     stats=RoundStats.zeros(b, k),
+                     records=RoundRecords.empty(b, loop.max_new_tokens, k) if loop.record_rounds else None,
+                     nonfinite=bad)
 
-    def cond(state):
-        return ~jnp.all(state["done"])
 
-    def body(state):
-        rnd = state["round"]
-        key_v, key_p = jax.random.split(jax.random.fold_in(key_loop, rnd))
-        prop: Proposal = state["proposal"]
-        active = ~state["done"]
-        anchor, start, tcache = state["anchor"], state["start"], state["tcache"]
+def _select_rows(flag: Array, a: VerifyResult, b: VerifyResult) -> VerifyResult:
+    """Per row: a where flag [B] else b."""
+    return jax.tree_util.tree_map(lambda x, y: jnp.where(flag.reshape((-1,) + (1,) * (x.ndim - 1)), x, y), a, b)
 
-        # 1. verify [anchor, drafts] at each row's own position.
-        verify_tokens = jnp.concatenate([anchor[:, None], prop.tokens], axis=1)  # [B, K+1]
-        positions = start[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]
-        res = target.apply({"params": params}, verify_tokens, positions, tcache.with_lengths(start),
-                           tap_layers=taps_ids, lm_head_kernel=head)
-        # 2. rejection sampling (greedy: compare with the target's argmax tokens).
-        num = jnp.where(active, prop.num, 0)
-        if mode.greedy:
-            ver = greedy_verify(prop.tokens, greedy_argmax(res.logits), num, stop_ids)
-        else:
-            target_probs = warp_probs(res.logits, sampling_values, mode)  # [B, K+1, V]
-            ver = rejection_sample(key_v, prop.tokens, prop.probs, target_probs, num, stop_ids, mode)
-        a = jnp.where(active, ver.accepted, 0)
 
-        # 3. commit: accepted drafts + next token, capped at max_new_tokens.
-        slot = jnp.arange(k + 1, dtype=jnp.int32)[None, :]
-        drafts_ext = jnp.concatenate([prop.tokens, jnp.zeros((b, 1), jnp.int32)], axis=1)
-        new_tokens = jnp.where(slot < a[:, None], drafts_ext,
-                               jnp.where((slot == a[:, None]) & ~ver.terminated[:, None], ver.next_token[:, None], -1))
-        n_new = a + jnp.where(ver.terminated, 0, 1)
-        room = max_new_tokens - state["num_out"]
-        n_new = jnp.where(active, jnp.minimum(n_new, room), 0)
-        new_tokens = jnp.where(slot < n_new[:, None], new_tokens, -1)
-        out = _write_rows(state["out"], new_tokens, state["num_out"])
-        num_out = state["num_out"] + n_new
-        hit_stop = jnp.any(is_stop(new_tokens, stop_ids) & (slot < n_new[:, None]), axis=1)
-        done = state["done"] | (active & (hit_stop | (num_out >= max_new_tokens)))
+def target_verify(loop: SpecLoop, models: SpecModels, state: SpecState):
+    """Step 1: one target forward over [anchor, drafts] [B, K+1] at each row's own position, with taps.
 
-        stats = state["stats"].update(active, num, a, ver.terminated)
-        records = state["records"]
-        if records is not None:
-            records = records.write(stats.rounds - 1, active, prop.conf_logits, ver.prefix_accepted, num, a)
+    Returns the TargetOutput (logits [B, K+1, V] float32, cache with the K+1 rows written, taps).
+    """
+    k = loop.block_size
+    verify_tokens = jnp.concatenate([state.anchor[:, None], state.proposal.tokens], axis=1)  # [B, K+1]
+    positions = state.start[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]
+    return TargetModel(loop.target).apply({"params": models.target}, verify_tokens, positions,
+                                          state.tcache.with_lengths(state.start),
+                                          tap_layers=tuple(loop.draft.target_layer_ids), lm_head_kernel=models.head)
 
-        new_start = jnp.where(active, start + a + 1, start)
-        anchor = jnp.where(active, ver.next_token, anchor)
-        tcache = res.cache.with_lengths(new_start)
 
-        # 4. propose the next block from the pending context = verify taps of anchor + accepted drafts.
-        pending = jnp.concatenate(res.taps, axis=-1)  # [B, K+1, n_ctx*d]
-        pending_valid = (slot <= a[:, None]) & active[:, None]
-        proposal, dcache = propose(draft, draft_params, dcfg, state["dcache"], pending, positions, pending_valid,
-                                   anchor, new_start, key_p, sampling_values, mode, options, temperatures)
-        return dict(round=rnd + 1, proposal=proposal, anchor=anchor, start=new_start, tcache=tcache,
-                    dcache=dcache, out=out, num_out=num_out, done=done, stats=stats, records=records)
+def verify_proposal(loop: SpecLoop, proposal: Proposal, logits: Array, num: Array, keys: Array,
+                    params: RowParams) -> VerifyResult:
+    """Step 2: rejection sampling of the first num [B] drafts against target logits [B, K+1, V].
 
-    state = dict(round=jnp.int32(0), proposal=proposal, anchor=first, start=start, tcache=tcache, dcache=dcache,
-                 out=out, num_out=num_out, done=done, stats=stats, records=records)
-    state = jax.lax.while_loop(cond, body, state)
-    return state["out"][:, :max_new_tokens], state["num_out"], state["stats"], state["records"]
+    Greedy rows (every row when loop.mode.greedy) compare token ids with the target's argmax;
+    sampled rows warp the target logits exactly like the draft's and run `rejection_sample`.
+    """
+    ver = greedy_verify(proposal.tokens, greedy_argmax(logits), num, params.stop_ids)
+    if loop.mode.greedy:
+        return ver
+    target_probs = warp_probs(logits, params.sampling, loop.mode)  # [B, K+1, V]
+    sampled = rejection_sample(keys, proposal.tokens, proposal.probs, target_probs, num, params.stop_ids, loop.mode)
+    return _select_rows(params.sampling.greedy, ver, sampled)
+
+
+def speculative_step(loop: SpecLoop, models: SpecModels, state: SpecState) -> SpecState:
+    """One verify + commit + propose round for every unfinished row (finished rows are untouched)."""
+    k = loop.block_size
+    params, prop = state.params, state.proposal
+    b = state.anchor.shape[0]
+    key_v, key_p = step_keys(params.keys, state.round + 1, 2)
+    active = ~state.out.done
+    anchor, start = state.anchor, state.start
+
+    # 1. verify [anchor, drafts] at each row's own position; 2. rejection sampling.
+    res = target_verify(loop, models, state)
+    positions = start[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]
+    bad = jnp.where(active & ~all_finite(res.logits), NONFINITE_TARGET, 0).astype(jnp.int32)
+    live = active & (bad == 0)
+    num = jnp.where(live, prop.num, 0)
+    ver = verify_proposal(loop, prop, res.logits, num, key_v, params)
+    a = jnp.where(live, ver.accepted, 0)
+    # A round ended by a stop token counts its drafts only up to the stop (as the reference).
+    proposed = jnp.where(ver.terminated, a, num)
+
+    # 3. commit: accepted drafts + next token, capped at the row's limit.
+    slot = jnp.arange(k + 1, dtype=jnp.int32)[None, :]
+    drafts_ext = jnp.concatenate([prop.tokens, jnp.zeros((b, 1), jnp.int32)], axis=1)
+    new_tokens = jnp.where(slot < a[:, None], drafts_ext,
+                           jnp.where((slot == a[:, None]) & ~ver.terminated[:, None], ver.next_token[:, None], -1))
+    n_new = a + jnp.where(ver.terminated, 0, 1)
+    n_new = jnp.where(live, jnp.minimum(n_new, params.max_new - state.out.count), 0)
+    out = state.out.append(new_tokens, n_new)
+    hit_stop = jnp.any(is_stop(new_tokens, params.stop_ids) & (slot < n_new[:, None]), axis=1)
+    new_start = jnp.where(live, start + a + 1, start)
+    if loop.reference_length_rule:
+        limit_reached = new_start - state.prompt_len >= params.max_new
+    else:
+        limit_reached = out.count >= params.max_new
+    done = state.out.done | (bad != 0) | (live & (hit_stop | limit_reached))
+
+    stats = state.stats.update(live, proposed, a, ver.terminated)
+    records = state.records
+    if records is not None:
+        records = records.write(stats.rounds - 1, live, prop.conf_logits, ver.prefix_accepted, proposed, a)
+
+    anchor = jnp.where(live, ver.next_token, anchor)
+    # 4. propose the next block from the pending context = verify taps of anchor + accepted drafts.
+    pending = Pending(features=jnp.concatenate(res.taps, axis=-1), positions=positions,
+                      valid=(slot <= a[:, None]) & live[:, None])
+    proposal, dcache, draft_ok = propose(loop, models, state.dcache, pending, anchor, new_start, key_p, params)
+    bad = bad | jnp.where(~done & ~draft_ok, NONFINITE_DRAFT, 0).astype(jnp.int32)
+    done = done | (bad != 0)
+    return state.replace(round=state.round + 1, anchor=anchor, start=new_start,
+                         tcache=res.cache.with_lengths(new_start), dcache=dcache, proposal=proposal, out=out.replace(done=done), stats=stats, records=records,
+                         nonfinite=state.nonfinite | bad)
+
+
+@functools.partial(jax.jit, static_argnames=("loop",))
+def speculative_generate(target_params, draft_params, sts_temperatures: Array | None, prompt_tokens: Array,
+                         prompt_lengths: Array, params: RowParams, *, loop: SpecLoop):
+    """Speculative generation for a batch of right-padded prompts: init + `lax.while_loop` of steps.
+
+    prompt_tokens [B, P] int32; prompt_lengths [B]; sts_temperatures: optional [K_trained] per-slot
+    STS temperatures for the survival rule. Returns (tokens [B, max_new_tokens] (-1 after the end),
+    num_generated [B], RoundStats, RoundRecords or None, nonfinite [B] int32 flags).
+    """
+    models = make_models(loop, target_params, draft_params, sts_temperatures)
+    state = speculative_init(loop, models, prompt_tokens, prompt_lengths, params)
+    state = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), lambda s: speculative_step(loop, models, s), state)
+    return state.out.tokens[:, :loop.max_new_tokens], state.out.count, state.stats, state.records, state.nonfinite

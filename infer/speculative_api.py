@@ -1,4 +1,4 @@
-"""Host-side wrapper around the jitted speculative loop: loading drafts, bucketing, metrics.
+"""Host-side wrapper around the jitted speculative loop: loading drafts, the static loop, metrics.
 
     target = load_target_bundle("target_dir")
     draft = load_draft_bundle("draft_dir", target)
@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -18,12 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax.draft.config import DraftConfig
-from dspark_jax.sampling import SamplingConfig
-from dspark_jax.sharding import current_mesh, replicated_shardings, shard_params
+from dspark_jax.sampling import SamplingMode
+from dspark_jax.sharding import current_mesh, place_rows, replicated_shardings, shard_params
+from infer.batching import GenerationError, GenerationResult, cache_length, check_nonfinite
 from infer.compiled import run_compiled
 from infer.spec_metrics import summarize_stats
+from infer.speculative import speculative_generate
+from infer.state import RowParams, SpecLoop
 
-__all__ = ["Draft", "load_draft_bundle", "lm_head_matches", "speculative_generate_batch", "CALIBRATION_FILE"]
+__all__ = ["Draft", "load_draft_bundle", "lm_head_matches", "speculative_loop", "sts_temperatures",
+           "run_speculative_batch", "CALIBRATION_FILE"]
 
 CALIBRATION_FILE = "sts_temperatures.json"
 
@@ -42,9 +45,11 @@ class Draft:
 def load_draft_bundle(draft_dir: str | os.PathLike, target=None, *, dtype: str | None = None) -> Draft:
     """Load a DeepSpec-layout draft; validate it against `target` (an `infer.api.Target`) if given.
 
-    If `sts_temperatures.json` lies beside the checkpoint, its per-slot temperatures are applied to
-    confidence logits wherever survival probabilities are used.
+    If `sts_temperatures.json` lies beside the checkpoint, its per-slot temperatures (validated:
+    positive, one per slot) calibrate the confidences of the survival rule (`survival_threshold`);
+    the reference `confidence_threshold` rule always uses the raw confidences.
     """
+    from dspark_jax.calibration import load_temperatures
     from dspark_jax.checkpoint.deepspec import load_draft
 
     config, params = load_draft(draft_dir, dtype=dtype)
@@ -55,8 +60,9 @@ def load_draft_bundle(draft_dir: str | os.PathLike, target=None, *, dtype: str |
     temps = None
     cal = os.path.join(os.fspath(draft_dir), CALIBRATION_FILE)
     if os.path.isfile(cal):
-        with open(cal) as f:
-            temps = tuple(float(t) for t in json.load(f)["temperatures"])
+        temps = load_temperatures(cal)
+        if len(temps) < config.block_size:
+            raise ValueError(f"{cal}: {len(temps)} temperatures for a block of {config.block_size} slots")
     return Draft(config=config, params=params, temperatures=temps, path=os.fspath(draft_dir),
                  shares_target_lm_head=shares)
 
@@ -70,47 +76,46 @@ def lm_head_matches(draft_params, target) -> bool:
     return mine.shape == theirs.shape and mine.dtype == theirs.dtype and bool(np.array_equal(mine, theirs))
 
 
-def speculative_generate_batch(target, draft: Draft, prompts: list[list[int]], *, max_new_tokens: int,
-                               sampling: SamplingConfig, seed: int, stop_ids: np.ndarray,
-                               block_size: int | None = None, confidence_threshold: float = 0.0,
-                               survival_threshold: float = 0.0, record_rounds: bool = False):
-    """Run `infer.speculative.speculative_generate` on token-id prompts; returns a GenerationResult."""
-    from infer.api import GenerationError, GenerationResult, _pad_batch, bucket_length, place_prompts
-    from infer.speculative import SpecOptions, speculative_generate
+def sts_temperatures(draft: Draft):
+    """The draft's STS temperatures as a float32 array [K_trained], or None."""
+    return None if draft.temperatures is None else jnp.asarray(draft.temperatures, jnp.float32)
 
+
+def speculative_loop(target, draft: Draft, *, longest: int, bucket: int, max_new_tokens: int, mode: SamplingMode,
+                     block_size: int | None = None, record_rounds: bool = False,
+                     thresholds_used: bool = False) -> SpecLoop:
+    """Validate the speculative options and build the static loop description."""
     dcfg = draft.config
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))):
+        raise GenerationError(f"block_size must be an integer, got {type(block_size).__name__} {block_size!r}")
     k = dcfg.block_size if block_size is None else int(block_size)
     if not 1 <= k <= dcfg.block_size:
         raise GenerationError(f"block size {k} must be in [1, {dcfg.block_size}] (the checkpoint's block_size)")
-    if not 0.0 <= confidence_threshold < 1.0 or not 0.0 <= survival_threshold < 1.0:
-        raise GenerationError("confidence/survival thresholds must be in [0, 1)")
-    if (confidence_threshold or survival_threshold) and not dcfg.enable_confidence_head:
+    if thresholds_used and not dcfg.enable_confidence_head:
         raise GenerationError("confidence thresholds need a draft with a confidence head")
     dcfg.validate_against_target(target.config)
-    longest = max(len(p) for p in prompts)
-    bucket = bucket_length(longest)
     # Verification writes up to K+1 positions past the last committed token (rolled back later).
-    need = longest + max_new_tokens + k + 1
-    cache_len = -(-max(bucket, need) // 64) * 64
-    tokens, lengths = _pad_batch(prompts, bucket)
-    options = SpecOptions(block_size=k, confidence_threshold=float(confidence_threshold),
-                          survival_threshold=float(survival_threshold), record_rounds=record_rounds,
-                          share_lm_head=draft.shares_target_lm_head)
-    temps = None if draft.temperatures is None else jnp.asarray(draft.temperatures[:k], jnp.float32)
-    static = dict(config=target.config, dcfg=dcfg, max_new_tokens=max_new_tokens, cache_len=cache_len,
-                  mode=sampling.mode, options=options)
+    cache_len = cache_length(bucket, longest + max_new_tokens + k + 1)
+    return SpecLoop(target=target.config, draft=dcfg, block_size=k, mode=mode, max_new_tokens=max_new_tokens,
+                    cache_len=cache_len, share_lm_head=draft.shares_target_lm_head, record_rounds=bool(record_rounds))
+
+
+def run_speculative_batch(target, draft: Draft, loop: SpecLoop, prompts: list[list[int]], tokens: np.ndarray,
+                          lengths: np.ndarray, params: RowParams) -> GenerationResult:
+    """Run `infer.speculative.speculative_generate` on padded prompts; returns a GenerationResult."""
     draft_params = draft.params
-    if current_mesh() is not None:  # drafts run replicated
+    if current_mesh() is not None:  # under a mesh (generate(..., mesh=...)): drafts run replicated
         draft_params = shard_params(draft_params, replicated_shardings(draft_params, jax.sharding.get_mesh()))
-    args = (target.params, draft_params, *place_prompts(tokens, lengths), jax.random.PRNGKey(seed),
-            sampling.values(), jnp.asarray(stop_ids), temps)
-    (out, num, stats, records), compile_s, wall = run_compiled(speculative_generate, args, static)
+    args = (target.params, draft_params, sts_temperatures(draft),
+            *place_rows((jnp.asarray(tokens), jnp.asarray(lengths), params)))
+    (out, num, stats, records, nonfinite), compile_s, wall = run_compiled(speculative_generate, args, {"loop": loop})
+    check_nonfinite(np.asarray(nonfinite))
     out, num = np.asarray(out), np.asarray(num)
     token_ids = [out[i, :num[i]].tolist() for i in range(len(prompts))]
     n_tokens = int(num.sum())
     metrics = {"mode": "speculative", "tokens": n_tokens, "wall_s": wall,
                "tokens_per_s": n_tokens / wall if wall > 0 else float("inf"), "compile_s": compile_s,
-               "batch_size": len(prompts), "block_size": k, **summarize_stats(stats)}
+               "batch_size": len(prompts), "block_size": loop.block_size, **summarize_stats(stats)}
     if records is not None:
         metrics["round_records"] = jax.tree_util.tree_map(np.asarray, records)
     texts = [target.tokenizer.decode(t) for t in token_ids] if target.tokenizer is not None else None

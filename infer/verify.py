@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from dspark_jax import vocab_parallel
 from dspark_jax.sampling import SamplingMode, sample_from_probs
+from infer.state import is_stop, split_keys
 
 __all__ = ["VerifyResult", "rejection_sample", "greedy_verify", "acceptance_probabilities", "residual_distribution"]
 
@@ -65,7 +66,7 @@ def residual_distribution(p_target: Array, p_draft: Array) -> Array:
 
 def _truncate_at_stop(draft_tokens: Array, prefix: Array, accepted: Array, stop_ids: Array) -> tuple[Array, Array]:
     """(accepted count after cutting at the first accepted stop token [B], terminated [B] bool)."""
-    stop = jnp.any(draft_tokens[..., None] == stop_ids, axis=-1) & (draft_tokens >= 0) & prefix
+    stop = is_stop(draft_tokens, stop_ids) & prefix
     terminated = jnp.any(stop, axis=1)
     first_stop = jnp.argmax(stop, axis=1).astype(jnp.int32)
     return jnp.where(terminated, first_stop + 1, accepted), terminated
@@ -88,17 +89,22 @@ def greedy_verify(draft_tokens: Array, target_tokens: Array, num_proposed: Array
                         prefix_accepted=prefix)
 
 
-def rejection_sample(key: Array, draft_tokens: Array, draft_probs: Array, target_probs: Array,
+def rejection_sample(keys: Array, draft_tokens: Array, draft_probs: Array, target_probs: Array,
                      num_proposed: Array, stop_ids: Array, mode: SamplingMode) -> VerifyResult:
     """Verify proposals of a batch.
 
+    keys: one PRNG key [2] or one per row [B, 2] (row b's randomness then depends on keys[b] only).
     draft_tokens [B, K] int32; draft_probs [B, K, V]; target_probs [B, K+1, V] (row i predicts the
-    token after verify input i); num_proposed [B] int32 in [0, K]; stop_ids [n] int32 (-1 pads).
+    token after verify input i); num_proposed [B] int32 in [0, K]; stop_ids [n] or per row [B, n]
+    int32 (-1 pads).
     """
     b, k = draft_tokens.shape
-    key_u, key_next = jax.random.split(key)
+    key_u, key_next = split_keys(keys, 2)
     accept_p = acceptance_probabilities(draft_tokens, draft_probs, target_probs)
-    u = jax.random.uniform(key_u, (b, k), jnp.float32)
+    if key_u.ndim == 1:
+        u = jax.random.uniform(key_u, (b, k), jnp.float32)
+    else:
+        u = jax.vmap(lambda kk: jax.random.uniform(kk, (k,), jnp.float32))(key_u)
     slot = jnp.arange(k)[None, :]
     passed = (u < accept_p) & (slot < num_proposed[:, None])
     prefix = jnp.cumprod(passed.astype(jnp.int32), axis=1).astype(bool)  # [B, K]

@@ -8,6 +8,7 @@ top-k survivors when both are on); probabilities are the softmax restricted to t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -18,7 +19,8 @@ import torch
 from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from dspark_jax.sampling import SamplingConfig, SamplingMode, sample_from_probs, warp_probs
+from dspark_jax.sampling import (SamplingConfig, SamplingError, SamplingMode, SamplingParams, sample_from_probs,
+                                 warp_probs)
 
 # False-alarm rate of each chi-square goodness-of-fit check below (per check, under a correct sampler).
 FALSE_ALARM = 1e-4
@@ -67,7 +69,7 @@ def np_reference(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: 
 def warp(logits, temperature=1.0, top_k=0, top_p=1.0) -> np.ndarray:
     """warp_probs with a SamplingConfig (mode + traced values), as numpy."""
     cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    return np.asarray(warp_probs(jnp.asarray(logits, jnp.float32), cfg.values(), cfg.mode))
+    return np.asarray(warp_probs(jnp.asarray(logits, jnp.float32), cfg.params(), cfg.mode))
 
 
 def check_rows(logits: np.ndarray, got: np.ndarray, **kw) -> None:
@@ -166,7 +168,7 @@ def test_greedy_is_one_hot_argmax():
     logits[0, 0, [3, 17]] = 100.0  # tie: the first index wins, like np.argmax
     cfg = SamplingConfig(temperature=0.0, top_k=5, top_p=0.5)  # top-k/p ignored when greedy
     assert cfg.mode == SamplingMode(greedy=True)
-    got = np.asarray(warp_probs(jnp.asarray(logits), cfg.values(), cfg.mode))
+    got = np.asarray(warp_probs(jnp.asarray(logits), cfg.params(), cfg.mode))
     np.testing.assert_array_equal(got, np.eye(logits.shape[-1], dtype=np.float32)[logits.argmax(-1)])
     tokens = np.asarray(sample_from_probs(jax.random.PRNGKey(0), jnp.asarray(got), cfg.mode))
     np.testing.assert_array_equal(tokens, logits.argmax(-1))
@@ -185,7 +187,7 @@ def test_sampler_emits_allowed_tokens_with_the_right_frequencies(temperature, k,
     allowed, expected = np_reference(logits, temperature, k, p)
     cfg = SamplingConfig(temperature=temperature, top_k=k, top_p=p)
     n = 40_000
-    probs = warp_probs(jnp.asarray(logits), cfg.values(), cfg.mode)
+    probs = warp_probs(jnp.asarray(logits), cfg.params(), cfg.mode)
     draws = np.asarray(sample_from_probs(jax.random.PRNGKey(1234), jnp.broadcast_to(probs, (n, logits.size)),
                                          cfg.mode))
     assert draws.shape == (n,)
@@ -214,7 +216,7 @@ def test_sampling_values_are_traced_not_compiled_in():
     for t, k, p in [(0.5, 3, 0.9), (1.7, 8, 0.5), (0.05, 40, 0.99), (3.0, 1, 0.2)]:
         cfg = SamplingConfig(temperature=t, top_k=k, top_p=p)
         assert cfg.mode == MODE
-        probs, tokens = step(jax.random.PRNGKey(0), logits, cfg.values())
+        probs, tokens = step(jax.random.PRNGKey(0), logits, cfg.params())
         check_rows(LOGITS, np.asarray(probs), temperature=t, top_k=k, top_p=p)  # the values took effect
         assert np.asarray(tokens).shape == LOGITS.shape[:-1]
     assert len(traces) == 1
@@ -223,7 +225,77 @@ def test_sampling_values_are_traced_not_compiled_in():
     warp_jit = jax.jit(warp_probs, static_argnames="mode")
     for t in (0.3, 0.9, 2.0):
         cfg = SamplingConfig(temperature=t, top_k=4)
-        warp_jit(logits, cfg.values(), mode=cfg.mode)
+        warp_jit(logits, cfg.params(), mode=cfg.mode)
     assert warp_jit._cache_size() == 1
-    warp_jit(logits, SamplingConfig().values(), mode=SamplingConfig().mode)  # greedy: a new program
+    warp_jit(logits, SamplingConfig().params(), mode=SamplingConfig().mode)  # greedy: a new program
     assert warp_jit._cache_size() == 2
+
+
+# ------------------------------------------------------------------ per-row params, sort-free top-p
+def test_top_p_keeps_ties_without_top_k():
+    """Top-p alone: the cut inside a tie group keeps the whole group (same rule as with top-k)."""
+    logits = np.asarray([[3.0, 1.0, 3.0, 2.0, 3.0, 0.0, 2.0]], np.float32)
+    for p, allowed in [(0.3, {0, 2, 4}), (0.6, {0, 2, 4}), (0.9, {0, 2, 3, 4, 6})]:
+        got = warp(logits, 1.0, top_p=p)
+        assert set(np.flatnonzero(got[0] > 0)) == allowed, p
+        check_rows(logits, got, temperature=1.0, top_p=p)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.76, 0.8])
+def test_flat_rows_take_the_exact_bisection_path(p):
+    """Rows whose top-p set is larger than the 64 top_k candidates: bisection, same set as the sort
+    (p = 0.2 lands near the candidate boundary: rows on both sides in one batch)."""
+    rng = np.random.RandomState(3)
+    logits = (rng.normal(size=(4, 500)) * 0.3).astype(np.float32)
+    logits[1, 100:140] = logits[1, 7]  # a 41-way tie, one of the values the cut may land in
+    cfg = SamplingConfig(temperature=1.0, top_p=p)
+    got = np.asarray(warp_probs(jnp.asarray(logits), cfg.params(), cfg.mode))
+    sort_mode = dataclasses.replace(cfg.mode, top_p_by_sort=True)
+    by_sort = np.asarray(warp_probs(jnp.asarray(logits), cfg.params(), sort_mode))
+    np.testing.assert_array_equal(got > 0, by_sort > 0)
+    np.testing.assert_allclose(got, by_sort, rtol=1e-6, atol=1e-9)
+    check_rows(logits, got, temperature=1.0, top_p=p)
+    if p > 0.5:
+        assert (got > 0).sum(-1).min() > 64  # really beyond the candidates
+
+
+def test_top_p_cut_inside_a_large_tie_group():
+    """The cut lands inside a tie group that straddles the 64 candidates: all of the group is kept."""
+    logits = np.zeros((1, 300), np.float32)
+    logits[0, :10] = 2.0
+    logits[0, 10:110] = 1.0  # 100-way tie, crossing candidate index 64
+    for p, n_keep in [(0.5, 110), (0.2, 110), (0.1, 10), (0.999, 300)]:
+        got = warp(logits, 1.0, top_p=p)
+        assert (got[0] > 0).sum() == n_keep, p
+        check_rows(logits, got, temperature=1.0, top_p=p)
+
+
+def test_per_row_params_equal_solo_rows():
+    """One call with per-row settings (greedy, temperature, top-k, top-p, both) == each row alone."""
+    rng = np.random.RandomState(4)
+    logits = (rng.normal(size=(5, 2, 200)) * 2.0).astype(np.float32)
+    configs = [SamplingConfig(), SamplingConfig(temperature=0.7), SamplingConfig(temperature=1.2, top_k=9),
+               SamplingConfig(temperature=0.9, top_p=0.8), SamplingConfig(temperature=1.5, top_k=100, top_p=0.6)]
+    mode = SamplingMode.covering(configs)
+    assert mode == SamplingMode(greedy=False, use_top_k=True, use_top_p=True, top_k_bound=128)
+    assert all(mode.covers(c.mode) for c in configs)
+    got = np.asarray(warp_probs(jnp.asarray(logits), SamplingParams.from_configs(configs), mode))
+    for r, cfg in enumerate(configs):
+        solo = np.asarray(warp_probs(jnp.asarray(logits[r]), cfg.params(), cfg.mode))
+        np.testing.assert_array_equal(got[r] > 0, solo > 0)
+        np.testing.assert_allclose(got[r], solo, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(got[0], np.eye(200, dtype=np.float32)[logits[0].argmax(-1)])
+    # Per-row keys: a row's draws depend only on its own key.
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in range(5)])
+    toks = np.asarray(sample_from_probs(keys, jnp.asarray(got), mode))
+    for r in range(5):
+        alone = np.asarray(sample_from_probs(keys[r:r + 1], jnp.asarray(got[r:r + 1]), mode))
+        np.testing.assert_array_equal(toks[r], alone[0])
+    np.testing.assert_array_equal(toks[0], logits[0].argmax(-1))
+
+
+def test_bad_parameter_types_are_named():
+    with pytest.raises(SamplingError, match=r"temperature must be a number, got str '0.5'"):
+        SamplingConfig(temperature="0.5")
+    with pytest.raises(SamplingError, match=r"top_k must be a non-negative integer, got 2.5"):
+        SamplingConfig(temperature=1.0, top_k=2.5)

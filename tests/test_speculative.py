@@ -23,7 +23,8 @@ import infer.verify
 from dspark_jax.sampling import SamplingConfig, warp_probs
 from dspark_jax.target.model import TargetModel, output_kernel
 from infer.api import GenerationError, Target, generate
-from infer.speculative import SpecOptions, speculative_generate
+from infer.speculative import speculative_generate
+from infer.state import RowParams, SpecLoop, row_keys_from_seeds
 from infer.speculative_api import Draft, lm_head_matches
 from tests.spec_helpers import oracle_draft, random_target
 
@@ -140,7 +141,7 @@ def exact_distribution(cfg, params, sampling: SamplingConfig) -> np.ndarray:
     toks = np.concatenate([np.tile(PROMPT, (len(seqs), 1)), seqs], axis=1)
     pos = np.broadcast_to(np.arange(toks.shape[1]), toks.shape)
     logits = TargetModel(cfg).apply({"params": params}, jnp.asarray(toks), jnp.asarray(pos)).logits
-    probs = np.asarray(warp_probs(logits, sampling.values(), sampling.mode), np.float64)
+    probs = np.asarray(warp_probs(logits, sampling.params(), sampling.mode), np.float64)
     p = np.ones(len(seqs))
     for i in range(N_NEW):
         p *= probs[np.arange(len(seqs)), len(PROMPT) - 1 + i, seqs[:, i]]
@@ -151,12 +152,13 @@ def sample_continuations(cfg, params, dcfg, dp, sampling: SamplingConfig, n_rows
     tokens = jnp.asarray(np.tile(np.asarray(PROMPT + [0] * 12, np.int32), (n_rows, 1)))
     lengths = jnp.full((n_rows,), len(PROMPT), jnp.int32)
     counts = np.zeros(VOCAB ** N_NEW)
+    loop = SpecLoop(target=cfg, draft=dcfg, block_size=dcfg.block_size, mode=sampling.mode, max_new_tokens=N_NEW,
+                    cache_len=64)
     for seed in seeds:
-        out, num, stats, _ = speculative_generate(
-            params, dp, tokens, lengths, jax.random.PRNGKey(seed), sampling.values(), jnp.asarray([-1], jnp.int32),
-            config=cfg, dcfg=dcfg, max_new_tokens=N_NEW, cache_len=64, mode=sampling.mode,
-            options=SpecOptions(block_size=dcfg.block_size))
+        rows = RowParams.build([sampling] * n_rows, row_keys_from_seeds(seed, n_rows), [-1], N_NEW)
+        out, num, stats, _, nonfinite = speculative_generate(params, dp, None, tokens, lengths, rows, loop=loop)
         out = np.asarray(out)
+        assert not np.asarray(nonfinite).any()
         assert (np.asarray(num) == N_NEW).all()
         idx = (out[:, 0] * VOCAB + out[:, 1]) * VOCAB + out[:, 2]
         counts += np.bincount(idx, minlength=VOCAB ** N_NEW)

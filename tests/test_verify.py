@@ -113,10 +113,17 @@ def test_single_slot_sampling_matches_target_distribution():
 def test_truncate_proposal_rules():
     logits = jnp.log(jnp.asarray([[0.9, 0.8, 0.3, 0.9], [0.2, 0.9, 0.9, 0.9]]) /
                      (1 - jnp.asarray([[0.9, 0.8, 0.3, 0.9], [0.2, 0.9, 0.9, 0.9]])))
-    assert truncate_proposal(logits, 4, 0.0, 0.0).tolist() == [4, 4]
-    assert truncate_proposal(logits, 4, 0.5, 0.0).tolist() == [2, 0]
+    assert truncate_proposal(logits, 0.0, 0.0).tolist() == [4, 4]
+    assert truncate_proposal(logits, 0.5, 0.0).tolist() == [2, 0]
     # cumulative: 0.9, 0.72, 0.216 -> >= 0.5 keeps 2; row1: 0.2 -> 0
-    assert truncate_proposal(logits, 4, 0.0, 0.5).tolist() == [2, 0]
+    assert truncate_proposal(logits, 0.0, 0.5).tolist() == [2, 0]
+    # Per-row thresholds (traced arrays): row 0 off, row 1 confidence 0.5 / survival 0.3.
+    assert truncate_proposal(logits, jnp.asarray([0.0, 0.5]), 0.0).tolist() == [4, 0]
+    assert truncate_proposal(logits, 0.0, jnp.asarray([0.0, 0.3])).tolist() == [4, 0]
+    # M3: STS temperatures calibrate only the survival rule; the confidence rule stays raw.
+    temps = jnp.asarray([100.0, 100.0, 100.0, 100.0])  # sigmoid(logit / 100) ~ 0.5 everywhere
+    assert truncate_proposal(logits, 0.5, 0.0, temps).tolist() == [2, 0]
+    assert truncate_proposal(logits, 0.0, 0.2, temps).tolist() == [2, 2]
 
 
 def test_round_stats_formulas():
