@@ -45,11 +45,13 @@ with jax.set_mesh(mesh):
         err = float(jnp.max(jnp.abs(got - ref)))
         worst = max(worst, err)
         assert err < 1e-6 and bool(jnp.all((got > 0) == (ref > 0))), (t, k, p, err)
-        check_hlo(fn, sharded)
+        if k and p < 1:  # HLO checks (a compile each) on the case that runs every warping stage
+            check_hlo(fn, sharded)
         key = jax.random.PRNGKey(int(t * 10 + k))
         sfn = jax.jit(lambda key, pr: vp.inverse_cdf(pr, jax.random.uniform(key, pr.shape[:-1])))
         assert bool(jnp.all(sfn(key, got) == sample_from_probs(key, ref, sc.mode))), (t, k, p)
-        check_hlo(sfn, key, got)
+        if k and p < 1:
+            check_hlo(sfn, key, got)
     # mixed per-row settings: greedy row 0, top-k row 1, top-p row 2, plain row 3 == each alone
     temps, ks, ps = jnp.asarray([0.0, 0.8, 1.2, 1.0]), jnp.asarray([0, 7, 0, 0]), jnp.asarray([1.0, 1.0, 0.7, 1.0])
     mixed = jax.jit(lambda z: vp.warp_probs(z, temps, ks, ps, top_k_bound=64, use_top_p=True))(sharded)
