@@ -2,7 +2,8 @@
 
 Tiny on purpose: RMSNorm, rotary embeddings (HF rotate-half convention), a projection with logical
 axis names, the gated SiLU MLP, and masked GQA attention with a finite result for fully masked
-rows. Numerics that decide correctness (norm statistics, softmax) run in float32.
+rows, and `cached_attention`, which attends over a static-capacity KV cache at the cost of the live
+length (a `lax.switch` over a few static key-length buckets). Numerics that decide correctness (norm statistics, softmax) run in float32.
 
 Shape letters: B batch, T query length, S key length, H query heads, K kv heads, G = H // K,
 D head dim, E embedding (hidden) size, F MLP width, V vocabulary.
@@ -16,8 +17,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dspark_jax.sharding import constrain
+
 __all__ = [
-    "RMSNorm", "Projection", "GatedMLP", "apply_rope", "gqa_attention", "dtype_of", "dense_init",
+    "RMSNorm", "Projection", "GatedMLP", "apply_rope", "gqa_attention", "cached_attention", "live_buckets",
+    "dtype_of", "dense_init",
 ]
 
 Array = jax.Array
@@ -68,7 +72,10 @@ class Projection(nn.Module):
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", dense_init(self.std, self.axes),
                             (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype))
+        # float32 accumulation, one rounding to `dtype`: a contraction split over devices (tensor
+        # parallelism) then sums float32 partials, and bfloat16 results match one device.
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), kernel.astype(self.dtype),
+                       preferred_element_type=jnp.float32).astype(self.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
                               (self.features,), self.param_dtype)
@@ -90,7 +97,7 @@ class GatedMLP(nn.Module):
         kw = dict(use_bias=self.use_bias, std=self.std, dtype=self.dtype, param_dtype=self.param_dtype)
         gate = Projection(self.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
         up = Projection(self.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
-        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
         return Projection(x.shape[-1], ("mlp", "embed"), name="down_proj", **kw)(h)
 
 
@@ -130,6 +137,44 @@ def gqa_attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Ar
     weights = weights / jnp.where(denom > 0, denom, 1.0)
     out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def live_buckets(capacity: int, smallest: int, max_buckets: int = 8) -> tuple[int, ...]:
+    """Static key lengths for a cache of `capacity`: powers of two from `smallest` below it, then `capacity`.
+
+    At most `max_buckets` (the largest ones); `smallest <= 0` or `capacity <= smallest` -> (capacity,).
+    """
+    if smallest <= 0 or capacity <= smallest:
+        return (capacity,)
+    sizes, n = [], smallest
+    while n < capacity:
+        sizes.append(n)
+        n *= 2
+    return tuple(sizes[-(max_buckets - 1):]) + (capacity,) if max_buckets > 1 else (capacity,)
+
+
+def cached_attention(q: Array, k: Array, v: Array, positions: Array, scale: float,
+                     buckets: Sequence[int]) -> Array:
+    """Causal attention of queries at absolute `positions` over a KV cache whose index i holds position i.
+
+    q: [B, T, H, D]; k, v: [B, S, K, D] (S = buckets[-1], the capacity); positions: [B, T] int32.
+    Keys at index <= the query position are visible. Only the first n keys are read, n the smallest
+    bucket >= max(positions) + 1 (chosen at run time by `lax.switch`; every key past it is masked
+    for every query anyway), so decode and verify cost the live length, not the capacity. Returns
+    [B, T, H, D], the same as `gqa_attention` over the whole cache up to float32 summation order.
+    """
+
+    def attend(n: int):
+        def run(q, k, v, positions):
+            mask = jnp.arange(n, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]  # [B, T, n]
+            return gqa_attention(q, k[:, :n], v[:, :n], mask, scale)
+        return run
+
+    if len(buckets) == 1:
+        return attend(buckets[0])(q, k, v, positions)
+    live = jnp.max(positions) + 1
+    index = jnp.sum(jnp.asarray(buckets[:-1], jnp.int32) < live)  # first bucket >= live
+    return jax.lax.switch(index, [attend(n) for n in buckets], q, k, v, positions)
 
 
 def _single_query_attention(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:

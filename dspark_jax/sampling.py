@@ -32,6 +32,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from dspark_jax import vocab_parallel
+
 __all__ = ["SamplingConfig", "SamplingMode", "SamplingParams", "SamplingError", "warp_probs", "sample_from_probs",
            "greedy_argmax", "next_token", "top_p_threshold_sorted", "TOP_P_CANDIDATES"]
 
@@ -207,6 +209,10 @@ def warp_probs(logits: Array, params: SamplingParams, mode: SamplingMode) -> Arr
     """
     logits = logits.astype(jnp.float32)
     vocab, nd = logits.shape[-1], logits.ndim
+    if vocab_parallel.vocab_sharded(vocab) > 1:  # under a mesh: on the vocabulary shards, never gathered
+        return vocab_parallel.warp_probs(logits, params.temperature, params.top_k, params.top_p,
+                                         top_k_bound=mode.top_k_bound if mode.use_top_k else 0,
+                                         use_top_p=mode.use_top_p, all_greedy=mode.greedy)
     if mode.greedy:
         return jax.nn.one_hot(greedy_argmax(logits), vocab, dtype=jnp.float32)
     temp = _per_row(params.temperature, nd)
@@ -265,6 +271,8 @@ def sample_from_probs(keys: Array, probs: Array, mode: SamplingMode) -> Array:
     """
     if mode.greedy:
         return greedy_argmax(probs)
+    if vocab_parallel.vocab_sharded(probs.shape[-1]) > 1:
+        return vocab_parallel.inverse_cdf(probs, _uniform(keys, probs.shape[:-1]))
     cdf = jnp.cumsum(probs.astype(jnp.float32), axis=-1)
     u = _uniform(keys, probs.shape[:-1]) * cdf[..., -1]
     idx = jnp.sum(cdf <= u[..., None], axis=-1)
@@ -281,6 +289,8 @@ def greedy_argmax(logits: Array) -> Array:
     B=8 on one core). NaN rows give V - 1 (jnp.argmax would give the NaN's index).
     """
     vocab = logits.shape[-1]
+    if vocab_parallel.vocab_sharded(vocab) > 1:
+        return vocab_parallel.argmax(logits)
     top = jnp.max(logits, axis=-1, keepdims=True)
     iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
     return jnp.minimum(jnp.min(jnp.where(logits == top, iota, vocab), axis=-1), vocab - 1).astype(jnp.int32)

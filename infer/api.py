@@ -23,6 +23,7 @@ import numpy as np
 
 from dspark_jax.config import TargetConfig
 from dspark_jax.sampling import SamplingConfig, SamplingMode
+from dspark_jax.sharding import place_rows
 from dspark_jax.target.model import output_kernel
 from infer import speculative_api
 from infer.autoregressive import autoregressive_generate
@@ -128,7 +129,7 @@ def _prepare(target: Target, prompts, draft, max_new_tokens, sampling, seed, sto
 
 def generate(target: Target, prompts: str | Sequence[str] | Sequence[Sequence[int]], *, draft=None,
              max_new_tokens: int = 128, sampling: SamplingConfig | Sequence[SamplingConfig] | None = None,
-             seed: int | Sequence[int] = 0, stop_token_ids: Sequence[int] | None = None,
+             seed: int | Sequence[int] = 0, stop_token_ids: Sequence[int] | None = None, mesh=None,
              **speculative_options) -> GenerationResult:
     """Generate continuations for a batch of prompts.
 
@@ -140,12 +141,25 @@ def generate(target: Target, prompts: str | Sequence[str] | Sequence[Sequence[in
     only on its own settings and seed (with one int seed, row r uses fold_in(PRNGKey(seed), r)). Output excludes
     the prompt and includes a row's stop token when one ends it. Raises GenerationError for bad
     requests and when the run produced NaN/Inf logits.
+
+    `mesh` (`dspark_jax.sharding.make_mesh`): the batch goes on `data`, the target on
+    `fsdp`/`model` by the rules table, the draft is replicated, and sampling runs on the vocabulary
+    shards (docs/sharding.md); the tokens equal a 1-device run. Calling inside `jax.set_mesh`
+    with params already placed does the same.
     """
+    if mesh is not None:
+        from dspark_jax.sharding import shard_params, target_param_shardings
+
+        target = dataclasses.replace(target, params=shard_params(target.params,
+                                                                 target_param_shardings(target.config, mesh)))
+        with jax.set_mesh(mesh):
+            return generate(target, prompts, draft=draft, max_new_tokens=max_new_tokens, sampling=sampling,
+                            seed=seed, stop_token_ids=stop_token_ids, **speculative_options)
     req = _prepare(target, prompts, draft, max_new_tokens, sampling, seed, stop_token_ids, speculative_options)
     if draft is not None:
         return speculative_api.run_speculative_batch(target, draft, req.loop, req.ids, req.tokens, req.lengths,
                                                      req.params)
-    args = (target.params, jnp.asarray(req.tokens), jnp.asarray(req.lengths), req.params)
+    args = (target.params, *place_rows((jnp.asarray(req.tokens), jnp.asarray(req.lengths), req.params)))
     (out, num, nonfinite), compile_s, wall = run_compiled(autoregressive_generate, args, {"loop": req.loop})
     check_nonfinite(np.asarray(nonfinite))
     out, num = np.asarray(out), np.asarray(num)

@@ -19,6 +19,7 @@ import numpy as np
 from dspark_jax import kernels
 from dspark_jax.draft.config import DraftConfig
 from dspark_jax.sampling import SamplingMode
+from dspark_jax.sharding import current_mesh, place_rows, replicated_shardings, shard_params
 from infer.batching import GenerationError, GenerationResult, cache_length, check_nonfinite
 from infer.compiled import run_compiled
 from infer.spec_metrics import summarize_stats
@@ -105,7 +106,11 @@ def speculative_loop(target, draft: Draft, *, longest: int, bucket: int, max_new
 def run_speculative_batch(target, draft: Draft, loop: SpecLoop, prompts: list[list[int]], tokens: np.ndarray,
                           lengths: np.ndarray, params: RowParams) -> GenerationResult:
     """Run `infer.speculative.speculative_generate` on padded prompts; returns a GenerationResult."""
-    args = (target.params, draft.params, sts_temperatures(draft), jnp.asarray(tokens), jnp.asarray(lengths), params)
+    draft_params = draft.params
+    if current_mesh() is not None:  # under a mesh (generate(..., mesh=...)): drafts run replicated
+        draft_params = shard_params(draft_params, replicated_shardings(draft_params, jax.sharding.get_mesh()))
+    args = (target.params, draft_params, sts_temperatures(draft),
+            *place_rows((jnp.asarray(tokens), jnp.asarray(lengths), params)))
     (out, num, stats, records, nonfinite), compile_s, wall = run_compiled(speculative_generate, args, {"loop": loop})
     check_nonfinite(np.asarray(nonfinite))
     out, num = np.asarray(out), np.asarray(num)

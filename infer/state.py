@@ -63,7 +63,9 @@ def describe_nonfinite(flags: np.ndarray) -> str | None:
 
 def all_finite(x: Array) -> Array:
     """[B, ...] -> bool [B]: every value of the row is finite."""
-    return jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1)
+    # Reduce over the trailing axes in place: a reshape would merge a vocabulary-sharded axis and
+    # make the partitioner gather [B, ..., V] (docs/sharding.md).
+    return jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
 
 
 def is_stop(tokens: Array, stop_ids: Array) -> Array:

@@ -22,6 +22,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from dspark_jax import vocab_parallel
 from dspark_jax.sampling import SamplingMode, sample_from_probs
 from infer.state import is_stop, split_keys
 
@@ -53,17 +54,14 @@ def acceptance_probabilities(draft_tokens: Array, draft_probs: Array, target_pro
     draft_tokens [B, K]; draft_probs [B, K, V]; target_probs [B, K(+1), V] -> [B, K] float32.
     """
     k = draft_tokens.shape[1]
-    idx = draft_tokens[..., None]
-    p_t = jnp.take_along_axis(target_probs[:, :k], idx, axis=-1)[..., 0]
-    p_d = jnp.take_along_axis(draft_probs, idx, axis=-1)[..., 0]
+    p_t = vocab_parallel.token_probs(target_probs[:, :k], draft_tokens)  # vocab-parallel under a mesh
+    p_d = vocab_parallel.token_probs(draft_probs, draft_tokens)
     return jnp.minimum(1.0, p_t / jnp.maximum(p_d, 1e-8))
 
 
 def residual_distribution(p_target: Array, p_draft: Array) -> Array:
     """norm(max(p_t - p_d, 0)) over the last axis; falls back to p_t where that mass is <= 1e-8."""
-    r = jnp.maximum(p_target - p_draft, 0.0)
-    mass = jnp.sum(r, axis=-1, keepdims=True)
-    return jnp.where(mass > 1e-8, r / jnp.where(mass > 1e-8, mass, 1.0), p_target)
+    return vocab_parallel.residual(p_target, p_draft)  # vocab-parallel under a mesh
 
 
 def _truncate_at_stop(draft_tokens: Array, prefix: Array, accepted: Array, stop_ids: Array) -> tuple[Array, Array]:

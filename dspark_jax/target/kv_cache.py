@@ -4,6 +4,10 @@ Keys/values of layer l live in `k[l]`, `v[l]`: [B, S, K, D] (post-norm, post-RoP
 at absolute position p is stored at cache index p, so roll-back is free: lowering `lengths`
 makes stale entries invisible (attention only admits keys at index <= the query's position) and
 the next append overwrites them.
+
+Buffers carry the logical axes (CACHE_BATCH, CACHE_SEQUENCE, CACHE_HEADS, CACHE_KV): under a mesh
+(`jax.set_mesh`) the cache is batch-sharded over data and head-sharded over `model` when the KV
+heads divide it, else replicated over `model` (never split along head_dim).
 """
 
 from __future__ import annotations
@@ -14,8 +18,16 @@ import jax.numpy as jnp
 
 from dspark_jax.config import TargetConfig
 from dspark_jax.layers import dtype_of
+from dspark_jax.sharding import CACHE_BATCH, CACHE_HEADS, CACHE_KV, CACHE_SEQUENCE, constrain, target_rules_scope
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "CACHE_AXES", "constrain_cache"]
+
+CACHE_AXES = (CACHE_BATCH, CACHE_SEQUENCE, CACHE_HEADS, CACHE_KV)  # logical axes of a [B, S, K, D] buffer
+
+
+def constrain_cache(buffer: jax.Array) -> jax.Array:
+    """Shard one [B, S, K, D] buffer by `CACHE_AXES` (no-op without a mesh and rules context)."""
+    return constrain(buffer, CACHE_AXES)
 
 
 @flax.struct.dataclass
@@ -31,9 +43,11 @@ class KVCache:
         """An empty cache of `max_length` positions for `batch_size` rows."""
         dt = dtype_of(dtype or config.dtype)
         shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dt) for _ in range(config.num_hidden_layers))
-        return cls(k=zeros, v=tuple(jnp.zeros(shape, dt) for _ in range(config.num_hidden_layers)),
-                   lengths=jnp.zeros((batch_size,), jnp.int32))
+        with target_rules_scope(config):
+            k = tuple(constrain_cache(jnp.zeros(shape, dt)) for _ in range(config.num_hidden_layers))
+            v = tuple(constrain_cache(jnp.zeros(shape, dt)) for _ in range(config.num_hidden_layers))
+            lengths = constrain(jnp.zeros((batch_size,), jnp.int32), (CACHE_BATCH,))
+        return cls(k=k, v=v, lengths=lengths)
 
     @property
     def max_length(self) -> int:

@@ -11,6 +11,11 @@ One forward covers every inference shape the library needs:
 Tokens are written to the cache at index == absolute position; attention admits cache keys at
 index <= the query position, which makes roll-back a matter of lowering `KVCache.lengths`.
 
+Decode and verify attend over the live length of the cache, not its capacity (`cached_attention`:
+key-length buckets of powers of two from `TargetModel.live_bucket_min`; 0 = always the capacity).
+Under a mesh (`jax.set_mesh`) the model installs its config's sharding rules
+(`dspark_jax.sharding.target_rules_scope`), so activation and cache constraints apply.
+
 Optional taps return residual-stream outputs of chosen decoder layers (HF `hidden_states[l+1]`;
 id -1 = embedding output) and the final normed hidden state; nothing extra is computed when they
 are not requested.
@@ -26,8 +31,10 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.config import TargetConfig
-from dspark_jax.layers import GatedMLP, Projection, RMSNorm, apply_rope, dtype_of, gqa_attention
-from dspark_jax.target.kv_cache import KVCache, write_rows
+from dspark_jax.layers import (GatedMLP, Projection, RMSNorm, apply_rope, cached_attention, dtype_of, gqa_attention,
+                               live_buckets)
+from dspark_jax.sharding import constrain, target_rules_scope
+from dspark_jax.target.kv_cache import KVCache, constrain_cache, write_rows
 
 __all__ = ["TargetModel", "TargetOutput", "output_kernel"]
 
@@ -56,6 +63,7 @@ class Attention(nn.Module):
     """GQA self-attention with optional Qwen3 per-head q/k norm, RoPE, and KV-cache append."""
 
     config: TargetConfig
+    live_bucket_min: int = 0
 
     @nn.compact
     def __call__(self, x, positions, key_positions, key_valid, cache_kv, inv_freq):
@@ -70,19 +78,23 @@ class Attention(nn.Module):
         if cfg.has_qk_norm:
             q = RMSNorm(cfg.rms_norm_eps, dt, dt, "head_dim", name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, dt, dt, "head_dim", name="k_norm")(k)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
-        new_kv = None
-        if cache_kv is not None:  # append at each row's own start position, attend to the cache
+        q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "act_heads", None))
+        k = constrain(apply_rope(k, positions, inv_freq), ("batch", "length", "act_kv_heads", None))
+        v = constrain(v, ("batch", "length", "act_kv_heads", None))
+        if cache_kv is not None:  # append at each row's own start position, attend to the live cache
             ck, cv = cache_kv
             starts = positions[:, 0]
-            ck, cv = write_rows(ck, k, starts), write_rows(cv, v, starts)
-            k, v, new_kv = ck, cv, (ck, cv)
-        mask = key_positions[:, None, :] <= positions[:, :, None]  # [B, T, S]
-        if key_valid is not None:
-            mask = mask & key_valid[:, None, :]
-        out = gqa_attention(q, k, v, mask, d ** -0.5)  # [B, T, H, D]
-        out = nn.with_logical_constraint(out.reshape(b, t, h * d), ("batch", "length", "act_heads"))
+            ck, cv = constrain_cache(write_rows(ck, k, starts)), constrain_cache(write_rows(cv, v, starts))
+            out = cached_attention(q, ck, cv, positions, d ** -0.5,
+                                   live_buckets(ck.shape[1], self.live_bucket_min))  # [B, T, H, D]
+            new_kv = (ck, cv)
+        else:
+            mask = key_positions[:, None, :] <= positions[:, :, None]  # [B, T, S]
+            if key_valid is not None:
+                mask = mask & key_valid[:, None, :]
+            out = gqa_attention(q, k, v, mask, d ** -0.5)  # [B, T, H, D]
+            new_kv = None
+        out = constrain(out.reshape(b, t, h * d), ("batch", "length", "act_heads"))
         return Projection(cfg.hidden_size, ("q_heads", "embed"), name="o_proj", **kw)(out), new_kv
 
 
@@ -90,26 +102,37 @@ class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x))."""
 
     config: TargetConfig
+    live_bucket_min: int = 0
 
     @nn.compact
     def __call__(self, x, positions, key_positions, key_valid, cache_kv, inv_freq):
         cfg = self.config
         dt = dtype_of(cfg.dtype)
         h = RMSNorm(cfg.rms_norm_eps, dt, dt, name="input_layernorm")(x)
-        attn, new_kv = Attention(cfg, name="self_attn")(h, positions, key_positions, key_valid, cache_kv, inv_freq)
+        attn, new_kv = Attention(cfg, self.live_bucket_min, name="self_attn")(h, positions, key_positions, key_valid, cache_kv, inv_freq)
         x = x + attn
         h = RMSNorm(cfg.rms_norm_eps, dt, dt, name="post_attention_layernorm")(x)
         x = x + GatedMLP(cfg.intermediate_size, cfg.mlp_bias, cfg.initializer_range, dt, dt, name="mlp")(h)
-        return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), new_kv
+        return constrain(x, ("batch", "length", "act_embed")), new_kv
 
 
 class TargetModel(nn.Module):
-    """Qwen3/Llama causal LM. See the module docstring for the call modes."""
+    """Qwen3/Llama causal LM. See the module docstring for the call modes.
+
+    live_bucket_min: smallest key-length bucket of cached attention (0 = attend over the whole
+    cache capacity, the previous behaviour; same results either way).
+    """
 
     config: TargetConfig
+    live_bucket_min: int = 256
+
+    def __call__(self, *args, **kwargs) -> "TargetOutput":
+        """See `_forward` (installs the config's sharding rules when a mesh is set)."""
+        with target_rules_scope(self.config):
+            return self._forward(*args, **kwargs)
 
     @nn.compact
-    def __call__(
+    def _forward(
         self,
         tokens: Array,  # [B, T] int32
         positions: Array,  # [B, T] int32 absolute positions; contiguous per row when a cache is given
@@ -131,7 +154,7 @@ class TargetModel(nn.Module):
                          embedding_init=nn.with_logical_partitioning(
                              nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
                          name="embed_tokens")
-        x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "act_embed"))
+        x = constrain(embed(tokens), ("batch", "length", "act_embed"))
         inv_freq = jnp.asarray(cfg.rope_inv_freq())
 
         if cache is not None:
@@ -146,7 +169,7 @@ class TargetModel(nn.Module):
         new_k, new_v = [], []
         for i in range(cfg.num_hidden_layers):
             layer_kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x, kv = DecoderLayer(cfg, name=f"layers_{i}")(x, positions, key_positions, key_valid, layer_kv, inv_freq)
+            x, kv = DecoderLayer(cfg, self.live_bucket_min, name=f"layers_{i}")(x, positions, key_positions, key_valid, layer_kv, inv_freq)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -165,7 +188,7 @@ class TargetModel(nn.Module):
             else:
                 logits = Projection(cfg.vocab_size, ("embed", "vocab"), std=cfg.initializer_range,
                                     dtype=dt, param_dtype=dt, name="lm_head")(hl)
-            logits = logits.astype(jnp.float32)
+            logits = constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
         return TargetOutput(
             logits=logits,
             cache=new_cache,
