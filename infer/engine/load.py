@@ -24,18 +24,20 @@ def _pct(xs, q):
 
 def run_load(target, draft, prompts: Sequence[Sequence[int]], policy: str, slots: int, *, requests: int,
              max_new_tokens: int, max_len: int, rate: float = 0.0, temperature: float = 0.0, seed: int = 0,
-             profile_repeats: int = 3, sps_cache: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+             profile_repeats: int = 3, sps_cache: str | None = None,
+             buckets: Sequence[int] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """One (policy, concurrency = slots) run -> (result row, SPS profile JSON).
 
     `requests` requests (prompt i mod len(prompts)) arrive at `rate` requests/s (Poisson; 0 = all at
     t = 0). Row: tokens/s, mean per-user tokens/s (tokens over first-token-to-finish time), TTFT and
     TPOT p50/p90 in ms, mean verify budget, τ, rounds, draft passes, scheduler share, wall time.
+    `buckets`: the engine's verify token buckets (default `default_token_buckets`; fewer = fewer compiles).
     """
     from dspark_jax.sampling import SamplingConfig
     from infer.engine import Engine, Request
 
     eng = Engine(target, draft if policy != "ar" else None, policy=policy, slots=slots, max_len=max_len,
-                 sampling="temperature" if temperature > 0 else "greedy")
+                 sampling="temperature" if temperature > 0 else "greedy", buckets=buckets)
     prof = eng.profile(repeats=profile_repeats, cache_dir=sps_cache)
     rng = np.random.default_rng(seed)
     gaps = rng.exponential(1.0 / rate, requests) if rate > 0 else np.zeros(requests)
