@@ -18,98 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import machine_info, print_table, save_result  # noqa: E402
-
-
-def _pct(xs, q):
-    xs = [x for x in xs if x is not None]
-    return float(np.percentile(xs, q)) * 1e3 if xs else None
-
-
-def run_one(target, draft, prompts, policy: str, slots: int, args) -> tuple[dict, dict]:
-    """One (policy, concurrency) run -> (result row, SPS profile JSON)."""
-    from dspark_jax.sampling import SamplingConfig
-    from infer.engine import Engine, Request
-
-    eng = Engine(target, draft if policy != "ar" else None, policy=policy, slots=slots, max_len=args.max_len,
-                 sampling="temperature" if args.temperature > 0 else "greedy")
-    prof = eng.profile(repeats=args.profile_repeats, cache_dir=args.sps_cache)
-    rng = np.random.default_rng(args.seed)
-    gaps = rng.exponential(1.0 / args.rate, args.requests) if args.rate > 0 else np.zeros(args.requests)
-    arrivals = np.cumsum(gaps)
-    reqs = [Request(prompt=prompts[i % len(prompts)], max_new_tokens=args.max_new_tokens, seed=args.seed + i,
-                    sampling=SamplingConfig(temperature=args.temperature), stop_token_ids=()) for i in range(args.requests)]
-    # Warm-up: the same requests once, untimed, so every program variant the timed run needs
-    # (prompt buckets, token buckets, with / without a draft pass) is compiled.
-    eng.generate(reqs)
-    eng.stats = {k: type(v)(0) for k, v in eng.stats.items()}
-    ids, nxt = [], 0
-    t0 = time.perf_counter()
-    while nxt < len(reqs) or eng.has_work():
-        now = time.perf_counter() - t0
-        while nxt < len(reqs) and arrivals[nxt] <= now:
-            ids.append(eng.submit(reqs[nxt]))
-            nxt += 1
-        if eng.has_work():
-            eng.step()
-        elif nxt < len(reqs):
-            time.sleep(max(0.0, min(arrivals[nxt] - now, 0.01)))
-    wall = time.perf_counter() - t0
-    outs = [eng.result(i) for i in ids]
-    tokens = sum(len(o.token_ids) for o in outs)
-    per_user = [len(o.token_ids) / (o.metrics["tpot_s"] * (len(o.token_ids) - 1))
-                for o in outs if o.metrics["tpot_s"] and len(o.token_ids) > 1]
-    m = eng.metrics()
-    row = {"policy": policy, "concurrency": slots, "requests": len(outs), "tokens": tokens,
-           "throughput_tok_s": tokens / wall, "per_user_tok_s": float(np.mean(per_user)) if per_user else 0.0,
-           "ttft_ms_p50": _pct([o.metrics["ttft_s"] for o in outs], 50),
-           "ttft_ms_p90": _pct([o.metrics["ttft_s"] for o in outs], 90),
-           "tpot_ms_p50": _pct([o.metrics["tpot_s"] for o in outs], 50),
-           "tpot_ms_p90": _pct([o.metrics["tpot_s"] for o in outs], 90),
-           "mean_verify_budget": m["mean_verify_budget"], "tau": m["tau"], "rounds": m["rounds"],
-           "draft_passes": m["draft_passes"], "scheduler_share": m["scheduler_share"], "wall_s": wall}
-    return row, prof.to_json()
-
-
-def plot(results: list[dict], sps: dict, out_prefix: str) -> list[str]:
-    """Throughput vs per-user speed, verify budget vs concurrency, SPS(B) per concurrency."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
-    for pol in dict.fromkeys(r["policy"] for r in results):
-        rows = sorted((r for r in results if r["policy"] == pol), key=lambda r: r["concurrency"])
-        ax[0].plot([r["per_user_tok_s"] or 0 for r in rows], [r["throughput_tok_s"] for r in rows], "o-", label=pol)
-        ax[1].plot([r["concurrency"] for r in rows], [r["mean_verify_budget"] for r in rows], "o-", label=pol)
-    ax[0].set(xlabel="per-user tokens/s", ylabel="aggregate tokens/s", title="throughput vs per-user speed")
-    ax[1].set(xlabel="concurrency (slots)", ylabel="verify tokens per request-round", xscale="log",
-              title="verify budget")
-
-    def finish(fig, axes, suffix):
-        for a in axes:
-            a.grid(alpha=0.3)
-            a.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out_prefix + suffix)
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-
-    finish(fig, ax, "_throughput.png")
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name, prof in sps.items():
-        ax.plot(prof["buckets"], [1 / t for t in prof["verify_s"]], "o-", label=f"{name} verify")
-    ax.set(xlabel="verify tokens B", ylabel="steps/s", xscale="log", title="SPS(B)")
-    finish(fig, [ax], "_sps.png")
-    return paths
+from infer.engine.load import plot_load, run_load  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -163,7 +76,10 @@ def main(argv=None) -> int:
     results, sps = [], {}
     for c in conc:
         for pol in policies:
-            row, prof = run_one(target, draft, prompts, pol, c, args)
+            row, prof = run_load(target, draft, prompts, pol, c, requests=args.requests,
+                                 max_new_tokens=args.max_new_tokens, max_len=args.max_len, rate=args.rate,
+                                 temperature=args.temperature, seed=args.seed,
+                                 profile_repeats=args.profile_repeats, sps_cache=args.sps_cache)
             results.append(row)
             sps[f"C={c}" + ("" if pol != "ar" else " ar")] = prof
             print(f"C={c:3d} {pol:14s} {row['throughput_tok_s']:8.1f} tok/s  per-user {row['per_user_tok_s'] or 0:7.1f}"
@@ -174,7 +90,7 @@ def main(argv=None) -> int:
                           ("mean_verify_budget", "budget", "{:.2f}"), ("tau", "tau", "{:.2f}"),
                           ("scheduler_share", "sched", "{:.1%}")])
     out_prefix = os.path.splitext(args.json)[0]
-    figures = plot(results, sps, out_prefix)
+    figures = plot_load(results, sps, out_prefix)
     save_result(args.json, {"results": results, "sps": sps, "figures": figures, "machine": machine_info(),
                             "args": vars(args)})
     return 0

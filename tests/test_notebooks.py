@@ -22,7 +22,7 @@ NAMES = [p.stem for p in NOTEBOOKS]
 
 
 def test_notebooks_exist():
-    assert {"quickstart", "train_a_drafter"} <= set(NAMES)
+    assert {"quickstart", "train_a_drafter", "serving"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NAMES)
