@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax.draft.config import DraftConfig
+from dspark_jax.draft.eagle3 import Eagle3Config
 from dspark_jax.sampling import SamplingConfig
 from infer.compiled import run_compiled
 from infer.spec_metrics import summarize_stats
@@ -45,8 +46,9 @@ def load_draft_bundle(draft_dir: str | os.PathLike, target=None, *, dtype: str |
     confidence logits wherever survival probabilities are used.
     """
     from dspark_jax.checkpoint.deepspec import load_draft
+    from dspark_jax.checkpoint.eagle3 import is_eagle3_dir, load_eagle3
 
-    config, params = load_draft(draft_dir, dtype=dtype)
+    config, params = (load_eagle3 if is_eagle3_dir(draft_dir) else load_draft)(draft_dir, dtype=dtype)
     shares = False
     if target is not None:
         config.validate_against_target(target.config)
@@ -75,6 +77,7 @@ def speculative_generate_batch(target, draft: Draft, prompts: list[list[int]], *
                                survival_threshold: float = 0.0, record_rounds: bool = False):
     """Run `infer.speculative.speculative_generate` on token-id prompts; returns a GenerationResult."""
     from infer.api import GenerationError, GenerationResult, _pad_batch, bucket_length
+    from infer.eagle3 import eagle3_generate
     from infer.speculative import SpecOptions, speculative_generate
 
     dcfg = draft.config
@@ -100,7 +103,8 @@ def speculative_generate_batch(target, draft: Draft, prompts: list[list[int]], *
                   mode=sampling.mode, options=options)
     args = (target.params, draft.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(seed),
             sampling.values(), jnp.asarray(stop_ids), temps)
-    (out, num, stats, records), compile_s, wall = run_compiled(speculative_generate, args, static)
+    loop = eagle3_generate if isinstance(dcfg, Eagle3Config) else speculative_generate  # chain vs block drafter
+    (out, num, stats, records), compile_s, wall = run_compiled(loop, args, static)
     out, num = np.asarray(out), np.asarray(num)
     token_ids = [out[i, :num[i]].tolist() for i in range(len(prompts))]
     n_tokens = int(num.sum())
