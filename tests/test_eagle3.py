@@ -183,3 +183,27 @@ def test_sampled_output_has_target_distribution(monkeypatch):
     assert counts[probs == 0].sum() == 0
     p = spec_tests.chi_square_pvalue(counts, probs)
     assert p > 1e-4, f"Eagle-3 sampled distribution differs from the target's (p={p:.2e})"
+
+
+def test_train_draft_cli_eagle3_preset(tmp_path):
+    """`dspark train-draft --preset eagle3`: a few TTT steps lower the loss, the exported draft loads and
+    runs lossless greedy speculative decoding against its target."""
+    from tests.helpers import tiny_corpus_and_target
+    from train.cli_draft import train_draft_main
+
+    env = tiny_corpus_and_target(tmp_path / "data")
+    out = tmp_path / "run"
+    argv = ["--target", env["target"], "--corpus", env["corpus"], "--out", str(out), "--no-progress",
+            "--preset", "eagle3", "--block-size", "3", "--seq-len", "32", "--batch-size", "4", "--steps", "12",
+            "--learning-rate", "1e-2", "--eval-batches", "1", "--export-dtype", "float32", "--log-every", "1"]
+    assert train_draft_main(argv) == 0
+    log = json.loads((out / "metrics.json").read_text())["log"]
+    assert np.mean([r["loss"] for r in log[-3:]]) < np.mean([r["loss"] for r in log[:3]]), log
+    from infer.api import load_target_bundle
+
+    target = load_target_bundle(env["target"])
+    draft = load_draft_bundle(out / "draft", target)
+    assert isinstance(draft.config, Eagle3Config) and draft.config.ttt_length == 3
+    prompts = [[5, 6, 7], [8, 9]]
+    ref = generate(target, prompts, max_new_tokens=10).token_ids
+    assert generate(target, prompts, draft=draft, max_new_tokens=10).token_ids == ref
