@@ -1,6 +1,7 @@
 """Eagle-3 drafter (spec §9.2): TTT mask / positions against hand-built cases and against inference
 chain drafting through the KV cache (the crop/extend rule), checkpoint round trip through the
-DeepSpec/SpecForge key names, greedy speculative == greedy target, sampled output distribution."""
+DeepSpec/SpecForge key names, sampled output distribution, and `train-draft --preset eagle3` whose
+trained draft gives greedy speculative == greedy target."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from dspark_jax.sampling import SamplingConfig
 from dspark_jax.target.kv_cache import KVCache
 from infer.api import Target, generate
 from infer.eagle3 import eagle3_generate, eagle3_propose
-from infer.speculative_api import Draft, load_draft_bundle
+from infer.speculative_api import load_draft_bundle
 from tests.spec_helpers import random_target
 from tests.test_draft_model import _spread
 
@@ -122,14 +123,13 @@ def test_ttt_loss_trains_only_unfrozen(small):
     tl = jnp.asarray(rng.normal(size=(b, t, 32)) * 3, jnp.float32)
     mask = jnp.ones((b, t), jnp.float32)
     (loss, aux), grads = jax.jit(jax.value_and_grad(
-        lambda p: ttt_loss(model, p, taps, ids, tl, mask, 3), has_aux=True))(dp)
-    np.testing.assert_allclose(loss, sum(0.8 ** s * aux["step_loss"][s] for s in range(3)), rtol=1e-5)
+        lambda p: ttt_loss(model, p, taps, ids, tl, mask, 2), has_aux=True))(dp)
+    np.testing.assert_allclose(loss, aux["step_loss"][0] + 0.8 * aux["step_loss"][1], rtol=1e-5)
     assert np.isfinite(float(loss)) and float(jnp.max(jnp.abs(grads["fc"]["kernel"]))) > 0
     np.testing.assert_array_equal(grads["embed_tokens"]["embedding"], 0.0)
     np.testing.assert_array_equal(grads["lm_head"]["kernel"], 0.0)
     assert eagle3_trainable_mask(dp)["lm_head"]["kernel"] is False
-    # step s at i learns x_{i+2+s}: the last 2+s positions of a length-T sequence carry no loss
-    assert float(aux["step_loss"][2]) > 0
+    assert float(aux["step_loss"][1]) > 0
 
 
 def test_checkpoint_round_trip(small, tmp_path):
@@ -152,33 +152,13 @@ def test_checkpoint_round_trip(small, tmp_path):
     assert isinstance(bundle.config, Eagle3Config) and bundle.shares_target_lm_head
 
 
-@pytest.fixture(scope="module")
-def near_bigram():
-    cfg, params = random_target(context_scale=0.03)
-    target = Target(config=cfg, params=params)
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
-    return target, prompts, generate(target, prompts, max_new_tokens=24).token_ids
-
-
-def test_greedy_speculative_equals_target(near_bigram):
-    """Temperature 0: Eagle-3 chain drafting + verification reproduces the target's greedy output (also with
-    a stop token drafted / committed mid-way)."""
-    target, prompts, reference = near_bigram
-    dcfg, dp = eagle_for(target.config, target.params)
-    draft = Draft(config=dcfg, params=dp)
-    assert generate(target, prompts, draft=draft, max_new_tokens=24).token_ids == reference
-    stop = reference[0][12]
-    ref_stop = generate(target, prompts, max_new_tokens=24, stop_token_ids=[stop]).token_ids
-    assert generate(target, prompts, draft=draft, max_new_tokens=24, stop_token_ids=[stop]).token_ids == ref_stop
-
-
 def test_sampled_output_has_target_distribution(monkeypatch):
     """Temperature 1 on an 8-token vocabulary: 3-token continuations follow the exact target distribution."""
     cfg, params = random_target(vocab=spec_tests.VOCAB, layers=2, hidden=16, weight_scale=3.0, seed=3, max_pos=64)
     dcfg, dp = eagle_for(cfg, params, block_size=2)
     sampling = SamplingConfig(temperature=1.0)
     monkeypatch.setattr(spec_tests, "speculative_generate", eagle3_generate)  # same signature
-    counts = spec_tests.sample_continuations(cfg, params, dcfg, dp, sampling, n_rows=6000, seeds=(0, 1, 2))
+    counts = spec_tests.sample_continuations(cfg, params, dcfg, dp, sampling, n_rows=6000, seeds=(0, 1))
     probs = spec_tests.exact_distribution(cfg, params, sampling)
     assert counts[probs == 0].sum() == 0
     p = spec_tests.chi_square_pvalue(counts, probs)
@@ -186,15 +166,15 @@ def test_sampled_output_has_target_distribution(monkeypatch):
 
 
 def test_train_draft_cli_eagle3_preset(tmp_path):
-    """`dspark train-draft --preset eagle3`: a few TTT steps lower the loss, the exported draft loads and
-    runs lossless greedy speculative decoding against its target."""
+    """`dspark train-draft --preset eagle3`: a few TTT steps lower the loss; the exported draft loads and its
+    greedy speculative output equals the target's greedy output (a batch of prompts, with a stop token)."""
     from tests.helpers import tiny_corpus_and_target
     from train.cli_draft import train_draft_main
 
     env = tiny_corpus_and_target(tmp_path / "data")
     out = tmp_path / "run"
     argv = ["--target", env["target"], "--corpus", env["corpus"], "--out", str(out), "--no-progress",
-            "--preset", "eagle3", "--block-size", "3", "--seq-len", "32", "--batch-size", "4", "--steps", "12",
+            "--preset", "eagle3", "--block-size", "2", "--seq-len", "32", "--batch-size", "4", "--steps", "10",
             "--learning-rate", "1e-2", "--eval-batches", "1", "--export-dtype", "float32", "--log-every", "1"]
     assert train_draft_main(argv) == 0
     log = json.loads((out / "metrics.json").read_text())["log"]
@@ -203,7 +183,10 @@ def test_train_draft_cli_eagle3_preset(tmp_path):
 
     target = load_target_bundle(env["target"])
     draft = load_draft_bundle(out / "draft", target)
-    assert isinstance(draft.config, Eagle3Config) and draft.config.ttt_length == 3
-    prompts = [[5, 6, 7], [8, 9]]
-    ref = generate(target, prompts, max_new_tokens=10).token_ids
-    assert generate(target, prompts, draft=draft, max_new_tokens=10).token_ids == ref
+    assert isinstance(draft.config, Eagle3Config) and draft.config.ttt_length == 2
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
+    ref = generate(target, prompts, max_new_tokens=16).token_ids
+    assert generate(target, prompts, draft=draft, max_new_tokens=16).token_ids == ref
+    stop = ref[0][8]  # a stop token drafted / committed mid-way (traced: no recompile)
+    ref_stop = generate(target, prompts, max_new_tokens=16, stop_token_ids=[stop]).token_ids
+    assert generate(target, prompts, draft=draft, max_new_tokens=16, stop_token_ids=[stop]).token_ids == ref_stop
