@@ -26,8 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.config import TargetConfig
+from dspark_jax.gemma4_config import Gemma4Config
 from dspark_jax.layers import GatedMLP, Projection, RMSNorm, apply_rope, dtype_of, gqa_attention
-from dspark_jax.target.kv_cache import KVCache, write_rows
+from dspark_jax.target.gemma4 import Gemma4RMSNorm, embed_scale, gemma4_layers, softcap
+from dspark_jax.target.kv_cache import KVCache, key_layout, write_rows
 
 __all__ = ["TargetModel", "TargetOutput", "output_kernel"]
 
@@ -131,29 +133,15 @@ class TargetModel(nn.Module):
                          embedding_init=nn.with_logical_partitioning(
                              nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
                          name="embed_tokens")
-        x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "act_embed"))
-        inv_freq = jnp.asarray(cfg.rope_inv_freq())
-
-        if cache is not None:
-            s = cache.max_length
-            key_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (tokens.shape[0], s))
-            key_valid = None
+        x = embed(tokens)
+        if isinstance(cfg, Gemma4Config):  # Gemma 4: scaled embedding, own layer stack, Gemma norm
+            x = nn.with_logical_constraint(x * embed_scale(cfg, x.dtype), ("batch", "length", "act_embed"))
+            x, taps, new_cache = gemma4_layers(cfg, x, positions, cache, attention_mask, tap_layers)
+            x = Gemma4RMSNorm(cfg.rms_norm_eps, True, dt, name="norm")(x)
         else:
-            key_positions = positions
-            key_valid = attention_mask
-
-        taps = {-1: x} if -1 in tap_layers else {}
-        new_k, new_v = [], []
-        for i in range(cfg.num_hidden_layers):
-            layer_kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x, kv = DecoderLayer(cfg, name=f"layers_{i}")(x, positions, key_positions, key_valid, layer_kv, inv_freq)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
-            if i in tap_layers:
-                taps[i] = x
-        x = RMSNorm(cfg.rms_norm_eps, dt, dt, name="norm")(x)
-        new_cache = cache.replace(k=tuple(new_k), v=tuple(new_v)) if cache is not None else None
+            x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+            x, taps, new_cache = _dense_layers(cfg, x, positions, cache, attention_mask, tap_layers)
+            x = RMSNorm(cfg.rms_norm_eps, dt, dt, name="norm")(x)
 
         logits = None
         if compute_logits:
@@ -166,12 +154,33 @@ class TargetModel(nn.Module):
                 logits = Projection(cfg.vocab_size, ("embed", "vocab"), std=cfg.initializer_range,
                                     dtype=dt, param_dtype=dt, name="lm_head")(hl)
             logits = logits.astype(jnp.float32)
+            if isinstance(cfg, Gemma4Config):
+                logits = softcap(logits, cfg.final_logit_softcapping)
         return TargetOutput(
             logits=logits,
             cache=new_cache,
             taps=tuple(taps[lid] for lid in tap_layers),
             final_hidden=x if return_final_hidden else None,
         )
+
+
+def _dense_layers(cfg: TargetConfig, x: Array, positions: Array, cache: KVCache | None,
+                  attention_mask: Array | None, tap_layers: Sequence[int]):
+    """The Qwen3/Llama decoder stack in the calling module's compact scope -> (x, taps, new cache)."""
+    inv_freq = jnp.asarray(cfg.rope_inv_freq())
+    key_positions, key_valid = key_layout(cache, positions, attention_mask)
+    taps = {-1: x} if -1 in tap_layers else {}
+    new_k, new_v = [], []
+    for i in range(cfg.num_hidden_layers):
+        layer_kv = (cache.k[i], cache.v[i]) if cache is not None else None
+        x, kv = DecoderLayer(cfg, name=f"layers_{i}")(x, positions, key_positions, key_valid, layer_kv, inv_freq)
+        if kv is not None:
+            new_k.append(kv[0])
+            new_v.append(kv[1])
+        if i in tap_layers:
+            taps[i] = x
+    new_cache = cache.replace(k=tuple(new_k), v=tuple(new_v)) if cache is not None else None
+    return x, taps, new_cache
 
 
 def output_kernel(config: TargetConfig, params) -> Array:
