@@ -81,7 +81,7 @@ def run(batch: int, args) -> dict:
     keys = rows.keys
     pending = Pending(features=jnp.ones((batch, k + 1, dcfg.context_dim), jnp.float32),
                       positions=ctx - (k + 1) + jnp.broadcast_to(jnp.arange(k + 1, dtype=jnp.int32), (batch, k + 1)),
-                      valid=jnp.ones((batch, k + 1), bool))
+                      valid=jnp.ones((batch, k + 1), bool), next_tokens=jnp.zeros((batch, k + 1), jnp.int32))
 
     # Weights travel as arguments (closed-over arrays would be baked into the programs as constants).
     ar = jax.jit(lambda p, head, s: ar_step(ar_loop, p, head, s).out.tokens)

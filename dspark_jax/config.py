@@ -184,6 +184,10 @@ class TargetConfig:
         """Qwen3 applies a per-head RMSNorm to queries and keys before RoPE."""
         return self.family == "qwen3"
 
+    def kv_cache_layer_shapes(self) -> tuple[tuple[int, int], ...]:
+        """(kv heads, head dim) of each layer's KV cache buffer (uniform here; per layer in Gemma 4)."""
+        return ((self.num_key_value_heads, self.head_dim),) * self.num_hidden_layers
+
     def replace(self, **changes: Any) -> "TargetConfig":
         """A copy with some fields changed (e.g. `dtype='bfloat16'`)."""
         return dataclasses.replace(self, **changes)
@@ -375,4 +379,8 @@ def load_hf_config(model_dir: str | os.PathLike, *, dtype: str | None = None) ->
     path = os.path.join(os.fspath(model_dir), "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"no config.json in {os.fspath(model_dir)!r}")
-    return TargetConfig.from_hf_config(read_config_json(path), dtype=dtype, source=path)
+    from dspark_jax.gemma4_config import Gemma4Config, is_gemma4_hf_config  # subclass module imports this one
+
+    hf = read_config_json(path)
+    cls = Gemma4Config if is_gemma4_hf_config(hf) else TargetConfig
+    return cls.from_hf_config(hf, dtype=dtype, source=path)

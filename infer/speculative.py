@@ -25,36 +25,27 @@ from __future__ import annotations
 
 import functools
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 from dspark_jax import kernels
 from dspark_jax.draft import heads
 from dspark_jax.draft.cache import DraftCache
+from dspark_jax.draft.eagle3 import Eagle3Config
 from dspark_jax.draft.model import DraftModel
 from dspark_jax.sampling import greedy_argmax, next_token, sample_from_probs, warp_probs
 from dspark_jax.target.model import TargetModel, output_kernel
 from infer.autoregressive import prefill
+from infer.eagle3 import chain_propose
 from infer.spec_metrics import RoundRecords, RoundStats
-from infer.state import (NONFINITE_DRAFT, NONFINITE_PREFILL, NONFINITE_TARGET, OutputBuffer, Proposal, RowParams,
-                         SpecLoop, SpecModels, SpecState, all_finite, is_stop, split_keys, step_keys)
+from infer.state import (NONFINITE_DRAFT, NONFINITE_PREFILL, NONFINITE_TARGET, OutputBuffer, Pending, Proposal,
+                         RowParams, SpecLoop, SpecModels, SpecState, all_finite, is_stop, split_keys, step_keys)
 from infer.verify import VerifyResult, _truncate_at_stop, greedy_verify, rejection_sample
 
 __all__ = ["Pending", "Proposal", "make_models", "speculative_init", "speculative_step", "speculative_generate",
            "propose", "draft_backbone", "sample_block", "truncate_proposal", "target_verify", "verify_proposal"]
 
 Array = jax.Array
-
-
-@flax.struct.dataclass
-class Pending:
-    """Target features not yet in the draft cache: features [B, C, n_ctx*d] at positions [B, C];
-    only rows where valid [B, C] are committed."""
-
-    features: Array
-    positions: Array
-    valid: Array
 
 
 def make_models(loop: SpecLoop, target_params, draft_params, sts_temperatures: Array | None = None) -> SpecModels:
@@ -157,10 +148,14 @@ def sample_block(loop: SpecLoop, models: SpecModels, h: Array, base_logits: Arra
 
 def propose(loop: SpecLoop, models: SpecModels, cache: DraftCache, pending: Pending, anchor: Array, start: Array,
             keys: Array, params: RowParams) -> tuple[Proposal, DraftCache, Array]:
-    """Draft one block per row: `draft_backbone` then `sample_block`.
+    """Draft one proposal per row; the drafter's kind (its config's type) picks how.
 
+    DSpark/DFlash: `draft_backbone` (one parallel pass over the block) then `sample_block`;
+    Eagle-3: `infer.eagle3.chain_propose` (K sequential one-token steps through its draft cache).
     Returns (proposal, draft cache, bool [B] whether the row's draft logits were all finite).
     """
+    if isinstance(loop.draft, Eagle3Config):
+        return chain_propose(loop, models, cache, pending, keys, params)
     h, base_logits, cache = draft_backbone(loop, models, cache, pending, anchor, start)
     proposal = sample_block(loop, models, h, base_logits, anchor, keys, params)
     finite = all_finite(base_logits[:, :loop.block_size]) & all_finite(proposal.conf_logits)
@@ -181,8 +176,11 @@ def speculative_init(loop: SpecLoop, models: SpecModels, prompt_tokens: Array, p
     first = next_token(key_first, logits, params.sampling, loop.mode)
     start = prompt_lengths.astype(jnp.int32)  # position of the anchor
     prompt_pos = jnp.broadcast_to(jnp.arange(p_len, dtype=jnp.int32), (b, p_len))
+    # The token after each prompt position: the next prompt token, the first sampled one after the last.
+    after = jnp.concatenate([prompt_tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
+    after = jnp.where(prompt_pos == start[:, None] - 1, first[:, None], after)
     pending = Pending(features=jnp.concatenate(taps, axis=-1), positions=prompt_pos,
-                      valid=prompt_pos < prompt_lengths[:, None])
+                      valid=prompt_pos < prompt_lengths[:, None], next_tokens=after)
     proposal, dcache, draft_ok = propose(loop, models, DraftCache.create(loop.draft, b, loop.cache_len), pending,
                                          first, start, key_prop, params)
     bad = jnp.where(all_finite(logits), 0, NONFINITE_PREFILL) | jnp.where(draft_ok, 0, NONFINITE_DRAFT)
@@ -283,7 +281,8 @@ def speculative_step(loop: SpecLoop, models: SpecModels, state: SpecState) -> Sp
     anchor = jnp.where(live, ver.next_token, anchor)
     # 4. propose the next block from the pending context = verify taps of anchor + accepted drafts.
     pending = Pending(features=jnp.concatenate(res.taps, axis=-1), positions=positions,
-                      valid=(slot <= a[:, None]) & live[:, None])
+                      valid=(slot <= a[:, None]) & live[:, None],
+                      next_tokens=jnp.where(slot == a[:, None], anchor[:, None], drafts_ext))
     proposal, dcache, draft_ok = propose(loop, models, state.dcache, pending, anchor, new_start, key_p, params)
     bad = bad | jnp.where(~done & ~draft_ok, NONFINITE_DRAFT, 0).astype(jnp.int32)
     done = done | (bad != 0)

@@ -33,7 +33,7 @@ from dspark_jax.sampling import SamplingConfig, SamplingMode, SamplingParams
 from dspark_jax.target.kv_cache import KVCache
 from infer.spec_metrics import RoundRecords, RoundStats
 
-__all__ = ["RowParams", "OutputBuffer", "Proposal", "SpecLoop", "SpecModels", "SpecState", "ARLoop", "ARState",
+__all__ = ["RowParams", "OutputBuffer", "Pending", "Proposal", "SpecLoop", "SpecModels", "SpecState", "ARLoop", "ARState",
            "is_stop", "split_keys", "step_keys", "row_keys_from_seeds", "NONFINITE_PREFILL", "NONFINITE_TARGET",
            "NONFINITE_DRAFT", "describe_nonfinite", "all_finite"]
 
@@ -154,6 +154,18 @@ class OutputBuffer:
 
         starts = jnp.minimum(self.count, self.tokens.shape[1] - w)
         return self.replace(tokens=jax.vmap(one)(self.tokens, rows, starts), count=self.count + n_new)
+
+
+@flax.struct.dataclass
+class Pending:
+    """Target features not yet in the draft cache: features [B, C, n_ctx*d] at positions [B, C]
+    (contiguous per row); only rows where valid [B, C] are committed. next_tokens [B, C] int32: the
+    token at position + 1 of each row (the pair a chain drafter such as Eagle-3 caches with it)."""
+
+    features: Array
+    positions: Array
+    valid: Array
+    next_tokens: Array
 
 
 @flax.struct.dataclass

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", required=True, metavar="DIR", help="corpus directory (`dspark build-corpus`)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory: checkpoints, metrics, exported draft")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the target directory)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="dspark", help="dspark (default) or dflash")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="dspark", help="dspark (default), dflash or eagle3")
     p.add_argument("--config", metavar="FILE", help="JSON file with DraftTrainConfig fields")
     add_run_flags(p, mesh_expected="DATA,FSDP,MODEL positive integers (e.g. 4,1,2)", mesh_example="4,1,2")
     p.add_argument("--feature-cache", metavar="DIR", help="offline target-feature cache (DeepSpec format v2)")
@@ -59,8 +59,10 @@ def config_from_args(args: argparse.Namespace) -> DraftTrainConfig:
 
 def _train(config: DraftTrainConfig, args: argparse.Namespace) -> Any:
     from train.draft_trainer import train_draft
+    from train.eagle3_trainer import train_eagle3
 
-    return train_draft(config, target_dir=args.target, corpus_dir=args.corpus, out_dir=args.out,
+    trainer = train_eagle3 if args.preset == "eagle3" else train_draft  # Eagle-3: its own TTT trainer
+    return trainer(config, target_dir=args.target, corpus_dir=args.corpus, out_dir=args.out,
                        tokenizer_dir=args.tokenizer, resume=args.resume, stop_at_step=args.stop_at,
                        progress=not args.no_progress, export=not args.no_export,
                        feature_cache=args.feature_cache, write_feature_cache=args.write_feature_cache)

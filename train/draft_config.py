@@ -33,6 +33,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                    ce_loss_alpha=0.1, l1_loss_alpha=0.9, confidence_head_alpha=1.0),
     "dflash": dict(markov_rank=0, enable_confidence_head=False, confidence_head_with_markov=False,
                    ce_loss_alpha=1.0, l1_loss_alpha=0.0, confidence_head_alpha=0.0),
+    # Eagle-3 (spec §9.2; trained by train/eagle3_trainer.py): 1 layer, TTT length = block_size, seed 0
+    "eagle3": dict(num_draft_layers=1, markov_rank=0, enable_confidence_head=False, confidence_head_with_markov=False,
+                   ce_loss_alpha=1.0, l1_loss_alpha=0.0, confidence_head_alpha=0.0, seed=0),
 }
 
 

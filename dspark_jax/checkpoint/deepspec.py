@@ -38,7 +38,9 @@ from dspark_jax.checkpoint.hf import check_tensor_dtypes, open_safetensors, read
 from dspark_jax.checkpoint.atomic import is_remote, local_copy, publish_dir, recover_dir, staging_dir_for
 from dspark_jax.checkpoint.hf_layout import CheckpointError, expected_hf_shapes, get_path, set_path, target_key_map
 from dspark_jax.config import TargetConfig, read_config_json
+from dspark_jax.checkpoint.eagle3 import IGNORED_EAGLE3_BUFFERS, eagle3_key_map, eagle3_shapes, is_eagle3_config
 from dspark_jax.draft.config import DraftConfig
+from dspark_jax.draft.eagle3 import Eagle3Config
 from dspark_jax.draft.model import init_draft_params
 from dspark_jax.layers import dtype_of
 
@@ -47,7 +49,7 @@ __all__ = ["draft_key_map", "expected_draft_shapes", "deepspec_to_params", "para
 
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
-_IGNORED = ("rotary_emb",)  # non-persistent buffers some exporters still write
+_IGNORED = ("rotary_emb",) + IGNORED_EAGLE3_BUFFERS  # non-persistent buffers / Eagle-3 vocabulary maps
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 KeyMap = list[tuple[str, tuple[str, ...], bool]]
@@ -58,7 +60,10 @@ def _strip(key: str) -> str:
 
 
 def draft_key_map(config: DraftConfig) -> KeyMap:
-    """[(deepspec_key, flax_param_path, transpose)] for every tensor of a draft checkpoint."""
+    """[(deepspec_key, flax_param_path, transpose)] for every tensor of a draft checkpoint (DSpark/DFlash,
+    Gemma 4 or Eagle-3 layout, chosen by the config's type)."""
+    if isinstance(config, Eagle3Config):
+        return eagle3_key_map(config)
     out: KeyMap = [(_strip(k), path, t) for k, path, t in target_key_map(config.layer_config())]
     out += [("fc.weight", ("fc", "kernel"), True), ("hidden_norm.weight", ("hidden_norm", "scale"), False)]
     if config.has_markov_head:
@@ -77,6 +82,8 @@ def draft_key_map(config: DraftConfig) -> KeyMap:
 
 def expected_draft_shapes(config: DraftConfig) -> dict[str, tuple[int, ...]]:
     """DeepSpec key -> shape in PyTorch orientation, for every key of `draft_key_map(config)`."""
+    if isinstance(config, Eagle3Config):
+        return eagle3_shapes(config)
     c = config
     d, v, r = c.hidden_size, c.vocab_size, c.markov_rank
     shapes = {_strip(k): s for k, s in expected_hf_shapes(c.layer_config()).items()}
@@ -99,10 +106,11 @@ def deepspec_to_params(tensors: dict[str, np.ndarray], config: DraftConfig, *, s
     wanted = {k for k, _, _ in key_map}
     unexpected = sorted(k for k in set(tensors) - wanted if not any(a in k for a in _IGNORED))
     if unexpected:
+        what = ("an Eagle-3 draft" if isinstance(config, Eagle3Config) else
+                f"this draft config (markov_rank={config.markov_rank}, markov_head_type={config.markov_head_type!r}, "
+                f"enable_confidence_head={config.enable_confidence_head})")
         raise CheckpointError(f"{source}: unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
-                              f" not used by this draft config (markov_rank={config.markov_rank}, "
-                              f"markov_head_type={config.markov_head_type!r}, "
-                              f"enable_confidence_head={config.enable_confidence_head})")
+                              f" not used by {what}")
     missing = sorted(wanted - set(tensors))
     if missing:
         raise CheckpointError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -189,7 +197,8 @@ def load_draft(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[Dr
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"no config.json in {path!r}")
     hf = read_config_json(cfg_path, CheckpointError)
-    config = DraftConfig.from_deepspec_config(hf, dtype=dtype, source=cfg_path)
+    parse = Eagle3Config.from_eagle3_config if is_eagle3_config(hf) else DraftConfig.from_deepspec_config
+    config = parse(hf, dtype=dtype, source=cfg_path)
     tensors = read_safetensors_dir(path)
     params = deepspec_to_params(tensors, config, source=path, dtype=_NP_DTYPES[config.dtype])
     return config, params
@@ -214,7 +223,8 @@ def save_draft(params: dict, config: DraftConfig, path: str | os.PathLike, *, dt
     tmp = staging_dir_for(path)
     try:
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config.to_deepspec_config(dtype=dtype), f, indent=2, sort_keys=True)
+            config_json = (config.to_eagle3_config if isinstance(config, Eagle3Config) else config.to_deepspec_config)
+            json.dump(config_json(dtype=dtype), f, indent=2, sort_keys=True)
             f.write("\n")
         meta = {"format": "pt"}
         if len(shards) == 1:

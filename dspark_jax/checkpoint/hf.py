@@ -33,7 +33,7 @@ from safetensors.numpy import save_file
 
 from dspark_jax.checkpoint.atomic import (is_remote, local_copy, path_exists, publish_dir, recover_dir, recover_files,
                                          staging_dir_for)
-from dspark_jax.checkpoint.hf_layout import CheckpointError, expected_hf_shapes, set_path, target_key_map
+from dspark_jax.checkpoint.hf_layout import CheckpointError, expected_hf_shapes, ignored_extra_key, set_path, target_key_map
 from dspark_jax.config import TargetConfig, load_hf_config, read_config_json
 
 __all__ = ["load_target", "save_target", "read_safetensors_headers", "check_tensor_dtypes", "read_tensor",
@@ -170,7 +170,8 @@ def _validate(headers: Mapping[str, tuple[str, tuple[int, ...], str]], config: T
     present = set(headers)
     if config.tie_word_embeddings:
         present.discard("lm_head.weight")  # some tied checkpoints still store it; ignored
-    unexpected = sorted(k for k in present - wanted if not any(a in k for a in _IGNORED_EXTRA))
+    unexpected = sorted(k for k in present - wanted
+                        if not any(a in k for a in _IGNORED_EXTRA) and not ignored_extra_key(config, k))
     if unexpected:
         raise CheckpointError(
             f"{where}: unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "

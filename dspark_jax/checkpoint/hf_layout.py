@@ -13,7 +13,7 @@ import numpy as np
 from dspark_jax.config import TargetConfig
 
 __all__ = ["CheckpointError", "target_key_map", "expected_hf_shapes", "hf_to_params", "params_to_hf", "set_path",
-           "get_path"]
+           "get_path", "ignored_extra_key"]
 
 
 class CheckpointError(ValueError):
@@ -26,6 +26,8 @@ def _linear(hf: str, path: tuple[str, ...]) -> Iterator[tuple[str, tuple[str, ..
 
 def target_key_map(config: TargetConfig) -> list[tuple[str, tuple[str, ...], bool]]:
     """[(hf_key, flax_param_path, transpose)] for every tensor of a target checkpoint."""
+    if hasattr(config, "hf_key_map"):  # a config with its own layout (Gemma 4)
+        return config.hf_key_map()
     out: list[tuple[str, tuple[str, ...], bool]] = [
         ("model.embed_tokens.weight", ("embed_tokens", "embedding"), False),
         ("model.norm.weight", ("norm", "scale"), False),
@@ -52,6 +54,8 @@ def target_key_map(config: TargetConfig) -> list[tuple[str, tuple[str, ...], boo
 
 def expected_hf_shapes(config: TargetConfig) -> dict[str, tuple[int, ...]]:
     """HF key -> expected tensor shape (PyTorch orientation)."""
+    if hasattr(config, "hf_shapes"):
+        return config.hf_shapes()
     c = config
     qd, kvd = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,),
@@ -71,6 +75,11 @@ def expected_hf_shapes(config: TargetConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"{hp}.input_layernorm.weight"] = (c.hidden_size,)
         shapes[f"{hp}.post_attention_layernorm.weight"] = (c.hidden_size,)
     return shapes
+
+
+def ignored_extra_key(config: TargetConfig, key: str) -> bool:
+    """True for a stored tensor the config's model does not use but may legitimately be there (vision tower)."""
+    return bool(getattr(config, "hf_ignored_key", lambda k: False)(key))
 
 
 def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
@@ -100,7 +109,8 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: TargetConfig, *, source
     present = set(tensors)
     if config.tie_word_embeddings:
         present.discard("lm_head.weight")  # some tied checkpoints still store it; ignore
-    unexpected = sorted(k for k in present - wanted if not any(a in k for a in allow_extra))
+    unexpected = sorted(k for k in present - wanted
+                        if not any(a in k for a in allow_extra) and not ignored_extra_key(config, k))
     if unexpected:
         raise CheckpointError(f"{source}: unexpected tensor(s) {unexpected[:5]}"
                               f"{' ...' if len(unexpected) > 5 else ''} not used by a {config.family} model "

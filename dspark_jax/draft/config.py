@@ -170,6 +170,10 @@ class DraftConfig:
         """A fresh draft for `target_config`. `mask_token_id` is required; other draft fields default
         to the released DSpark values (5 layers, K=7, r=256 vanilla, confidence head on) and
         `target_layer_ids` to `default_target_layer_ids(L_t, 5)`."""
+        if cls is DraftConfig and getattr(target_config, "family", None) == "gemma4":
+            from dspark_jax.draft.gemma4_config import Gemma4DraftConfig  # Gemma 4 layers (spec §1.5)
+
+            return Gemma4DraftConfig.from_target(target_config, **draft_fields)
         t = target_config
         if "mask_token_id" not in draft_fields:
             raise DraftConfigError("from_target needs mask_token_id (an otherwise unused vocabulary row)")
@@ -220,9 +224,13 @@ class DraftConfig:
         if isinstance(archs, list) and archs and archs[0] in ("Qwen3ForCausalLM", "LlamaForCausalLM"):
             raise DraftConfigError(f"{source}: this is a target model (architectures={archs!r}), not a DSpark "
                                    f"drafter; pass it as the target (--target)")
+        if cls is DraftConfig and isinstance(archs, list) and archs and archs[0] == "Gemma4DSparkModel":
+            from dspark_jax.draft.gemma4_config import Gemma4DraftConfig  # Gemma 4 layers (spec §1.5)
+
+            return Gemma4DraftConfig.from_deepspec_config(hf, dtype=dtype, source=source)
         if not isinstance(archs, list) or not archs or archs[0] != _ARCHITECTURE:
             raise DraftConfigError(f"{source}: architectures={archs!r}; expected [{_ARCHITECTURE!r}] "
-                                   f"(Gemma4 drafts are not supported)")
+                                   f"or ['Gemma4DSparkModel']")
         try:
             return cls._from_checked_deepspec(hf, dtype=dtype, source=source)
         except DraftConfigError:

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 from dspark_jax.draft import heads
 from dspark_jax.draft.cache import DraftCache, commit_indices
 from dspark_jax.draft.config import DraftConfig
+from dspark_jax.draft.gemma4_config import Gemma4DraftConfig
+from dspark_jax.target.gemma4 import Gemma4MLP, Gemma4RMSNorm, softcap
 from dspark_jax.layers import GatedMLP, Projection, RMSNorm, apply_rope, dtype_of, gqa_attention
 
 __all__ = ["DraftModel", "block_attention", "dense_training_mask", "init_draft_params", "trainable_mask",
@@ -114,17 +116,27 @@ class DraftAttention(nn.Module):
         b, q_len, _ = x.shape
         c = ctx_h.shape[1]
         h, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        gemma = isinstance(cfg, Gemma4DraftConfig)  # spec §1.5: Gemma norms, v_norm, k_eq_v, scale 1
         q_proj = Projection(h * hd, ("embed", "q_heads"), name="q_proj", **kw)
         k_proj = Projection(kvh * hd, ("embed", "kv_heads"), name="k_proj", **kw)
-        v_proj = Projection(kvh * hd, ("embed", "kv_heads"), name="v_proj", **kw)
-        q_norm = RMSNorm(cfg.rms_norm_eps, dt, dt, "head_dim", name="q_norm")
-        k_norm = RMSNorm(cfg.rms_norm_eps, dt, dt, "head_dim", name="k_norm")
+        v_proj = (None if gemma and cfg.attention_k_eq_v
+                  else Projection(kvh * hd, ("embed", "kv_heads"), name="v_proj", **kw))
+        if gemma:
+            q_norm = Gemma4RMSNorm(cfg.rms_norm_eps, True, dt, "head_dim", name="q_norm")
+            k_norm = Gemma4RMSNorm(cfg.rms_norm_eps, True, dt, "head_dim", name="k_norm")
+            v_norm = Gemma4RMSNorm(cfg.rms_norm_eps, False, dt, name="v_norm")
+        else:
+            q_norm = RMSNorm(cfg.rms_norm_eps, dt, dt, "head_dim", name="q_norm")
+            k_norm = RMSNorm(cfg.rms_norm_eps, dt, dt, "head_dim", name="k_norm")
+
+        def keys_values(z, pos):  # z [B, n, d] -> post-norm, post-RoPE keys and values [B, n, KVH, hd]
+            k_raw = k_proj(z).reshape(b, z.shape[1], kvh, hd)
+            v = k_raw if v_proj is None else v_proj(z).reshape(b, z.shape[1], kvh, hd)  # k_eq_v: before k_norm
+            return apply_rope(k_norm(k_raw), pos, inv_freq), (v_norm(v) if gemma else v)
 
         q = apply_rope(q_norm(q_proj(x).reshape(b, q_len, h, hd)), positions, inv_freq)
-        kb = apply_rope(k_norm(k_proj(x).reshape(b, q_len, kvh, hd)), positions, inv_freq)
-        vb = v_proj(x).reshape(b, q_len, kvh, hd)
-        kc = apply_rope(k_norm(k_proj(ctx_h).reshape(b, c, kvh, hd)), ctx_positions, inv_freq)
-        vc = v_proj(ctx_h).reshape(b, c, kvh, hd)
+        kb, vb = keys_values(x, positions)
+        kc, vc = keys_values(ctx_h, ctx_positions)
 
         new_kv = None
         if cache_kv is not None:  # commit the new context rows, then attend over the whole cache
@@ -134,7 +146,7 @@ class DraftAttention(nn.Module):
             cv = cv.at[rows, write_idx].set(vc.astype(cv.dtype), mode="drop")
             kc, vc, new_kv = ck, cv, (ck, cv)
 
-        scale = hd ** -0.5
+        scale = 1.0 if gemma else hd ** -0.5
         if dense_mask is not None:
             out = gqa_attention(q, jnp.concatenate([kc, kb.astype(kc.dtype)], axis=1),
                                 jnp.concatenate([vc, vb.astype(vc.dtype)], axis=1), dense_mask, scale)
@@ -152,12 +164,26 @@ class DraftLayer(nn.Module):
     """x + attn(input_layernorm(x), H_ctx); x + mlp(post_attention_layernorm(x))."""
 
     config: DraftConfig
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x, positions, ctx_h, ctx_positions, inv_freq, ctx_mask, block_keep,
                  cache_kv=None, write_idx=None, dense_mask=None):
         cfg = self.config
         dt = dtype_of(cfg.dtype)
+        if isinstance(cfg, Gemma4DraftConfig):  # sandwich norms, gelu-tanh MLP, layer_scalar (spec §1.5)
+            def norm(name):
+                return Gemma4RMSNorm(cfg.rms_norm_eps, True, dt, name=name)
+
+            attn, new_kv = DraftAttention(cfg, name="self_attn")(
+                norm("input_layernorm")(x), positions, ctx_h, ctx_positions, inv_freq, ctx_mask, block_keep,
+                cache_kv, write_idx, dense_mask)
+            x = x + norm("post_attention_layernorm")(attn)
+            mlp = Gemma4MLP(cfg.layer_config().layer_intermediate_size(self.layer), cfg.initializer_range, dt,
+                            name="mlp")
+            x = x + norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(x)))
+            scalar = self.param("layer_scalar", nn.with_logical_partitioning(nn.initializers.ones, (None,)), (1,), dt)
+            return nn.with_logical_constraint(x * scalar.astype(x.dtype), ("batch", "length", "act_embed")), new_kv
         u = RMSNorm(cfg.rms_norm_eps, dt, dt, name="input_layernorm")(x)
         attn, new_kv = DraftAttention(cfg, name="self_attn")(
             u, positions, ctx_h, ctx_positions, inv_freq, ctx_mask, block_keep, cache_kv, write_idx, dense_mask)
@@ -180,9 +206,10 @@ class DraftModel(nn.Module):
                                      embedding_init=nn.with_logical_partitioning(
                                          nn.initializers.normal(std), ("vocab", "embed")))
         self.fc = Projection(cfg.hidden_size, ("ctx_embed", "embed"), std=std, dtype=dt, param_dtype=dt)
-        self.hidden_norm = RMSNorm(cfg.rms_norm_eps, dt, dt)
-        self.layers = [DraftLayer(cfg) for _ in range(cfg.num_hidden_layers)]
-        self.norm = RMSNorm(cfg.rms_norm_eps, dt, dt)
+        gemma = isinstance(cfg, Gemma4DraftConfig)
+        self.hidden_norm = Gemma4RMSNorm(cfg.rms_norm_eps, True, dt) if gemma else RMSNorm(cfg.rms_norm_eps, dt, dt)
+        self.layers = [DraftLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = Gemma4RMSNorm(cfg.rms_norm_eps, True, dt) if gemma else RMSNorm(cfg.rms_norm_eps, dt, dt)
         self.lm_head = heads.LinearParams(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), std=std,
                                           param_dtype=dt)
         if cfg.has_markov_head:
@@ -195,7 +222,10 @@ class DraftModel(nn.Module):
     def embed(self, tokens: Array) -> Array:
         """Frozen embedding lookup: [...] ids -> [..., d] (config dtype)."""
         table = jax.lax.stop_gradient(self.embed_tokens.embedding)
-        return jnp.take(table, tokens, axis=0).astype(dtype_of(self.config.dtype))
+        x = jnp.take(table, tokens, axis=0).astype(dtype_of(self.config.dtype))
+        if isinstance(self.config, Gemma4DraftConfig):  # sqrt(d) cast to the weight dtype (spec §1.5)
+            x = x * jnp.asarray(self.config.embed_scale, jnp.float32).astype(table.dtype).astype(x.dtype)
+        return x
 
     def project_context(self, taps_concat: Array) -> Array:
         """[B, C, n_ctx*d] concatenated target taps (ascending layer ids) -> H_ctx [B, C, d]."""
@@ -204,8 +234,9 @@ class DraftModel(nn.Module):
     def compute_logits(self, h: Array) -> Array:
         """Base logits U = lm_head(h): [..., d] -> [..., V] float32 (frozen lm_head, f32 accumulation)."""
         kernel = jax.lax.stop_gradient(self.lm_head.kernel).astype(h.dtype)
-        return jnp.einsum("...d,dv->...v", h, kernel, preferred_element_type=_F32,
-                          precision=jax.lax.Precision.HIGHEST)
+        logits = jnp.einsum("...d,dv->...v", h, kernel, preferred_element_type=_F32,
+                            precision=jax.lax.Precision.HIGHEST)
+        return softcap(logits, getattr(self.config, "final_logit_softcapping", None))  # Gemma 4: s*tanh(U/s)
 
     def _backbone(self, x, positions, ctx_h, ctx_positions, ctx_mask, block_keep,
                   cache=None, write_idx=None, dense_mask=None):

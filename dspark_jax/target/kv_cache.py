@@ -42,10 +42,10 @@ class KVCache:
     def create(cls, config: TargetConfig, batch_size: int, max_length: int, dtype: str | None = None) -> "KVCache":
         """An empty cache of `max_length` positions for `batch_size` rows."""
         dt = dtype_of(dtype or config.dtype)
-        shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
+        shapes = [(batch_size, max_length, kvh, hd) for kvh, hd in config.kv_cache_layer_shapes()]
         with target_rules_scope(config):
-            k = tuple(constrain_cache(jnp.zeros(shape, dt)) for _ in range(config.num_hidden_layers))
-            v = tuple(constrain_cache(jnp.zeros(shape, dt)) for _ in range(config.num_hidden_layers))
+            k = tuple(constrain_cache(jnp.zeros(sh, dt)) for sh in shapes)
+            v = tuple(constrain_cache(jnp.zeros(sh, dt)) for sh in shapes)
             lengths = constrain(jnp.zeros((batch_size,), jnp.int32), (CACHE_BATCH,))
         return cls(k=k, v=v, lengths=lengths)
 
@@ -57,6 +57,14 @@ class KVCache:
     def with_lengths(self, lengths: jax.Array) -> "KVCache":
         """Same buffers, new committed lengths (used to commit appended rows or roll back)."""
         return self.replace(lengths=lengths.astype(jnp.int32))
+
+
+def key_layout(cache: KVCache | None, positions: jax.Array, attention_mask: jax.Array | None):
+    """(key positions [B, S], key validity [B, S] or None) for attention over the cache or the inputs."""
+    if cache is None:
+        return positions, attention_mask
+    s = cache.max_length
+    return jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (positions.shape[0], s)), None
 
 
 def write_rows(buffer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:

@@ -31,10 +31,12 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.config import TargetConfig
+from dspark_jax.gemma4_config import Gemma4Config
 from dspark_jax.layers import (GatedMLP, Projection, RMSNorm, apply_rope, cached_attention, dtype_of, gqa_attention,
                                live_buckets)
 from dspark_jax.sharding import constrain, target_rules_scope
-from dspark_jax.target.kv_cache import KVCache, constrain_cache, write_rows
+from dspark_jax.target.gemma4 import Gemma4RMSNorm, embed_scale, gemma4_layers, softcap
+from dspark_jax.target.kv_cache import KVCache, constrain_cache, key_layout, write_rows
 
 __all__ = ["TargetModel", "TargetOutput", "output_kernel"]
 
@@ -154,29 +156,16 @@ class TargetModel(nn.Module):
                          embedding_init=nn.with_logical_partitioning(
                              nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
                          name="embed_tokens")
-        x = constrain(embed(tokens), ("batch", "length", "act_embed"))
-        inv_freq = jnp.asarray(cfg.rope_inv_freq())
-
-        if cache is not None:
-            s = cache.max_length
-            key_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (tokens.shape[0], s))
-            key_valid = None
+        x = embed(tokens)
+        if isinstance(cfg, Gemma4Config):  # Gemma 4: scaled embedding, own layer stack, Gemma norm
+            x = constrain(x * embed_scale(cfg, x.dtype), ("batch", "length", "act_embed"))
+            x, taps, new_cache = gemma4_layers(cfg, x, positions, cache, attention_mask, tap_layers)
+            x = Gemma4RMSNorm(cfg.rms_norm_eps, True, dt, name="norm")(x)
         else:
-            key_positions = positions
-            key_valid = attention_mask
-
-        taps = {-1: x} if -1 in tap_layers else {}
-        new_k, new_v = [], []
-        for i in range(cfg.num_hidden_layers):
-            layer_kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x, kv = DecoderLayer(cfg, self.live_bucket_min, name=f"layers_{i}")(x, positions, key_positions, key_valid, layer_kv, inv_freq)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
-            if i in tap_layers:
-                taps[i] = x
-        x = RMSNorm(cfg.rms_norm_eps, dt, dt, name="norm")(x)
-        new_cache = cache.replace(k=tuple(new_k), v=tuple(new_v)) if cache is not None else None
+            x = constrain(x, ("batch", "length", "act_embed"))
+            x, taps, new_cache = _dense_layers(cfg, x, positions, cache, attention_mask, tap_layers,
+                                               self.live_bucket_min)
+            x = RMSNorm(cfg.rms_norm_eps, dt, dt, name="norm")(x)
 
         logits = None
         if compute_logits:
@@ -188,13 +177,35 @@ class TargetModel(nn.Module):
             else:
                 logits = Projection(cfg.vocab_size, ("embed", "vocab"), std=cfg.initializer_range,
                                     dtype=dt, param_dtype=dt, name="lm_head")(hl)
-            logits = constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+            logits = logits.astype(jnp.float32)
+            if isinstance(cfg, Gemma4Config):
+                logits = softcap(logits, cfg.final_logit_softcapping)
+            logits = constrain(logits, ("batch", "length", "act_vocab"))
         return TargetOutput(
             logits=logits,
             cache=new_cache,
             taps=tuple(taps[lid] for lid in tap_layers),
             final_hidden=x if return_final_hidden else None,
         )
+
+
+def _dense_layers(cfg: TargetConfig, x: Array, positions: Array, cache: KVCache | None,
+                  attention_mask: Array | None, tap_layers: Sequence[int], live_bucket_min: int = 0):
+    """The Qwen3/Llama decoder stack in the calling module's compact scope -> (x, taps, new cache)."""
+    inv_freq = jnp.asarray(cfg.rope_inv_freq())
+    key_positions, key_valid = key_layout(cache, positions, attention_mask)
+    taps = {-1: x} if -1 in tap_layers else {}
+    new_k, new_v = [], []
+    for i in range(cfg.num_hidden_layers):
+        layer_kv = (cache.k[i], cache.v[i]) if cache is not None else None
+        x, kv = DecoderLayer(cfg, live_bucket_min, name=f"layers_{i}")(x, positions, key_positions, key_valid, layer_kv, inv_freq)
+        if kv is not None:
+            new_k.append(kv[0])
+            new_v.append(kv[1])
+        if i in tap_layers:
+            taps[i] = x
+    new_cache = cache.replace(k=tuple(new_k), v=tuple(new_v)) if cache is not None else None
+    return x, taps, new_cache
 
 
 def output_kernel(config: TargetConfig, params) -> Array:
