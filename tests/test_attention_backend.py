@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dspark_jax.config import TargetConfig
-from dspark_jax.draft.config import DraftConfig
-from dspark_jax.draft.model import init_draft_params
 from dspark_jax.sampling import SamplingMode
 from dspark_jax.target.model import TargetModel
 from infer.autoregressive import prefill
 from infer.engine.core import EngineSpec, EngineState, engine_round
 from infer.ragged import pack_chunks, packed_target_forward
-from tests.spec_helpers import random_target
+from tests.spec_helpers import qwen3_4b_shaped_abstract, random_target
 
 
 def test_cached_and_packed_attention_pallas_equals_xla():
@@ -45,15 +41,8 @@ def test_cached_and_packed_attention_pallas_equals_xla():
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 def test_engine_round_with_pallas_lowers(platform):
-    """One packed engine round (ragged attention + sampler) lowers at Qwen3-4B widths (2 layers)."""
-    cfg = TargetConfig(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=2,
-                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
-                       dtype="bfloat16")
-    tok = jnp.zeros((1, 1), jnp.int32)
-    tparams = jax.eval_shape(lambda: nn.meta.unbox(TargetModel(cfg).init(jax.random.PRNGKey(0), tok, tok)["params"]))
-    dcfg = DraftConfig.from_target(cfg, num_hidden_layers=1, block_size=3, mask_token_id=151935,
-                                   target_layer_ids=(0,))
-    dparams = jax.eval_shape(lambda: init_draft_params(dcfg, jax.random.PRNGKey(1)))
+    """One packed greedy engine round (the ragged attention kernel in prefill-free verify) lowers at Qwen3-4B widths."""
+    cfg, tparams, dcfg, dparams = qwen3_4b_shaped_abstract(block_size=3)
     spec = EngineSpec(config=cfg, dcfg=dcfg, slots=2, cache_len=64, gamma=3, mode=SamplingMode(greedy=True),
                       backend="pallas")
     state = jax.eval_shape(lambda: EngineState.create(spec))
