@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, save_result  # noqa: E402
+from common import machine_info, median_ms, save_result  # noqa: E402
 
 from dspark_jax.config import TargetConfig  # noqa: E402
 from dspark_jax.draft.config import DraftConfig  # noqa: E402
@@ -40,16 +38,6 @@ from infer.speculative import (Pending, draft_backbone, sample_block, speculativ
                                verify_proposal)
 from infer.state import ARLoop, RowParams, SpecLoop, row_keys_from_seeds  # noqa: E402
 from infer.step import ar_init, ar_step, spec_init, spec_models  # noqa: E402
-
-
-def median_ms(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def run(batch: int, args) -> dict:

@@ -13,7 +13,9 @@
 3. Reports ECE / AUC / Brier per position before and after on the reporting rounds, writes
    ``sts_temperatures.json`` into the draft directory (or ``--write-to``; atomically), reliability
    diagrams (``OUT/reliability.png``), and a static-threshold sweep with raw and calibrated confidences
-   (``OUT/threshold_sweep.png``; replayed on the recorded rounds, or re-generated with ``--live-sweep``),
+   (``OUT/threshold_sweep.png``; replayed on the recorded rounds, or re-generated with ``--live-sweep``:
+   raw = the per-slot ``confidence_threshold`` rule, calibrated = the ``survival_threshold`` rule with
+   the fitted temperatures),
    plus ``OUT/calibration.json`` and ``OUT/calibration.md``.
 """
 
@@ -64,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", default=",".join(str(t) for t in DEFAULT_THRESHOLDS), metavar="T[,T...]",
                    help="static confidence thresholds of the sweep (default 0.0,0.1,...,0.9)")
     p.add_argument("--live-sweep", action="store_true",
-                   help="re-generate at every threshold instead of replaying the recorded rounds")
+                   help="re-generate at every threshold instead of replaying the recorded rounds "
+                        "(calibrated column: the survival rule with the fitted temperatures)")
     p.add_argument("--grid", default="0.25,4.0,401", metavar="TMIN,TMAX,POINTS",
                    help="STS temperature grid (log-spaced; extended if the optimum hits an edge)")
     add_common_options(p)
@@ -98,12 +101,16 @@ def make_disjoint(fit_sets: list, report_sets: list) -> tuple[list, list, list[s
 
 
 def _live_sweep(target, draft, sets, config, k: int, thresholds, temperatures) -> list[dict[str, float]]:
+    """Run the loop per threshold. Without temperatures: the reference per-slot rule on raw
+    confidences (`confidence_threshold`); with them: the survival rule on STS-calibrated
+    confidences (`survival_threshold`, the only rule that applies the temperatures)."""
     from infer.evaluate import run_speculative
 
     rows = []
     d = dataclasses.replace(draft, temperatures=tuple(temperatures) if temperatures else None)
+    rule = "survival_threshold" if temperatures else "confidence_threshold"
     for t in thresholds:
-        cfg = dataclasses.replace(config, confidence_threshold=float(t))
+        cfg = dataclasses.replace(config, **{rule: float(t)})
         ms = [run_speculative(target, d, s, cfg, k)[0] for s in sets]
         rounds = sum(m["rounds"] for m in ms)
         tau = sum(m["acceptance_length"] * m["rounds"] for m in ms if m["rounds"])

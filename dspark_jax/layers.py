@@ -154,7 +154,7 @@ def live_buckets(capacity: int, smallest: int, max_buckets: int = 8) -> tuple[in
 
 
 def cached_attention(q: Array, k: Array, v: Array, positions: Array, scale: float,
-                     buckets: Sequence[int]) -> Array:
+                     buckets: Sequence[int], backend: str = "xla") -> Array:
     """Causal attention of queries at absolute `positions` over a KV cache whose index i holds position i.
 
     q: [B, T, H, D]; k, v: [B, S, K, D] (S = buckets[-1], the capacity); positions: [B, T] int32.
@@ -162,7 +162,13 @@ def cached_attention(q: Array, k: Array, v: Array, positions: Array, scale: floa
     bucket >= max(positions) + 1 (chosen at run time by `lax.switch`; every key past it is masked
     for every query anyway), so decode and verify cost the live length, not the capacity. Returns
     [B, T, H, D], the same as `gqa_attention` over the whole cache up to float32 summation order.
+    backend (`dspark_jax.kernels`): "xla" (default) is the path above; when it resolves to
+    "pallas", the ragged attention kernel reads each row's live prefix instead (no buckets).
     """
+    from dspark_jax import kernels  # deferred: the kernel dispatch imports Pallas
+
+    if backend != "xla" and kernels.resolve_backend(backend) == "pallas":
+        return kernels.cached_attention(q, k, v, positions, scale=scale, backend="pallas")
 
     def attend(n: int):
         def run(q, k, v, positions):

@@ -1,6 +1,6 @@
 """Generation on top of the `dspark_jax` library: the jitted loops, `generate()`, evaluation.
 
-    from infer import generate, load_target_bundle, load_draft_bundle
+    from infer import generate, stream, load_target_bundle, load_draft_bundle
 
     target = load_target_bundle("path/to/qwen3_dir")
     draft = load_draft_bundle("path/to/dspark_draft", target)
@@ -9,11 +9,12 @@
 The names below are imported from their modules on first use (importing `infer` stays cheap).
 """
 
-__all__ = ["generate", "load_target_bundle", "load_draft_bundle", "Target", "Draft", "GenerationResult",
+__all__ = ["generate", "stream", "load_target_bundle", "load_draft_bundle", "Target", "Draft", "GenerationResult",
            "GenerationError"]
 
 _LAZY = {
     "generate": "infer.api",
+    "stream": "infer.api",
     "load_target_bundle": "infer.api",
     "Target": "infer.api",
     "GenerationResult": "infer.api",

@@ -61,6 +61,8 @@ class EvalConfig:
     corpus_dir / corpus_prompt_tokens: the offline corpus for ``corpus:`` datasets and the prompt length.
     shuffle_seed: shuffle prompts with ``random.Random(shuffle_seed)`` (None: keep file order).
     confidence_threshold: static truncation threshold (spec §3; 0 = fixed-length proposals).
+    survival_threshold: cut where the cumulative product of STS-calibrated confidences (the draft's
+      temperatures) falls below it (0 = off).
     autoregressive: also run plain decoding for the speed-up.
     """
 
@@ -74,6 +76,7 @@ class EvalConfig:
     corpus_dir: str | None = None
     corpus_prompt_tokens: int = 64
     confidence_threshold: float = 0.0
+    survival_threshold: float = 0.0
     autoregressive: bool = True
 
     def __post_init__(self):
@@ -253,7 +256,8 @@ def run_speculative(target: Any, draft: Any, prompts: PromptSet, config: EvalCon
     for idx in _batches(len(prompts.prompts), config.batch_size):
         res = generate(target, [list(prompts.prompts[i]) for i in idx], draft=draft,
                        max_new_tokens=config.max_new_tokens, sampling=_sampling(config), seed=config.seed + idx.start,
-                       block_size=block_size, confidence_threshold=config.confidence_threshold, record_rounds=True)
+                       block_size=block_size, confidence_threshold=config.confidence_threshold,
+                       survival_threshold=config.survival_threshold, record_rounds=True)
         m = res.metrics
         tokens, wall, compile_s = tokens + m["tokens"], wall + m["wall_s"], compile_s + m["compile_s"]
         if m["rounds"]:

@@ -11,7 +11,8 @@ in-flight tokens of r are visible causally.
 * `packed_target_forward`: the target decoder over the packed tokens against the per-slot KV cache
   [R, S, KVH, hd]: projections/MLP cost follows T, not R·(γ + 1). New keys/values are written at
   (slot, position) first, so "cache or in-flight at or before the query" is exactly
-  ``key index <= token_pos`` in the slot's row. Attention here is a masked jnp reference.
+  ``key index <= token_pos`` in the slot's row. Attention is masked jnp (backend "xla") or
+  `dspark_jax.kernels.attention` (backend "pallas"; kv_len = cache_len + chunk_len per slot).
 * `packed_rejection_sample`: rejection sampling over the packed layout with per-slot
   `SamplingParams` and per-slot PRNG keys; greedy slots (temperature 0) verify on token ids. First rejection
   and first accepted stop token per request by segment_min. Uses `infer.verify`'s acceptance and
@@ -27,6 +28,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from dspark_jax import kernels
 from dspark_jax.config import TargetConfig
 from dspark_jax.layers import GatedMLP, Projection, RMSNorm, apply_rope, dtype_of, gqa_attention
 from dspark_jax.sampling import SamplingMode, SamplingParams, greedy_argmax, sample_from_probs, warp_probs
@@ -100,7 +102,8 @@ def _sub(module, params, *args):
 
 
 def packed_target_forward(config: TargetConfig, params, packed: PackedBatch, cache: KVCache, *,
-                          tap_layers: Sequence[int] = (), lm_head_kernel: Array | None = None
+                          tap_layers: Sequence[int] = (), lm_head_kernel: Array | None = None,
+                          backend: str = "xla", max_chunk: int | None = None
                           ) -> tuple[Array, KVCache, tuple[Array, ...]]:
     """Target forward over the packed tokens against the per-slot cache.
 
@@ -108,6 +111,8 @@ def packed_target_forward(config: TargetConfig, params, packed: PackedBatch, cac
     packed keys/values written at (slot, position) — lengths NOT advanced —, taps: one [T, E] per
     requested layer id, HF `hidden_states[l+1]` convention, -1 = embeddings).
     Same parameter tree and layer numerics as `dspark_jax.target.model.TargetModel`.
+    backend: attention per `dspark_jax.kernels` ("xla" = the masked jnp path); max_chunk: static
+    bound on one slot's token count (γ + 1; default T), for the ragged kernel.
     """
     cfg = config
     dt = dtype_of(cfg.dtype)
@@ -122,6 +127,10 @@ def packed_target_forward(config: TargetConfig, params, packed: PackedBatch, cac
     write_pos = jnp.where(packed.valid, packed.token_pos, cache.max_length)
     pos2 = packed.token_pos[:, None]  # [T, 1] as (batch, length) for RoPE
     mask = (jnp.arange(cache.max_length)[None, :] <= packed.token_pos[:, None]) & packed.valid[:, None]  # [T, S]
+    use_kernel = backend != "xla" and kernels.resolve_backend(backend) == "pallas"
+    # Slot r's chunk sits at positions cache_len[r] .. cache_len[r] + chunk_len[r] - 1 (idle: 0).
+    kv_len = jnp.where(packed.chunk_len > 0, packed.token_pos[jnp.minimum(packed.chunk_start, t - 1)] + packed.chunk_len,
+                       0).astype(jnp.int32)  # [R]
 
     x = jnp.take(params["embed_tokens"]["embedding"], packed.tokens, axis=0).astype(dt)[:, None, :]  # [T, 1, E]
     taps = {-1: x[:, 0]} if -1 in tap_layers else {}
@@ -140,8 +149,11 @@ def packed_target_forward(config: TargetConfig, params, packed: PackedBatch, cac
         cv = cache.v[i].at[slot, write_pos].set(v[:, 0].astype(cache.v[i].dtype), mode="drop")
         new_k.append(ck)
         new_v.append(cv)
-        # Each packed token is a one-query row over its slot's cache row: [T, S, KVH, hd].
-        out = gqa_attention(q, ck[slot], cv[slot], mask[:, None, :], d ** -0.5).reshape(t, 1, h * d)
+        if use_kernel:  # ragged kernel over each slot's live prefix
+            out = kernels.attention(q[:, 0], ck, cv, packed.token_slot, packed.token_pos, kv_len,
+                                    max_chunk=max_chunk, scale=d ** -0.5, backend="pallas").reshape(t, 1, h * d)
+        else:  # each packed token is a one-query row over its slot's cache row: [T, S, KVH, hd]
+            out = gqa_attention(q, ck[slot], cv[slot], mask[:, None, :], d ** -0.5).reshape(t, 1, h * d)
         x = x + _sub(Projection(cfg.hidden_size, ("q_heads", "embed"), **kw), pa["o_proj"], out)
         hn = _sub(norm, p["post_attention_layernorm"], x)
         x = x + _sub(GatedMLP(cfg.intermediate_size, cfg.mlp_bias, cfg.initializer_range, dt, dt), p["mlp"], hn)

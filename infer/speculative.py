@@ -171,7 +171,7 @@ def speculative_init(loop: SpecLoop, models: SpecModels, prompt_tokens: Array, p
     k = loop.block_size
     b, p_len = prompt_tokens.shape
     key_first, key_prop = step_keys(params.keys, 0, 2)
-    logits, tcache, taps = prefill(TargetModel(loop.target), models.target, prompt_tokens, prompt_lengths,
+    logits, tcache, taps = prefill(TargetModel(loop.target, attention_backend=loop.backend), models.target, prompt_tokens, prompt_lengths,
                                    loop.cache_len, tuple(loop.draft.target_layer_ids))
     first = next_token(key_first, logits, params.sampling, loop.mode)
     start = prompt_lengths.astype(jnp.int32)  # position of the anchor
@@ -208,7 +208,7 @@ def target_verify(loop: SpecLoop, models: SpecModels, state: SpecState):
     k = loop.block_size
     verify_tokens = jnp.concatenate([state.anchor[:, None], state.proposal.tokens], axis=1)  # [B, K+1]
     positions = state.start[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]
-    return TargetModel(loop.target).apply({"params": models.target}, verify_tokens, positions,
+    return TargetModel(loop.target, attention_backend=loop.backend).apply({"params": models.target}, verify_tokens, positions,
                                           state.tcache.with_lengths(state.start),
                                           tap_layers=tuple(loop.draft.target_layer_ids), lm_head_kernel=models.head)
 

@@ -85,3 +85,20 @@ def oracle_draft(cfg: TargetConfig, params: dict, *, block_size: int, head: str 
         mh["joint_proj"]["kernel"] = jnp.asarray(kern)
         mh["joint_proj"]["bias"] = jnp.zeros_like(mh["joint_proj"]["bias"])
     return dcfg, dp
+
+
+def qwen3_4b_shaped_abstract(*, layers: int = 2, **draft_kw):
+    """Abstract (ShapeDtypeStruct) target and draft params at Qwen3-4B widths, for lowering tests.
+
+    Returns (target config, target params, draft config, draft params); draft_kw go to
+    `DraftConfig.from_target` (one draft layer tapping target layer 0 unless overridden).
+    """
+    cfg = TargetConfig(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
+                       dtype="bfloat16")
+    tok = jnp.zeros((1, 1), jnp.int32)
+    tparams = jax.eval_shape(lambda: nn.meta.unbox(TargetModel(cfg).init(jax.random.PRNGKey(0), tok, tok)["params"]))
+    dcfg = DraftConfig.from_target(cfg, **{"num_hidden_layers": 1, "mask_token_id": 151935,
+                                           "target_layer_ids": (0,), **draft_kw})
+    dparams = jax.eval_shape(lambda: init_draft_params(dcfg, jax.random.PRNGKey(1)))
+    return cfg, tparams, dcfg, dparams

@@ -193,3 +193,27 @@ def test_threshold_sweep_replay_by_hand():
     assert threshold_sweep(data, [0.5], temperatures=(1.0, 1.0, 1.0))[0] == s5
     assert threshold_sweep(data, [0.3], temperatures=(1.0, 10.0, 1.0))[0]["verified_per_step"] == 4  # .45 > .3
     assert threshold_sweep(data, [0.3])[0]["verified_per_step"] == 3  # raw .12 < .3 truncates round 0
+
+
+def test_live_sweep_calibrated_column_uses_the_survival_rule(monkeypatch):
+    """--live-sweep: raw = per-slot confidence_threshold; calibrated = survival_threshold with the STS temperatures."""
+    import dataclasses
+
+    import infer.evaluate
+    from dspark_cli.calibrate_cmd import _live_sweep
+    from infer.evaluate import EvalConfig
+
+    seen = []
+
+    def fake_run(target, draft, prompts, config, k):
+        seen.append((draft.temperatures, config.confidence_threshold, config.survival_threshold))
+        return {"rounds": 2, "acceptance_length": 2.0, "draft_tokens_per_proposal": 3.0}, None
+
+    @dataclasses.dataclass(frozen=True)
+    class FakeDraft:
+        temperatures: tuple | None = None
+
+    monkeypatch.setattr(infer.evaluate, "run_speculative", fake_run)
+    _live_sweep(None, FakeDraft(), [None], EvalConfig(), 3, [0.4], None)
+    _live_sweep(None, FakeDraft(), [None], EvalConfig(), 3, [0.4], [1.5, 2.0, 0.5])
+    assert seen == [(None, 0.4, 0.0), ((1.5, 2.0, 0.5), 0.0, 0.4)]

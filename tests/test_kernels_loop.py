@@ -42,7 +42,7 @@ def test_pallas_backend_gives_the_greedy_tokens_of_the_xla_path(tiny_pair):
 
 def test_bad_backend_is_a_one_line_error(tiny_pair):
     target, draft = tiny_pair
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="backend must be .xla., .pallas. or .auto."):
         generate(target, PROMPTS, draft=draft, max_new_tokens=4, backend="cuda")
 
 

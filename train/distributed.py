@@ -35,6 +35,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from dspark_jax.checkpoint import atomic
+
 __all__ = ["add_distributed_flags", "distributed_error", "initialize_from_args", "is_primary", "local_rows",
            "allgather_concat", "raise_if_any_failed", "gather_to_host", "barrier", "is_remote", "out_path",
            "local_staging", "publish_files"]
@@ -197,24 +199,26 @@ def local_staging(dest: str | os.PathLike) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def publish_files(staging: str, dest: str | os.PathLike, *, stale: Callable[[str], bool] = lambda name: False,
-                  last: str = "config.json") -> None:
-    """Move (local) or copy (URL) the files of `staging` into `dest`, `last` at the end.
+def publish_files(staging: str, dest: str | os.PathLike, *, stale: Callable[[str], bool] = lambda name: False
+                  ) -> None:
+    """Publish the files of `staging` into `dest`, ``config.json`` last.
 
-    Afterwards, files of `dest` for which `stale(name)` holds and that the new export did not
-    replace (e.g. weight shards of an earlier, differently sharded export) are removed, so a
-    crash at any point leaves the old or the new weights in place, never none.
+    Local `dest`: `dspark_jax.checkpoint.atomic.publish_files` (journaled moves; afterwards files
+    for which `stale(name)` holds that the new export did not replace, e.g. weight shards of an
+    earlier, differently sharded export, are removed). URL `dest`: the files are copied one at a
+    time through epath, then the stale ones removed. A crash leaves the old or the new weights in
+    place, never none.
     """
+    if not is_remote(dest):
+        os.makedirs(os.fspath(dest), exist_ok=True)
+        atomic.publish_files(staging, os.fspath(dest), stale=stale)
+        return
     target = out_path(dest)
     target.mkdir(parents=True, exist_ok=True)
-    names = sorted(os.listdir(staging), key=lambda n: n == last)
+    names = sorted(os.listdir(staging), key=lambda n: n == "config.json")
     for name in names:
-        src = os.path.join(staging, name)
-        if is_remote(os.fspath(dest)):
-            with open(src, "rb") as f, (target / name).open("wb") as g:
-                shutil.copyfileobj(f, g, 1 << 24)
-        else:
-            os.replace(src, os.fspath(target / name))
+        with open(os.path.join(staging, name), "rb") as f, (target / name).open("wb") as g:
+            shutil.copyfileobj(f, g, 1 << 24)
     for old in list(target.iterdir()):
         if old.name not in names and stale(old.name):
             old.unlink()

@@ -30,7 +30,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 __all__ = ["STAGING_DIR", "is_remote", "path_exists", "swap_in_dir", "recover_dir", "publish_files", "recover_files",
            "publish_dir", "local_copy", "staging_dir_for"]
@@ -183,11 +183,12 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
-def publish_files(staging: str, out_dir: str) -> None:
+def publish_files(staging: str, out_dir: str, *, stale: Callable[[str], bool] | None = None) -> None:
     """Move the finished model files in `staging` into `out_dir` (which may hold other things).
 
-    Marks `staging` complete, then moves its files in with ``config.json`` last and deletes weight
-    files of an earlier model that the new one does not have. A crash before the marker leaves the old
+    Marks `staging` complete, then moves its files in with ``config.json`` last and deletes files
+    of an earlier model that the new one does not have: those for which `stale(name)` holds
+    (default: ``model*`` weight files). A crash before the marker leaves the old
     model untouched; a crash after it is completed by `recover_files` (run by the loaders).
     Local directories only (remote runs publish whole directories with `publish_dir`).
     """
@@ -202,18 +203,22 @@ def publish_files(staging: str, out_dir: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(marker + ".tmp", marker)  # the commit point
-    _roll_forward(staging, out_dir)
+    _roll_forward(staging, out_dir, stale)
 
 
-def _roll_forward(staging: str, out_dir: str) -> None:
+def _is_old_weight_file(name: str) -> bool:
+    return name.startswith("model") and name.endswith(_WEIGHT_SUFFIXES)
+
+
+def _roll_forward(staging: str, out_dir: str, stale: Callable[[str], bool] | None = None) -> None:
+    stale = stale or _is_old_weight_file
     with open(os.path.join(staging, _COMPLETE), encoding="utf-8") as f:
         new_files = set(json.load(f))
     pending = sorted((n for n in os.listdir(staging) if not n.startswith(_COMPLETE)), key=lambda n: (n == "config.json", n))
     for name in pending:
         os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
     for name in os.listdir(out_dir):  # weights of the earlier model (e.g. single file -> shards)
-        if name.startswith("model") and name.endswith(_WEIGHT_SUFFIXES) and name not in new_files \
-                and os.path.isfile(os.path.join(out_dir, name)):
+        if stale(name) and name not in new_files and os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
     shutil.rmtree(staging, ignore_errors=True)
 

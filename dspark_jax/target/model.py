@@ -66,6 +66,7 @@ class Attention(nn.Module):
 
     config: TargetConfig
     live_bucket_min: int = 0
+    attention_backend: str = "xla"
 
     @nn.compact
     def __call__(self, x, positions, key_positions, key_valid, cache_kv, inv_freq):
@@ -88,7 +89,7 @@ class Attention(nn.Module):
             starts = positions[:, 0]
             ck, cv = constrain_cache(write_rows(ck, k, starts)), constrain_cache(write_rows(cv, v, starts))
             out = cached_attention(q, ck, cv, positions, d ** -0.5,
-                                   live_buckets(ck.shape[1], self.live_bucket_min))  # [B, T, H, D]
+                                   live_buckets(ck.shape[1], self.live_bucket_min), self.attention_backend)  # [B, T, H, D]
             new_kv = (ck, cv)
         else:
             mask = key_positions[:, None, :] <= positions[:, :, None]  # [B, T, S]
@@ -105,13 +106,14 @@ class DecoderLayer(nn.Module):
 
     config: TargetConfig
     live_bucket_min: int = 0
+    attention_backend: str = "xla"
 
     @nn.compact
     def __call__(self, x, positions, key_positions, key_valid, cache_kv, inv_freq):
         cfg = self.config
         dt = dtype_of(cfg.dtype)
         h = RMSNorm(cfg.rms_norm_eps, dt, dt, name="input_layernorm")(x)
-        attn, new_kv = Attention(cfg, self.live_bucket_min, name="self_attn")(h, positions, key_positions, key_valid, cache_kv, inv_freq)
+        attn, new_kv = Attention(cfg, self.live_bucket_min, self.attention_backend, name="self_attn")(h, positions, key_positions, key_valid, cache_kv, inv_freq)
         x = x + attn
         h = RMSNorm(cfg.rms_norm_eps, dt, dt, name="post_attention_layernorm")(x)
         x = x + GatedMLP(cfg.intermediate_size, cfg.mlp_bias, cfg.initializer_range, dt, dt, name="mlp")(h)
@@ -123,10 +125,13 @@ class TargetModel(nn.Module):
 
     live_bucket_min: smallest key-length bucket of cached attention (0 = attend over the whole
     cache capacity, the previous behaviour; same results either way).
+    attention_backend: cached (decode/verify/prefill) attention per `dspark_jax.kernels`:
+    "xla" (default) | "pallas" | "auto".
     """
 
     config: TargetConfig
     live_bucket_min: int = 256
+    attention_backend: str = "xla"
 
     def __call__(self, *args, **kwargs) -> "TargetOutput":
         """See `_forward` (installs the config's sharding rules when a mesh is set)."""
@@ -164,7 +169,7 @@ class TargetModel(nn.Module):
         else:
             x = constrain(x, ("batch", "length", "act_embed"))
             x, taps, new_cache = _dense_layers(cfg, x, positions, cache, attention_mask, tap_layers,
-                                               self.live_bucket_min)
+                                               self.live_bucket_min, self.attention_backend)
             x = RMSNorm(cfg.rms_norm_eps, dt, dt, name="norm")(x)
 
         logits = None
@@ -190,7 +195,8 @@ class TargetModel(nn.Module):
 
 
 def _dense_layers(cfg: TargetConfig, x: Array, positions: Array, cache: KVCache | None,
-                  attention_mask: Array | None, tap_layers: Sequence[int], live_bucket_min: int = 0):
+                  attention_mask: Array | None, tap_layers: Sequence[int], live_bucket_min: int = 0,
+                  attention_backend: str = "xla"):
     """The Qwen3/Llama decoder stack in the calling module's compact scope -> (x, taps, new cache)."""
     inv_freq = jnp.asarray(cfg.rope_inv_freq())
     key_positions, key_valid = key_layout(cache, positions, attention_mask)
@@ -198,7 +204,7 @@ def _dense_layers(cfg: TargetConfig, x: Array, positions: Array, cache: KVCache 
     new_k, new_v = [], []
     for i in range(cfg.num_hidden_layers):
         layer_kv = (cache.k[i], cache.v[i]) if cache is not None else None
-        x, kv = DecoderLayer(cfg, live_bucket_min, name=f"layers_{i}")(x, positions, key_positions, key_valid, layer_kv, inv_freq)
+        x, kv = DecoderLayer(cfg, live_bucket_min, attention_backend, name=f"layers_{i}")(x, positions, key_positions, key_valid, layer_kv, inv_freq)
         if kv is not None:
             new_k.append(kv[0])
             new_v.append(kv[1])

@@ -54,7 +54,8 @@ class EngineSpec:
 
     slots R; cache_len S (per slot: prompt + max new tokens + γ + 1 must fit); gamma γ = draft slots
     per proposal (0 without a drafter); mode: the static sampling mode shared by sampled requests
-    (`greedy=True`: every request is greedy).
+    (`greedy=True`: every request is greedy); backend: the target's prefill and packed verify
+    attention per `dspark_jax.kernels` ("xla" | "pallas", already resolved).
     """
 
     config: TargetConfig
@@ -64,6 +65,7 @@ class EngineSpec:
     gamma: int
     mode: SamplingMode
     share_lm_head: bool = False
+    backend: str = "xla"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +212,7 @@ def insert_request(params, draft_params, head, state: EngineState, slot: Array, 
     """
     cfg, dcfg = spec.config, spec.dcfg
     taps_ids = tuple(dcfg.target_layer_ids) if dcfg is not None else ()
-    logits, row_cache, taps = prefill(TargetModel(cfg), params, prompt, prompt_len, spec.cache_len, taps_ids)
+    logits, row_cache, taps = prefill(TargetModel(cfg, attention_backend=spec.backend), params, prompt, prompt_len, spec.cache_len, taps_ids)
     k0 = jax.random.split(jax.random.fold_in(seed_key, 0), 2)
     one = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], sampling)  # [1] rows
     first = next_token(k0[:1], logits, one, spec.mode)[0]
@@ -292,7 +294,7 @@ def engine_round(params, draft_params, head, state: EngineState, ell: Array, act
     k_ver, k_prop, _ = _row_keys(state)
     packed = pack_chunks(state.anchor, state.prop_tokens, ell, state.start, active, bucket)
     logits, tcache, taps = packed_target_forward(cfg, params, packed, state.tcache, tap_layers=taps_ids,
-                                                 lm_head_kernel=head)
+                                                 lm_head_kernel=head, backend=spec.backend, max_chunk=g + 1)
     r = spec.slots
     slot_c = jnp.minimum(packed.token_slot, r - 1)
     draft_probs = None

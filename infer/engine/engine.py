@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dspark_jax import kernels
 from dspark_jax.sampling import SamplingConfig, SamplingMode
 from infer.cost_model import SPSProfile, profile_sps
 from infer.engine.core import (PENDING_ROWS, EngineSpec, EngineState, draft_pass_only, engine_round, insert_request, parse_policy,
@@ -120,12 +121,14 @@ class Engine:
     "greedy" (greedy requests only), "temperature" (default: greedy or temperature sampling) or
     "full" (also per-request top-k <= 256 / top-p); buckets: verify token buckets; sps_profile: an
     `SPSProfile` for the scheduler (measured by `profile()` when None and the policy needs it; a
-    flat table until then); max_queue: queued requests beyond which `submit` refuses.
+    flat table until then); max_queue: queued requests beyond which `submit` refuses; backend:
+    target attention kernels per `dspark_jax.kernels` ("xla" default | "pallas" | "auto").
     """
 
     def __init__(self, target, draft=None, *, policy: str = "dspark", slots: int = 4, max_len: int | None = None,
                  sampling: str = "temperature", buckets: Sequence[int] | None = None,
-                 sps_profile: SPSProfile | None = None, max_queue: int = 256, cost_gate: bool = True):
+                 sps_profile: SPSProfile | None = None, max_queue: int = 256, cost_gate: bool = True,
+                 backend: str = "xla"):
         if slots < 1:
             raise EngineError(f"slots must be >= 1, got {slots}")
         gamma = 0 if draft is None else draft.config.block_size
@@ -146,7 +149,8 @@ class Engine:
         cache_len = -(-max_len // 16) * 16
         self.spec = EngineSpec(config=cfg, dcfg=None if draft is None else draft.config, slots=int(slots),
                                cache_len=cache_len, gamma=gamma, mode=modes[sampling],
-                               share_lm_head=bool(draft is not None and draft.shares_target_lm_head))
+                               share_lm_head=bool(draft is not None and draft.shares_target_lm_head),
+                               backend=kernels.resolve_backend(backend))
         self.target, self.draft = target, draft
         from dspark_jax.target.model import output_kernel
 
