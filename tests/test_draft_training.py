@@ -155,6 +155,28 @@ def test_chunked_map_matches_unchunked_with_gradients():
         np.testing.assert_allclose(g1, jax.grad(lambda v: fn({"x": v})["y"].sum())(x), rtol=1e-5)
 
 
+def test_training_metrics_normalised_as_reference():
+    """Hand-checked tiny batch (B=2, S=6, N=2, K=2): per-sample anchor means, W-weighted confidence stats."""
+    lm = jnp.array([[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1]], jnp.float32)  # candidates per sample: 3, 1
+    keep = jnp.array([[True, True], [True, False]])  # kept blocks per sample: 2, 1
+    m = jnp.array([[[1, 1], [1, 0]], [[1, 0], [0, 0]]], jnp.float32)  # supervised slots per sample: 3, 1
+    z = jnp.zeros((2, 2, 2), jnp.int32)
+    blocks = dl.Blocks(z, z, z, z, z, m)
+    stats = {"a": jnp.full((2, 2, 2), 0.5), "conf": jnp.broadcast_to(jnp.array([0.0, 100.0]), (2, 2, 2))}
+    out = dl.as_host_floats(dl.training_metrics(stats, blocks, lm, keep, 2, np.array([1.0, 0.5], np.float32)))
+    # W = m * [1, .5]: sum 3.5; sigma - a = [0, .5]; prefix products: sigma [.5, .5] vs a [.5, .25]
+    expected = {"valid_anchors_abs": 2.0, "valid_anchors_ratio": 2.0 / 6,  # mean(3, 1) / S
+                "sampled_anchors_abs": 1.5, "sampled_anchors_ratio": 0.75,
+                "block_supervised_tokens_abs": 1.25,  # mean(3/2, 1/1)
+                "block_supervised_tokens_ratio": 0.625,
+                "accept_rate@0": 0.5, "accept_rate@1": 0.5, "tau_probabilistic": (1.75 + 1.5 + 1.5) / 3,
+                "confidence_abs_error": 0.25 / 3.5, "confidence_bias": 0.25 / 3.5,
+                "confidence_cumprod_bias": 0.125 / 3.5}
+    assert out.keys() == expected.keys()
+    for key, want in expected.items():
+        assert out[key] == pytest.approx(want, rel=1e-6), key
+
+
 def test_no_nan_with_dummy_blocks():
     tcfg = TargetConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64)
@@ -174,7 +196,7 @@ def test_no_nan_with_dummy_blocks():
                                                                         jax.random.PRNGKey(3))
     assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in m.values())
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree_util.tree_leaves(grads))
-    assert float(m["sampled_anchors_abs"]) == 1.0 and float(m["block_supervised_tokens_abs"]) == pytest.approx(1.5)
+    assert float(m["sampled_anchors_abs"]) == 1.0 and float(m["block_supervised_tokens_abs"]) == pytest.approx(0.75)
     assert not np.any(np.asarray(grads["embed_tokens"]["embedding"]))  # frozen
     assert not np.any(np.asarray(grads["lm_head"]["kernel"]))
 

@@ -10,7 +10,7 @@ Pipeline of one training sample (all pure jnp, jit/shard friendly):
     blocks = make_blocks(input_ids, loss_mask, anchors, keep, K, M)    # §4.2 steps 3, 5, 7, 2.4
     stats = chunked_map(chunk_fn, {...[B, N, ...]}, chunk)             # per-slot ce / l1 / bce / a
     loss, parts = reduce_losses(stats, blocks.eval_mask, weights, alphas)
-    metrics = training_metrics(stats, blocks, loss_mask, keep, N)
+    metrics = training_metrics(stats, blocks, loss_mask, keep, N, weights)
 
 `chunk_fn` (built by the trainer, it needs the draft model) turns a chunk of anchors into
 Markov-corrected draft logits Z and target logits T ([B, c, K, V]) and calls `slot_stats`; the
@@ -194,30 +194,34 @@ def _safe_div(a: Array, b: Array) -> Array:
 
 
 def training_metrics(stats: Mapping[str, Array], blocks: Blocks, loss_mask: Array, keep: Array,
-                     num_anchors: int) -> dict[str, Array]:
+                     num_anchors: int, weights: Array) -> dict[str, Array]:
     """Parity-dashboard metrics (spec §4.6) over the whole (global) batch; float32 scalars.
 
-    With m = eval_mask and a = clamp(1 - L1/2) (needs target logits):
+    Normalised exactly as the reference trainer (DeepSpec `dspark/loss.py` and
+    `dspark/common.py::log_sampler_stats`; see docs/training_metrics.md). With m = eval_mask [B, N, K],
+    W = m · weights (the loss weights, `position_weights`) and a = clamp(1 - L1/2) (needs target logits):
       accept_rate@k (k 0-indexed slot) = Σ a·m / Σ m at slot k;
       tau_probabilistic = mean over kept blocks of 1 + Σ_k Π_{j<=k} a_j m_j;
-      confidence_abs_error / confidence_bias = mean over valid slots of |σ(c) - a| / σ(c) - a;
-      confidence_cumprod_bias = mean over valid slots of Π_{j<=k} σ(c_j) - Π_{j<=k} a_j.
-    Anchor statistics (our definitions; per-sample means for `_abs`):
-      valid_anchors_abs / _ratio     = candidates per sample / candidates over (S - 1) positions;
-      sampled_anchors_abs / _ratio   = kept blocks per sample / kept over num_anchors slots;
-      block_supervised_tokens_abs / _ratio = supervised slots per sample / over kept blocks * K.
+      confidence_abs_error / confidence_bias = Σ W·|σ(c) - a| / Σ W  and  Σ W·(σ(c) - a) / Σ W;
+      confidence_cumprod_bias = Σ W·(Π_{j<=k} σ(c_j) m_j - Π_{j<=k} a_j m_j) / Σ W.
+    Anchor statistics: means over the B samples of per-sample values (a sample with no kept block
+    counts as 0):
+      valid_anchors_abs / _ratio     = candidates / candidates ÷ S;
+      sampled_anchors_abs / _ratio   = kept blocks / kept blocks ÷ num_anchors;
+      block_supervised_tokens_abs / _ratio = supervised slots ÷ max(kept blocks, 1) / the same ÷ K.
     """
-    m = blocks.eval_mask.astype(_F32)
+    m = blocks.eval_mask.astype(_F32)  # [B, N, K]
     b, s = loss_mask.shape
     k = m.shape[-1]
     lm = loss_mask.astype(bool)
-    n_cand = jnp.sum((lm[:, :-1] & lm[:, 1:]).astype(_F32))
-    n_keep = jnp.sum(keep.astype(_F32))
-    n_sup = jnp.sum(m)
+    cand = jnp.sum((lm[:, :-1] & lm[:, 1:]).astype(_F32), axis=1)  # [B] anchor candidates per sample
+    kept = jnp.sum(keep.astype(_F32), axis=1)  # [B] kept blocks per sample
+    sup_per_block = jnp.sum(m, axis=(1, 2)) / jnp.maximum(kept, 1.0)  # [B] supervised slots per kept block
     out = {
-        "valid_anchors_abs": n_cand / b, "valid_anchors_ratio": n_cand / (b * max(s - 1, 1)),
-        "sampled_anchors_abs": n_keep / b, "sampled_anchors_ratio": n_keep / (b * num_anchors),
-        "block_supervised_tokens_abs": n_sup / b, "block_supervised_tokens_ratio": _safe_div(n_sup, n_keep * k),
+        "valid_anchors_abs": jnp.mean(cand), "valid_anchors_ratio": jnp.mean(cand) / max(s, 1),
+        "sampled_anchors_abs": jnp.mean(kept), "sampled_anchors_ratio": jnp.mean(kept) / max(num_anchors, 1),
+        "block_supervised_tokens_abs": jnp.mean(sup_per_block),
+        "block_supervised_tokens_ratio": jnp.mean(sup_per_block) / k,
     }
     if "a" in stats:
         a = stats["a"] * m
@@ -227,12 +231,13 @@ def training_metrics(stats: Mapping[str, Array], blocks: Blocks, loss_mask: Arra
         tau = 1.0 + jnp.sum(jnp.cumprod(a, axis=-1), axis=-1)  # [B, N]
         out["tau_probabilistic"] = _safe_div(jnp.sum(tau * kept_blocks), jnp.sum(kept_blocks))
         if "conf" in stats:
+            w = m * jnp.asarray(weights, _F32)  # [B, N, K] the loss weights W
+            w_sum = jnp.sum(w)
             sig = jax.nn.sigmoid(stats["conf"])
-            out["confidence_abs_error"] = _safe_div(jnp.sum(m * jnp.abs(sig - stats["a"])), n_sup)
-            out["confidence_bias"] = _safe_div(jnp.sum(m * (sig - stats["a"])), n_sup)
-            cum = jnp.cumprod(jnp.where(m > 0, sig, 1.0), axis=-1) - jnp.cumprod(jnp.where(m > 0, stats["a"], 1.0),
-                                                                                  axis=-1)
-            out["confidence_cumprod_bias"] = _safe_div(jnp.sum(m * cum), n_sup)
+            out["confidence_abs_error"] = _safe_div(jnp.sum(w * jnp.abs(sig - stats["a"])), w_sum)
+            out["confidence_bias"] = _safe_div(jnp.sum(w * (sig - stats["a"])), w_sum)
+            cum = jnp.cumprod(sig * m, axis=-1) - jnp.cumprod(a, axis=-1)  # [B, N, K] prefix products
+            out["confidence_cumprod_bias"] = _safe_div(jnp.sum(w * cum), w_sum)
     return out
 
 

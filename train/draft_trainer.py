@@ -140,7 +140,8 @@ def make_draft_loss(config: DraftTrainConfig, dcfg: DraftConfig, tcfg: TargetCon
         stats = dl.chunked_map(chunk_fn, {"h": h, "prev": blocks.prev_ids, "teacher": teacher,
                                           "target": blocks.target_ids}, config.loss_chunk_anchors)
         loss, parts = dl.reduce_losses(stats, blocks.eval_mask, weights, config.alphas)
-        metrics = {"loss": loss, **parts, **dl.training_metrics(stats, blocks, lm, keep, dcfg.num_anchors)}
+        metrics = {"loss": loss, **parts, **dl.training_metrics(stats, blocks, lm, keep, dcfg.num_anchors,
+                                                                           weights)}
         return loss, metrics
 
     return loss_fn
