@@ -160,12 +160,13 @@ class OutputBuffer:
 class Pending:
     """Target features not yet in the draft cache: features [B, C, n_ctx*d] at positions [B, C]
     (contiguous per row); only rows where valid [B, C] are committed. next_tokens [B, C] int32: the
-    token at position + 1 of each row (the pair a chain drafter such as Eagle-3 caches with it)."""
+    token at position + 1 of each row (the pair a chain drafter such as Eagle-3 caches with it);
+    None where no chain drafter reads it (block drafters, the engine)."""
 
     features: Array
     positions: Array
     valid: Array
-    next_tokens: Array
+    next_tokens: Array | None = None
 
 
 @flax.struct.dataclass

@@ -20,7 +20,7 @@ That attention pattern is exactly inference's chain drafting through a KV cache 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -50,6 +50,7 @@ class Eagle3Config:
     per-step TTT loss weight (0.8). No confidence head (the speculative loop verifies all K).
     """
 
+    chain_drafter: ClassVar[bool] = True  # drafts one token at a time (not one parallel block)
     vocab_size: int
     hidden_size: int
     intermediate_size: int

@@ -137,6 +137,9 @@ class Engine:
             raise EngineError(f"policy {policy!r} needs a draft model")
         if not self.policy.drafts:
             draft, gamma = None, 0
+        if draft is not None and getattr(draft.config, "chain_drafter", False):
+            raise EngineError("the engine serves block drafters (DSpark/DFlash); Eagle-3 chain drafters run "
+                              "through generate() for now")
         if self.policy.kind == "threshold" and draft is not None and not draft.config.enable_confidence_head:
             raise EngineError(f"policy {policy!r} needs a drafter with a confidence head")
         modes = {"greedy": SamplingMode(greedy=True), "temperature": SamplingMode(greedy=False),
