@@ -114,7 +114,7 @@ def test_bad_speculative_options(near_bigram):
     draft = Draft(config=dcfg, params=dp)
     with pytest.raises(GenerationError, match="block size 5 must be in"):
         generate(target, PROMPTS, draft=draft, max_new_tokens=4, block_size=5)
-    with pytest.raises(GenerationError, match="block size 0"):
+    with pytest.raises(GenerationError, match="block_size must be an integer >= 1"):
         generate(target, PROMPTS, draft=draft, max_new_tokens=4, block_size=0)
     # A prompt that leaves no room for a round within the model's positions.
     with pytest.raises(GenerationError, match="exceeds max_position_embeddings 512"):

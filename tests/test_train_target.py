@@ -362,7 +362,7 @@ def test_malformed_corpus_line_and_tokenizer_meta(corpus_and_tokenizer, tmp_path
     (bad_tok / "tokenizer_meta.json").write_text('{\n  "eos_id": 0,\n  "pad_id": oops\n}\n')
     code, err = _cli(capsys, "--corpus", corpus, "--tokenizer", bad_tok, "--out", tmp_path / "o2", *flags)
     assert code == 2 and err.strip().count("\n") == 0, err
-    assert f"{bad_tok / 'tokenizer_meta.json'}:3: malformed JSON" in err, err
+    assert f"{bad_tok / 'tokenizer_meta.json'}: invalid JSON (Expecting value at line 3" in err, err
 
 
 def test_flag_errors_name_the_flag_not_the_config_file(corpus_and_tokenizer, tmp_path, capsys):
