@@ -6,7 +6,7 @@ The library: model-level pieces `TargetConfig`, `TargetModel`, `KVCache`, `Draft
 
 Generation lives one floor up, in the `infer` package (the library never imports its callers)::
 
-    from infer import generate, load_target_bundle, load_draft_bundle
+    >>> from infer import generate, load_target_bundle, load_draft_bundle
 
 The confidence scheduler (`prefix_schedule`, `async_schedule`, `survival_from_confidence`) lives
 in `dspark_jax.scheduling`.
