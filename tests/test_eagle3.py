@@ -1,7 +1,7 @@
 """Eagle-3 drafter (spec §9.2): TTT mask / positions against hand-built cases and against inference
 chain drafting through the KV cache (the crop/extend rule), DeepSpec's loss position weights, checkpoint
-round trip through DeepSpec's exact key names (and the SpecForge `midlayer.*` alias), sampled output distribution, and `train-draft --preset eagle3` whose
-trained draft gives greedy speculative == greedy target."""
+round trip through DeepSpec's exact key names (and the SpecForge `midlayer.*` alias), sampled output
+distribution, and `train-draft --preset eagle3` whose trained draft gives greedy speculative == greedy target."""
 
 from __future__ import annotations
 
@@ -206,7 +206,8 @@ def test_checkpoint_round_trip(small, tmp_path):
     old = tmp_path / "old"
     old.mkdir()
     save_file(legacy, str(old / "model.safetensors"))
-    old_hf = {k: v for k, v in hf.items() if k not in ("target_layer_ids", "step_loss_decay", "draft_num_hidden_layers")}
+    dropped = ("target_layer_ids", "step_loss_decay", "draft_num_hidden_layers")
+    old_hf = {k: v for k, v in hf.items() if k not in dropped}
     old_hf.update(architectures=["Qwen3ForCausalLMEagle3"], eagle_config={"eagle_aux_hidden_state_layer_ids": [-1, 0]},
                   draft_vocab_size=32)
     (old / "config.json").write_text(json.dumps(old_hf))
@@ -217,11 +218,11 @@ def test_checkpoint_round_trip(small, tmp_path):
 
     del tensors["layers.0.hidden_norm.weight"]
     save_file(tensors, str(weights))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: missing tensor\(s\) \['layers\.0\.hidden_norm\.weight'\]"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: missing tensor\(s\) \['layers\.0\.hidden_norm\."):
         load_eagle3(tmp_path / "e3")
     tensors["layers.0.hiden_norm.weight"] = np.ones(16, np.float32)
     save_file(tensors, str(weights))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor\(s\) \['layers\.0\.hiden_norm"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor\(s\) \['layers\.0\.hiden_"):
         load_eagle3(tmp_path / "e3")
 
 
