@@ -1,7 +1,7 @@
 """Eagle-3 drafter (spec §9.2): TTT mask / positions against hand-built cases and against inference
-chain drafting through the KV cache (the crop/extend rule), checkpoint round trip through the
-DeepSpec/SpecForge key names, sampled output distribution, and `train-draft --preset eagle3` whose
-trained draft gives greedy speculative == greedy target."""
+chain drafting through the KV cache (the crop/extend rule), DeepSpec's loss position weights, checkpoint
+round trip through DeepSpec's exact key names (and the SpecForge `midlayer.*` alias), sampled output
+distribution, and `train-draft --preset eagle3` whose trained draft gives greedy speculative == greedy target."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 import tests.test_speculative as spec_tests
 from dspark_jax.checkpoint.eagle3 import load_eagle3, save_eagle3
+from dspark_jax.checkpoint.hf_layout import CheckpointError
 from dspark_jax.draft.eagle3 import (Eagle3Config, Eagle3Model, eagle3_trainable_mask, init_eagle3_params, ttt_forward,
-                                     ttt_loss, ttt_mask)
+                                     ttt_loss, ttt_mask, ttt_position_weights)
 from dspark_jax.sampling import SamplingConfig
 from dspark_jax.draft.cache import DraftCache
 from infer.api import Target, generate
@@ -49,6 +51,18 @@ def test_ttt_mask_hand_built():
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(np.asarray(ttt_mask(3, 1, jnp.asarray([True, False, True]))),
                                   np.array([[1, 0, 0, 1, 0, 0], [1, 0, 0, 0, 0, 0], [1, 0, 1, 0, 0, 1]], bool))
+
+
+def test_ttt_position_weights_hand_built():
+    """DeepSpec loss.py: step 0 weights base i by loss_mask[i] with the last valid token zeroed; step s by
+    that mask shifted left by s."""
+    lm = jnp.asarray([[1, 1, 0, 1, 1, 0], [1, 1, 1, 1, 1, 1]], jnp.float32)
+    am = jnp.asarray([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], jnp.float32)  # valid lengths 5, 6
+    want = np.array([[[1, 1, 0, 1, 0, 0], [1, 1, 1, 1, 1, 0]],
+                     [[1, 0, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]],
+                     [[0, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]], np.float32)
+    np.testing.assert_array_equal(np.asarray(ttt_position_weights(lm, 3, am)), want)
+    np.testing.assert_array_equal(np.asarray(ttt_position_weights(lm[1:], 3)), want[:, 1:])
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +144,14 @@ def test_ttt_loss_trains_only_unfrozen(small):
     taps = jnp.asarray(rng.normal(size=(b, t, dcfg.context_dim)), jnp.float32)
     ids = jnp.asarray(rng.integers(0, 32, size=(b, t)), jnp.int32)
     tl = jnp.asarray(rng.normal(size=(b, t, 32)) * 3, jnp.float32)
-    mask = jnp.ones((b, t), jnp.float32)
-    loss_grad = jax.jit(jax.value_and_grad(lambda p: ttt_loss(model, p, taps, ids, tl, mask, 2), has_aux=True))
+    mask = jnp.asarray([[1, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], jnp.float32)
+    valid = jnp.asarray([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], jnp.float32)
+    loss_grad = jax.jit(jax.value_and_grad(lambda p: ttt_loss(model, p, taps, ids, tl, mask, 2, attention_mask=valid),
+                                           has_aux=True))
     (loss, aux), grads = loss_grad(dp)
     np.testing.assert_allclose(loss, aux["step_loss"][0] + 0.8 * aux["step_loss"][1], rtol=1e-5)
+    w = np.array([[[1, 0, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]], [[0, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]]])  # by hand
+    np.testing.assert_allclose(aux["step_loss"], (np.asarray(aux["step_ce"]) * w).sum((1, 2)) / (b * t), rtol=1e-5)
     assert np.isfinite(float(loss)) and float(jnp.max(jnp.abs(grads["fc"]["kernel"]))) > 0
     np.testing.assert_array_equal(grads["embed_tokens"]["embedding"], 0.0)
     np.testing.assert_array_equal(grads["lm_head"]["kernel"], 0.0)
@@ -146,24 +164,66 @@ def test_ttt_loss_trains_only_unfrozen(small):
     assert losses[-1] < losses[0], losses
 
 
+# DeepSpec `Qwen3Eagle3Model` state dict for the `small` draft (d=16, 4 heads x hd 4, 2 KV heads, mlp 32,
+# V=32, 2 taps): written out by hand from deepspec/modeling/eagle3/qwen3/modeling.py.
+DEEPSPEC_EAGLE3_KEYS = {
+    "embed_tokens.weight": [32, 16], "fc.weight": [16, 32], "norm.weight": [16], "lm_head.weight": [32, 16],
+    "layers.0.hidden_norm.weight": [16], "layers.0.input_layernorm.weight": [16],
+    "layers.0.post_attention_layernorm.weight": [16],
+    "layers.0.self_attn.q_proj.weight": [16, 32], "layers.0.self_attn.k_proj.weight": [8, 32],
+    "layers.0.self_attn.v_proj.weight": [8, 32], "layers.0.self_attn.o_proj.weight": [16, 16],
+    "layers.0.self_attn.q_norm.weight": [4], "layers.0.self_attn.k_norm.weight": [4],
+    "layers.0.mlp.gate_proj.weight": [32, 16], "layers.0.mlp.up_proj.weight": [32, 16],
+    "layers.0.mlp.down_proj.weight": [16, 32],
+}
+
+
 def test_checkpoint_round_trip(small, tmp_path):
-    """save_eagle3 -> SpecForge/DeepSpec key names + config.json; load_eagle3 and load_draft_bundle read it back."""
+    """save_eagle3 -> exactly DeepSpec's key names / shapes and config.json fields; load_eagle3 and
+    load_draft_bundle read it back; the SpecForge `midlayer.*` alias loads to the same params; a missing or
+    stray key is a one-line error naming it and the file."""
     cfg, params, dcfg, dp = small
     save_eagle3(dp, dcfg, tmp_path / "e3", dtype="float32")
     hf = json.loads((tmp_path / "e3" / "config.json").read_text())
-    assert hf["architectures"] == ["Qwen3ForCausalLMEagle3"] and hf["num_hidden_layers"] == 1
-    assert hf["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [-1, 0] and hf["ttt_length"] == 7
-    with safe_open(str(tmp_path / "e3" / "model.safetensors"), framework="numpy") as f:
-        keys = set(f.keys())
-        assert f.get_slice("midlayer.self_attn.q_proj.weight").get_shape() == [16, 32]  # [H*hd, 2d]
-    assert {"fc.weight", "midlayer.hidden_norm.weight", "midlayer.input_layernorm.weight", "norm.weight",
-            "lm_head.weight", "embed_tokens.weight", "midlayer.self_attn.k_norm.weight"} <= keys
+    assert hf["architectures"] == ["Qwen3Eagle3Model"] and hf["model_type"] == "qwen3"
+    assert (hf["num_hidden_layers"], hf["draft_num_hidden_layers"], hf["layer_types"]) == (1, 1, ["full_attention"])
+    assert (hf["target_layer_ids"], hf["num_target_layers"], hf["ttt_length"], hf["step_loss_decay"]) == \
+        ([-1, 0], 2, 7, 0.8)
+    assert hf["tie_word_embeddings"] is False and "eagle_config" not in hf
+    weights = tmp_path / "e3" / "model.safetensors"
+    with safe_open(str(weights), framework="numpy") as f:
+        assert {k: f.get_slice(k).get_shape() for k in f.keys()} == DEEPSPEC_EAGLE3_KEYS
     cfg2, p2 = load_eagle3(tmp_path / "e3")
     assert cfg2 == dcfg
     for a, b in zip(jax.tree_util.tree_leaves(p2), jax.tree_util.tree_leaves(dp)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     bundle = load_draft_bundle(tmp_path / "e3", Target(config=cfg, params=params))
     assert isinstance(bundle.config, Eagle3Config) and bundle.shares_target_lm_head
+
+    tensors = load_file(str(weights))  # the legacy SpecForge-style export of the same weights
+    legacy = {k.replace("layers.0.", "midlayer."): v for k, v in tensors.items()}
+    legacy.update(d2t=np.zeros(32, np.int64), t2d=np.ones(32, bool))
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(legacy, str(old / "model.safetensors"))
+    dropped = ("target_layer_ids", "step_loss_decay", "draft_num_hidden_layers")
+    old_hf = {k: v for k, v in hf.items() if k not in dropped}
+    old_hf.update(architectures=["Qwen3ForCausalLMEagle3"], eagle_config={"eagle_aux_hidden_state_layer_ids": [-1, 0]},
+                  draft_vocab_size=32)
+    (old / "config.json").write_text(json.dumps(old_hf))
+    cfg3, p3 = load_eagle3(old)
+    assert cfg3 == dcfg
+    for a, b in zip(jax.tree_util.tree_leaves(p3), jax.tree_util.tree_leaves(dp)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    del tensors["layers.0.hidden_norm.weight"]
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: missing tensor\(s\) \['layers\.0\.hidden_norm\."):
+        load_eagle3(tmp_path / "e3")
+    tensors["layers.0.hiden_norm.weight"] = np.ones(16, np.float32)
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor\(s\) \['layers\.0\.hiden_"):
+        load_eagle3(tmp_path / "e3")
 
 
 def test_sampled_output_has_target_distribution():

@@ -63,9 +63,11 @@ def eagle3_draft_config(config: DraftTrainConfig, target_config) -> Eagle3Config
 
 
 def _batch_arrays(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Packed batch -> {input_ids [B, L] int32, loss_mask [B, L] float32: token j counted iff target j-1 is}."""
+    """Packed batch -> {input_ids [B, L] int32, loss_mask [B, L] float32}: DeepSpec's per-token loss mask
+    (1 on real tokens: token 0 iff the window is real, token j > 0 iff target j-1 is; padding 0), which
+    `ttt_loss` also uses as the attention / valid-length mask."""
     tokens, mask = batch["tokens"][:, :-1], batch["mask"]
-    token_mask = np.concatenate([np.zeros_like(mask[:, :1]), mask[:, :-1]], axis=1)
+    token_mask = np.concatenate([mask[:, :1], mask[:, :-1]], axis=1)
     return {"input_ids": np.asarray(tokens, np.int32), "loss_mask": np.asarray(token_mask, np.float32)}
 
 
@@ -88,7 +90,7 @@ def build_eagle3_program(config: DraftTrainConfig, dcfg: Eagle3Config, tcfg, mes
         res = target.apply({"params": target_params}, ids, pos, tap_layers=taps_ids)  # frozen target
         taps = jax.lax.stop_gradient(jnp.concatenate(res.taps, axis=-1).astype(jnp.float32))  # [B, L, n_ctx*d]
         loss, aux = ttt_loss(model, params, taps, ids, jax.lax.stop_gradient(res.logits), batch["loss_mask"],
-                             dcfg.ttt_length, dcfg.step_decay)
+                             dcfg.ttt_length, dcfg.step_decay, attention_mask=batch["loss_mask"])
         return loss, (jnp.ones((), jnp.float32), {"acc0": aux["step_acc"][0]})
 
     def init_params(rng, target_params):  # unboxed (replicated), as the DSpark trainer's draft

@@ -38,7 +38,8 @@ from dspark_jax.checkpoint.hf import check_tensor_dtypes, open_safetensors, read
 from dspark_jax.checkpoint.atomic import is_remote, local_copy, publish_dir, recover_dir, staging_dir_for
 from dspark_jax.checkpoint.hf_layout import CheckpointError, expected_hf_shapes, get_path, set_path, target_key_map
 from dspark_jax.config import TargetConfig, read_config_json
-from dspark_jax.checkpoint.eagle3 import IGNORED_EAGLE3_BUFFERS, eagle3_key_map, eagle3_shapes, is_eagle3_config
+from dspark_jax.checkpoint.eagle3 import (IGNORED_EAGLE3_BUFFERS, canonical_eagle3_keys, eagle3_key_map, eagle3_shapes,
+                                          is_eagle3_config)
 from dspark_jax.draft.config import DraftConfig
 from dspark_jax.draft.eagle3 import Eagle3Config
 from dspark_jax.draft.model import init_draft_params
@@ -101,6 +102,8 @@ def deepspec_to_params(tensors: dict[str, np.ndarray], config: DraftConfig, *, s
                        dtype: Any = None) -> dict:
     """Flat DeepSpec state dict (numpy) -> nested Flax params. CheckpointError names offending keys."""
     tensors = {k.replace("_orig_mod.", ""): t for k, t in tensors.items()}
+    if isinstance(config, Eagle3Config):
+        tensors = canonical_eagle3_keys(tensors, source)  # SpecForge `midlayer.*` -> DeepSpec `layers.0.*`
     key_map = draft_key_map(config)
     shapes = expected_draft_shapes(config)
     wanted = {k for k, _, _ in key_map}
@@ -200,7 +203,8 @@ def load_draft(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[Dr
     parse = Eagle3Config.from_eagle3_config if is_eagle3_config(hf) else DraftConfig.from_deepspec_config
     config = parse(hf, dtype=dtype, source=cfg_path)
     tensors = read_safetensors_dir(path)
-    params = deepspec_to_params(tensors, config, source=path, dtype=_NP_DTYPES[config.dtype])
+    weights = next((os.path.join(path, n) for n in (_SINGLE, _INDEX) if os.path.isfile(os.path.join(path, n))), path)
+    params = deepspec_to_params(tensors, config, source=weights, dtype=_NP_DTYPES[config.dtype])
     return config, params
 
 

@@ -13,8 +13,11 @@ Pairing: the row at position i holds (target hidden h_i, token x_{i+1}) and pred
 TTT (test-time training) unrolls `ttt_length` steps over a sequence: step s at base index i sits
 at RoPE position i + s, feeds step s-1's output hidden at i and the token x_{i+1+s}, and attends
 to step-0 keys at indices <= i (causal) plus the same-index key i of every step 1..s ("diagonal").
-Loss: sum_s 0.8^s * sum_i mask_s[i] * CE(p_target(. | pos i+1+s), p_draft) / (B * T).
+Loss: sum_s 0.8^s * sum_i w_s[i] * CE(p_target(. | pos i+1+s), p_draft) / (B * T), with DeepSpec's
+position weights w_s[i] = loss_mask[i + s] (0 at the last valid token; see `ttt_position_weights`).
 That attention pattern is exactly inference's chain drafting through a KV cache (see `infer.eagle3`).
+Layout and semantics follow DeepSpec `deepspec/modeling/eagle3/{common,loss}.py`, `qwen3/modeling.py`
+(see docs/gemma4_eagle3.md, "Parity with DeepSpec").
 """
 
 from __future__ import annotations
@@ -27,19 +30,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dspark_jax.config import ConfigError, RopeScaling, TargetConfig, field_int, stored_dtype
+from dspark_jax.config import ConfigError, RopeScaling, TargetConfig, field_float, field_int, stored_dtype
 from dspark_jax.draft.config import DraftConfigError, default_target_layer_ids
 from dspark_jax.draft.heads import LinearParams
 from dspark_jax.layers import GatedMLP, Projection, RMSNorm, apply_rope, dtype_of, gqa_attention
 from dspark_jax.target.kv_cache import write_rows
 
 __all__ = ["Eagle3Config", "Eagle3Model", "EAGLE3_ARCHITECTURE", "init_eagle3_params", "ttt_mask", "ttt_forward",
-           "ttt_loss", "eagle3_trainable_mask"]
+           "ttt_loss", "ttt_position_weights", "eagle3_trainable_mask", "is_eagle3_architecture"]
 
-EAGLE3_ARCHITECTURE = "Qwen3ForCausalLMEagle3"
+EAGLE3_ARCHITECTURE = "Qwen3Eagle3Model"  # DeepSpec `deepspec/modeling/eagle3/qwen3/config.py`
+_LEGACY_ARCHITECTURE_SUFFIX = "Eagle3"  # SpecForge-style exports, e.g. "Qwen3ForCausalLMEagle3" (read only)
 _F32 = jnp.float32
 FROZEN = ("embed_tokens", "lm_head")
 Array = jax.Array
+
+
+def is_eagle3_architecture(archs: Any) -> bool:
+    """Whether a `config.json` `architectures` list names an Eagle-3 draft: DeepSpec's `*Eagle3Model`
+    or a SpecForge-style `*Eagle3` (the read-only alias)."""
+    return (isinstance(archs, list) and bool(archs) and
+            str(archs[0]).endswith(("Eagle3Model", _LEGACY_ARCHITECTURE_SUFFIX)))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,7 +77,7 @@ class Eagle3Config:
     target_layer_ids: tuple[int, ...]
     ttt_length: int = 7
     block_size: int = 7
-    step_decay: float = 0.8
+    step_decay: float = 0.8  # config.json `step_loss_decay`
     dtype: str = "float32"
 
     enable_confidence_head = False  # capability flags read by the speculative front end
@@ -141,28 +152,35 @@ class Eagle3Config:
 
     # ------------------------------------------------------------------ config.json (DeepSpec eagle3)
     def to_eagle3_config(self, *, dtype: str | None = None) -> dict[str, Any]:
-        """The checkpoint `config.json` (target text config fields + Eagle-3 fields)."""
+        """The checkpoint `config.json` as DeepSpec's `build_draft_config` writes it: the target's Qwen3
+        text config with architectures ["Qwen3Eagle3Model"], num_hidden_layers = draft_num_hidden_layers
+        = 1, full-attention layer_types, num_target_layers, target_layer_ids, ttt_length,
+        step_loss_decay, untied embeddings; plus our `block_size` (default chain length K)."""
         hf = self.layer_config().to_hf_config()
-        hf.update(architectures=[EAGLE3_ARCHITECTURE], num_hidden_layers=1, tie_word_embeddings=False,
+        hf.update(architectures=[EAGLE3_ARCHITECTURE], num_hidden_layers=1, draft_num_hidden_layers=1,
+                  layer_types=["full_attention"], tie_word_embeddings=False,
                   num_target_layers=self.num_target_layers, target_layer_ids=list(self.target_layer_ids),
-                  eagle_config={"eagle_aux_hidden_state_layer_ids": list(self.target_layer_ids)},
-                  draft_vocab_size=self.vocab_size, target_hidden_size=self.hidden_size,
-                  ttt_length=self.ttt_length, block_size=self.block_size, dtype=dtype or self.dtype)
+                  ttt_length=self.ttt_length, step_loss_decay=self.step_decay, block_size=self.block_size,
+                  dtype=dtype or self.dtype)
         return dict(sorted(hf.items()))
 
     @classmethod
     def from_eagle3_config(cls, hf: dict[str, Any], *, dtype: str | None = None,
                            source: str = "config.json") -> "Eagle3Config":
-        """Parse an Eagle-3 `config.json` (architectures `*Eagle3`): fields type- and range-checked like a
-        DSpark draft's (DraftConfigError naming the field and `source`); `dtype` None -> the stored dtype."""
+        """Parse an Eagle-3 `config.json`: DeepSpec's (architectures ["Qwen3Eagle3Model"]) or, as an alias,
+        a SpecForge-style one (`*Eagle3`, ids in `eagle_config.eagle_aux_hidden_state_layer_ids`). Fields
+        type- and range-checked (DraftConfigError naming the field and `source`); `dtype` None -> stored."""
         if not isinstance(hf, dict):
             raise DraftConfigError(f"{source}: expected a JSON object at the top level, got {type(hf).__name__}")
         archs = hf.get("architectures") or []
-        if not isinstance(archs, list) or not archs or not str(archs[0]).endswith("Eagle3"):
+        if not is_eagle3_architecture(archs):
             raise DraftConfigError(f"{source}: architectures={archs!r}; expected [{EAGLE3_ARCHITECTURE!r}]")
+        if not str(archs[0]).startswith(("Qwen3", "Llama")):
+            raise DraftConfigError(f"{source}: architectures={archs!r}: only Qwen3/Llama Eagle-3 drafts are supported")
         try:
-            if field_int(hf, "num_hidden_layers", source, default=1) != 1:
-                raise DraftConfigError(f"{source}: num_hidden_layers={hf['num_hidden_layers']}; Eagle-3 drafts have 1 layer")
+            for key in ("num_hidden_layers", "draft_num_hidden_layers"):
+                if field_int(hf, key, source, default=1) != 1:
+                    raise DraftConfigError(f"{source}: {key}={hf[key]}; only 1-layer Eagle-3 drafts are supported")
             draft_vocab = field_int(hf, "draft_vocab_size", source, default=None)
             if draft_vocab is not None and draft_vocab != hf.get("vocab_size"):
                 raise DraftConfigError(f"{source}: draft_vocab_size={draft_vocab} != vocab_size="
@@ -183,7 +201,9 @@ class Eagle3Config:
                        initializer_range=lc.initializer_range,
                        num_target_layers=field_int(hf, "num_target_layers", source, minimum=1),
                        target_layer_ids=ids, ttt_length=field_int(hf, "ttt_length", source, default=7, minimum=1),
-                       block_size=field_int(hf, "block_size", source, default=7, minimum=1),
+                       block_size=field_int(hf, "block_size", source,
+                                            default=field_int(hf, "ttt_length", source, default=7), minimum=1),
+                       step_decay=field_float(hf, "step_loss_decay", source, default=0.8, positive=True),
                        dtype=dtype or stored_dtype(hf))
         except DraftConfigError:
             raise
@@ -194,10 +214,10 @@ class Eagle3Config:
 class Eagle3Model(nn.Module):
     """The Eagle-3 drafter. Call methods with `model.apply({'params': p}, ..., method=Eagle3Model.X)`.
 
-    Params: embed_tokens/embedding [V, d] (frozen), fc/kernel [n_ctx*d, d],
-    midlayer/{input_layernorm, hidden_norm, post_attention_layernorm}/scale [d],
-    midlayer/{q,k,v}_proj/kernel [2d, *], midlayer/o_proj/kernel, midlayer/{q,k}_norm/scale [hd],
-    midlayer/mlp/{gate,up,down}_proj/kernel, norm/scale [d], lm_head/kernel [d, V] (frozen).
+    Params (DeepSpec module tree; `layers.0.*` in the checkpoint): embed_tokens/embedding [V, d] (frozen),
+    fc/kernel [n_ctx*d, d], layers_0/{input_layernorm, hidden_norm, post_attention_layernorm}/scale [d],
+    layers_0/{q,k,v}_proj/kernel [2d, *], layers_0/o_proj/kernel, layers_0/{q,k}_norm/scale [hd],
+    layers_0/mlp/{gate,up,down}_proj/kernel, norm/scale [d], lm_head/kernel [d, V] (frozen).
     """
 
     config: Eagle3Config
@@ -209,7 +229,7 @@ class Eagle3Model(nn.Module):
                                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(std),
                                                                                  ("vocab", "embed")))
         self.fc = Projection(cfg.hidden_size, ("ctx_embed", "embed"), std=std, dtype=dt, param_dtype=dt)
-        self.midlayer = Eagle3Layer(cfg)
+        self.layers_0 = Eagle3Layer(cfg)
         self.norm = RMSNorm(cfg.rms_norm_eps, dt, dt)
         self.lm_head = LinearParams(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), std=std, param_dtype=dt)
 
@@ -229,7 +249,7 @@ class Eagle3Model(nn.Module):
         """
         table = jax.lax.stop_gradient(self.embed_tokens.embedding)
         emb = jnp.take(table, tokens, axis=0).astype(dtype_of(self.config.dtype))
-        return self.midlayer(emb, hidden, positions, keys, mask, cache_kv)
+        return self.layers_0(emb, hidden, positions, keys, mask, cache_kv)
 
     def compute_logits(self, h: Array) -> Array:
         """lm_head(norm(h)) float32: [..., d] -> [..., V] (frozen lm_head)."""
@@ -337,30 +357,47 @@ def ttt_forward(model: Eagle3Model, params, taps_concat: Array, input_ids: Array
     return jnp.stack(outs)
 
 
+def ttt_position_weights(loss_mask: Array, ttt_length: int, attention_mask: Array | None = None) -> Array:
+    """DeepSpec's per-step position weights [S, B, T] (`deepspec/modeling/eagle3/loss.py`).
+
+    loss_mask [B, T]: 1 on tokens to learn from (DeepSpec's parser: the response tokens);
+    attention_mask [B, T]: valid tokens (default all). Step 0 weights base index i by loss_mask[i],
+    except the last valid token (no next-token target inside the sequence); step s shifts that left
+    by s: w_s[i] = w_0[i + s] (0 past the end).
+    """
+    b, t = loss_mask.shape
+    valid_len = t if attention_mask is None else jnp.sum(attention_mask.astype(jnp.int32), axis=1, keepdims=True)
+    w0 = loss_mask.astype(_F32) * (jnp.arange(t)[None, :] != jnp.asarray(valid_len) - 1)  # [B, T]
+    padded = jnp.concatenate([w0, jnp.zeros((b, ttt_length), _F32)], axis=1)
+    return jnp.stack([padded[:, s:s + t] for s in range(ttt_length)])
+
+
 def ttt_loss(model: Eagle3Model, params, taps_concat: Array, input_ids: Array, target_logits: Array,
              loss_mask: Array, ttt_length: int, step_decay: float = 0.8,
              attention_mask: Array | None = None) -> tuple[Array, dict[str, Array]]:
-    """TTT soft cross-entropy (spec §9.2) -> (loss, {'step_loss' [S], 'step_acc' [S]}).
+    """TTT soft cross-entropy (spec §9.2) -> (loss, {'step_loss' [S], 'step_acc' [S], 'step_ce' [S, B, T]}).
 
     target_logits [B, T, V] float32: the target's logits at positions 0..T-1 (row j predicts x_{j+1});
-    loss_mask [B, T] (1 on tokens to learn). Step s at base i predicts x_{i+2+s} against the target
-    distribution of row i+1+s, masked by loss_mask[i+2+s]; each step's sum is divided by B*T and
-    weighted step_decay^s.
+    loss_mask / attention_mask [B, T]: see `ttt_position_weights`. Step s at base i predicts x_{i+2+s}
+    against the target distribution of row i+1+s (uniform past the end), weighted by
+    `ttt_position_weights`; each step's sum is divided by B*T (DeepSpec's "local_mean") and weighted
+    step_decay^s.
     """
     b, t = input_ids.shape
     hs = ttt_forward(model, params, taps_concat, input_ids, ttt_length, attention_mask)
     pad = ttt_length + 2
     tl = jnp.concatenate([target_logits.astype(_F32), jnp.zeros((b, pad, target_logits.shape[-1]), _F32)], axis=1)
-    lm = jnp.concatenate([loss_mask.astype(_F32), jnp.zeros((b, pad), _F32)], axis=1)
-    total, losses, accs = 0.0, [], []
+    weights = ttt_position_weights(loss_mask, ttt_length, attention_mask)  # [S, B, T]
+    total, losses, accs, ces = 0.0, [], [], []
     for s in range(ttt_length):
         logp = jax.nn.log_softmax(model.apply({"params": params}, hs[s], method=Eagle3Model.compute_logits), -1)
         pt = jax.nn.softmax(jax.lax.dynamic_slice_in_dim(tl, 1 + s, t, axis=1), -1)  # [B, T, V]
-        m = jax.lax.dynamic_slice_in_dim(lm, 2 + s, t, axis=1)  # [B, T]
-        ce = -jnp.sum(pt * logp, axis=-1)
+        m = weights[s]  # [B, T]
+        ce = -jnp.sum(pt * logp, axis=-1)  # [B, T]
         step = jnp.sum(ce * m) / (b * t)
         acc = jnp.sum((jnp.argmax(logp, -1) == jnp.argmax(pt, -1)) * m) / jnp.maximum(jnp.sum(m), 1.0)
         total = total + (step_decay ** s) * step
         losses.append(step)
         accs.append(acc)
-    return total, {"step_loss": jnp.stack(losses), "step_acc": jnp.stack(accs)}
+        ces.append(ce)
+    return total, {"step_loss": jnp.stack(losses), "step_acc": jnp.stack(accs), "step_ce": jnp.stack(ces)}
