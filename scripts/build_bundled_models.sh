@@ -22,6 +22,9 @@ $D train-draft --target "$W/target" --corpus "$W/regen" --out "$W/dspark_k7" --p
 $D train-draft --target "$W/target" --corpus "$W/regen" --out "$W/dflash_k7" --preset dflash \
   --num-draft-layers 1 --block-size 7 --steps 1500 --ckpt-every 250 --no-progress &
 wait
+# The Eagle-3 baseline (spec §9.2): same corpus and step budget, TTT length 7 (issue 14).
+$D train-draft --target "$W/target" --corpus "$W/regen" --out "$W/eagle3_k7" --preset eagle3 \
+  --num-draft-layers 1 --block-size 7 --steps 1500 --ckpt-every 250 --no-progress
 $D calibrate --target "$W/target" --draft "$W/dspark_k7/draft" --corpus "$W/corpus" \
   --fit-data corpus:code corpus:prose --report-data corpus:code corpus:prose \
   --max-prompts 80 --max-new-tokens 128 --batch-size 8 --out "$W/calibration"
@@ -42,6 +45,6 @@ done
 # The evaluation quoted in README.md / docs/results.md:
 for T in 1.0 0; do
   $D eval --target models/pystd-qwen3-target --draft dspark=models/pystd-dspark-k7 --draft dflash=models/pystd-dflash-k7 \
-    --corpus "$W/corpus" --datasets corpus:code corpus:prose ../shared/data/eval_prompts/humaneval.jsonl \
+    --draft eagle3=models/pystd-eagle3-k7 --corpus "$W/corpus" --datasets corpus:code corpus:prose ../shared/data/eval_prompts/humaneval.jsonl \
     --block-sizes 3,7 --temperature $T --max-new-tokens 96 --max-prompts 16 --batch-size 8 --out "$W/eval_t$T"
 done

@@ -1,6 +1,7 @@
 """Copy a finished bundle build (scripts/build_bundled_models.sh) into models/ with model cards.
 
-    python3 scripts/export_bundle.py runs/bundle
+    python3 scripts/export_bundle.py runs/bundle                     # target + every drafter
+    python3 scripts/export_bundle.py runs/bundle --only eagle3_k7    # one drafter; models/ target kept
 
 Copies the HF-layout target (bf16 safetensors + tokenizer) and the DeepSpec-layout drafts
 (+ sts_temperatures.json when calibrated), and writes MODEL_CARD.md for each from the runs'
@@ -17,7 +18,18 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(ROOT, "models")
 TARGET_NAME = "pystd-qwen3-target"
-DRAFTS = {"dspark_k7": "pystd-dspark-k7", "dflash_k7": "pystd-dflash-k7"}
+DRAFTS = {"dspark_k7": "pystd-dspark-k7", "dflash_k7": "pystd-dflash-k7", "eagle3_k7": "pystd-eagle3-k7"}
+KIND = {"dspark": "DSpark", "dflash": "DFlash", "eagle3": "Eagle-3"}
+WHAT = {
+    "block": "DeepSpec-layout drafter (1 layer, block size 7) trained with online target features by `dspark "
+             "train-draft` on the corpus named under Final metrics (`regen`: the source corpus rewritten by the "
+             "target with `dspark regenerate`, spec §4.1 step 2); frozen embedding / LM head copied from the target.",
+    "eagle3": "DeepSpec eagle3-layout drafter (1 layer, TTT length 7, chain drafting of up to 7 tokens per round; "
+              "spec §9.2) trained with online target features by `dspark train-draft --preset eagle3` on the same "
+              "corpus and step budget as the bundled DSpark/DFlash drafters (`regen`: the source corpus rewritten "
+              "by the target with `dspark regenerate`, spec §4.1 step 2); frozen embedding / LM head copied from "
+              "the target.",
+}
 TARGET_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json", "tokenizer_meta.json", "train_config.json")
 
@@ -42,9 +54,16 @@ def _card(title: str, body: dict) -> str:
     return "\n".join(lines)
 
 
-def main(work: str) -> int:
+def main(work: str, only: list[str] | None = None) -> int:
+    """Export the target (unless `only` names drafts) and the drafts of `work` into models/."""
     os.makedirs(MODELS, exist_ok=True)
     cmds = open(os.path.join(ROOT, "scripts", "build_bundled_models.sh")).read()
+    unknown = sorted(set(only or ()) - set(DRAFTS))
+    if unknown:
+        print(f"error: --only {unknown[0]!r} is not one of {sorted(DRAFTS)}", file=sys.stderr)
+        return 2
+    if only:
+        return _export_drafts(work, only, cmds)
     tdir = os.path.join(work, "target")
     out = os.path.join(MODELS, TARGET_NAME)
     shutil.rmtree(out, ignore_errors=True)
@@ -66,7 +85,13 @@ def main(work: str) -> int:
             "Final metrics": "```json\n" + json.dumps(tm, indent=1) + "\n```",
             "Reproduce": "```bash\n" + cmds + "\n```",
         }))
-    for run, name in DRAFTS.items():
+    return _export_drafts(work, list(DRAFTS), cmds)
+
+
+def _export_drafts(work: str, runs: list[str], cmds: str) -> int:
+    for run in runs:
+        name = DRAFTS[run]
+        kind = run.split("_")[0]
         ddir = os.path.join(work, run, "draft")
         if not os.path.isdir(ddir):
             print(f"skip {run}: {ddir} missing")
@@ -78,11 +103,8 @@ def main(work: str) -> int:
         if os.path.exists(os.path.join(ddir, "train_summary.json")):
             summary = json.load(open(os.path.join(ddir, "train_summary.json")))
         with open(os.path.join(out, "MODEL_CARD.md"), "w") as f:
-            f.write(_card(f"{name}: {'DSpark' if 'dspark' in run else 'DFlash'} drafter for {TARGET_NAME}", {
-                "What": "DeepSpec-layout drafter (1 layer, block size 7) trained with online target features "
-                        "by `dspark train-draft` on the corpus named under Final metrics (`regen`: the source "
-                        "corpus rewritten by the target with `dspark regenerate`, spec §4.1 step 2); frozen "
-                        "embedding / LM head copied from the target.",
+            f.write(_card(f"{name}: {KIND[kind]} drafter for {TARGET_NAME}", {
+                "What": WHAT["eagle3" if kind == "eagle3" else "block"],
                 "Config": "```json\n" + open(os.path.join(work, run, "train_config.json")).read() + "\n```",
                 "Final metrics": "```json\n" + json.dumps(summary, indent=1, default=str)[:6000] + "\n```",
                 "Reproduce": "```bash\n" + cmds + "\n```",
@@ -92,4 +114,7 @@ def main(work: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "runs", "bundle")))
+    args = sys.argv[1:]
+    only = args[args.index("--only") + 1:] if "--only" in args else None
+    work_dirs = args[:args.index("--only")] if "--only" in args else args
+    sys.exit(main(work_dirs[0] if work_dirs else os.path.join(ROOT, "runs", "bundle"), only))

@@ -269,3 +269,13 @@ def test_train_draft_cli_eagle3_preset(tmp_path):
     mixed = [SamplingConfig(temperature=0.0), SamplingConfig(temperature=1.0, top_k=5), SamplingConfig(temperature=0.0)]
     got = generate(target, prompts, draft=draft, max_new_tokens=16, sampling=mixed, seed=[3, 4, 5]).token_ids
     assert got[0] == ref[0] and got[2] == ref[2] and len(got[1]) == 16
+    # `dspark eval` takes the Eagle-3 drafter beside block drafters: chain proposals of up to K tokens.
+    from dspark_cli.eval_cmd import eval_main
+
+    rc = eval_main(["--target", env["target"], "--draft", f"e3={out / 'draft'}", "--corpus", env["corpus"],
+                    "--datasets", "corpus:code", "--corpus-prompt-tokens", "4", "--max-new-tokens", "16",
+                    "--max-prompts", "3", "--batch-size", "3", "--temperature", "0", "--out", str(tmp_path / "eval")])
+    assert rc == 0
+    (row,) = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
+    assert row["drafter"] == "e3" and row["block_size"] == 2 and 1.0 <= row["acceptance_length"] <= 3.0
+    assert row["speculative"]["tokens"] == row["autoregressive"]["tokens"] and "calibration" not in row
