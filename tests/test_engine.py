@@ -16,6 +16,7 @@ from dspark_jax.target.model import TargetModel
 from infer.api import Target, generate
 from infer.cost_model import SPSProfile
 from infer.engine import Engine, EngineError, Request
+from infer.engine.core import prefill_buckets, prefill_chunk
 from infer.speculative_api import Draft
 from tests.spec_helpers import oracle_draft, random_target
 
@@ -71,6 +72,39 @@ def test_greedy_equals_solo_autoregressive(pair, policy, profile):
         assert met["mean_verify_budget"] > 1.5 and met["tau"] > 1.2, met  # drafts verified and accepted
     if profile is CPU:
         assert met["draft_passes"] < met["rounds"] / 2 and met["mean_verify_budget"] < 1.3, met
+
+
+def test_chunked_prefill_long_prompt_while_others_decode(pair):
+    """A prompt of several chunks is prefilled over several steps while another request decodes; both equal
+    their solo greedy output; prefill compiles one program per chunk size (not per prompt length)."""
+    target, draft = pair
+    eng = Engine(target, draft, policy="mtp1", slots=SLOTS, max_len=MAX_LEN, sampling="greedy", buckets=BUCKETS,
+                 sps_profile=FLAT, prefill_chunk=4)  # mtp1: <= 2 tokens a round, so `short` outlives the prefill
+    compiled_before = prefill_chunk._cache_size()
+    short_prompt = next(p for p in PROMPTS if len(solo(target, p, REF_NEW)) == REF_NEW)  # no stop within 16
+    short = eng.submit(short_prompt, max_new_tokens=REF_NEW)
+    eng.step()
+    long_prompt = [5, 17, 3, 28, 9, 11, 40, 2, 6, 33, 21, 8, 14]  # 13 tokens: chunks 4 + 4 + 4 + 1
+    long = eng.submit(long_prompt, max_new_tokens=12)
+    seen = len(eng._live[short].tokens)
+    for _ in range(3):  # three full chunks, one per step; the short request decodes in each of them
+        eng.step()
+        assert eng.num_prefilling == 1 and len(eng._live[long].tokens) == 0
+        assert len(eng._live[short].tokens) > seen
+        seen = len(eng._live[short].tokens)
+    eng.step()  # the last chunk: the long request streams its first token and decodes from now on
+    assert eng.num_prefilling == 0 and len(eng._live[long].tokens) >= 1
+    # Another length, still the same two prefill programs (full chunk, padded last chunk).
+    other = eng.submit(PROMPTS[1], max_new_tokens=MAX_NEW[1])
+    for _ in eng.run():
+        pass
+    assert eng.result(short).token_ids == solo(target, short_prompt, REF_NEW)
+    assert eng.result(long).token_ids == solo(target, long_prompt, 12)
+    assert eng.result(other).token_ids == solo(target, PROMPTS[1], MAX_NEW[1])
+    assert eng.metrics()["prefill_chunks"] == -(-len(short_prompt) // 4) + 4 + 2
+    assert prefill_chunk._cache_size() - compiled_before <= len(prefill_buckets(4)) + 1 == 2
+    with pytest.raises(EngineError, match="prefill_chunk"):
+        Engine(target, draft, prefill_chunk=0)
 
 
 def test_sampled_distribution_with_requests_joining_and_leaving(pair):
