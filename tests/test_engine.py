@@ -22,6 +22,7 @@ from tests.spec_helpers import oracle_draft, random_target
 
 # Default random_target shapes (as tests/test_speculative.py) so the eager setup compiles are shared.
 SLOTS, MAX_LEN, BUCKETS, STOP, REF_NEW = 3, 48, (4, 15), 47, 16
+CHUNK = 4  # prefill chunk of every engine here: prompts of 1-13 tokens take 1-4 chunks, two prefill programs
 FLAT = SPSProfile(buckets=BUCKETS, verify_s=(1.0, 1.05), draft_s=0.1)  # accelerator-like: drafting pays
 CPU = SPSProfile(buckets=BUCKETS, verify_s=(1.0, 2.8), draft_s=1.0)  # drafting never pays
 
@@ -54,8 +55,10 @@ MAX_NEW = [14, 9, 12, 6, 11]
 def test_greedy_equals_solo_autoregressive(pair, policy, profile):
     """Each request's greedy output == its solo greedy AR output, whatever else runs and when it joined."""
     target, draft = pair
-    eng = Engine(target, draft, policy=policy, slots=SLOTS, max_len=MAX_LEN, sampling="greedy", buckets=BUCKETS,
-                 sps_profile=profile)
+    # Greedy requests in the serving default "temperature" engine (the programs the sampled test reuses);
+    # `ar` (no drafter: its own programs anyway) runs the greedy-only engine.
+    eng = Engine(target, draft, policy=policy, slots=SLOTS, max_len=MAX_LEN, buckets=BUCKETS, sps_profile=profile,
+                 sampling="greedy" if policy == "ar" else "temperature", prefill_chunk=CHUNK)
     ids = [eng.submit(PROMPTS[0], max_new_tokens=MAX_NEW[0]), eng.submit(PROMPTS[1], max_new_tokens=MAX_NEW[1])]
     eng.step()
     eng.step()
@@ -78,8 +81,8 @@ def test_chunked_prefill_long_prompt_while_others_decode(pair):
     """A prompt of several chunks is prefilled over several steps while another request decodes; both equal
     their solo greedy output; prefill compiles one program per chunk size (not per prompt length)."""
     target, draft = pair
-    eng = Engine(target, draft, policy="mtp1", slots=SLOTS, max_len=MAX_LEN, sampling="greedy", buckets=BUCKETS,
-                 sps_profile=FLAT, prefill_chunk=4)  # mtp1: <= 2 tokens a round, so `short` outlives the prefill
+    eng = Engine(target, draft, policy="mtp1", slots=SLOTS, max_len=MAX_LEN, sampling="temperature", buckets=BUCKETS,
+                 sps_profile=FLAT, prefill_chunk=CHUNK)  # mtp1: <= 2 tokens a round, so `short` outlives the prefill
     compiled_before = prefill_chunk._cache_size()
     short_prompt = next(p for p in PROMPTS if len(solo(target, p, REF_NEW)) == REF_NEW)  # no stop within 16
     short = eng.submit(short_prompt, max_new_tokens=REF_NEW)
@@ -101,8 +104,8 @@ def test_chunked_prefill_long_prompt_while_others_decode(pair):
     assert eng.result(short).token_ids == solo(target, short_prompt, REF_NEW)
     assert eng.result(long).token_ids == solo(target, long_prompt, 12)
     assert eng.result(other).token_ids == solo(target, PROMPTS[1], MAX_NEW[1])
-    assert eng.metrics()["prefill_chunks"] == -(-len(short_prompt) // 4) + 4 + 2
-    assert prefill_chunk._cache_size() - compiled_before <= len(prefill_buckets(4)) + 1 == 2
+    assert eng.metrics()["prefill_chunks"] == -(-len(short_prompt) // CHUNK) + 4 + 2
+    assert prefill_chunk._cache_size() - compiled_before <= len(prefill_buckets(CHUNK)) + 1 == 2
     with pytest.raises(EngineError, match="prefill_chunk"):
         Engine(target, draft, prefill_chunk=0)
 
@@ -119,7 +122,7 @@ def test_sampled_distribution_with_requests_joining_and_leaving(pair):
     joint = p1[:, None] * np.asarray(jax.nn.softmax(logits[:, 3] / temp, axis=-1), np.float64)
 
     eng = Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, sampling="temperature",
-                 buckets=BUCKETS, sps_profile=FLAT)
+                 buckets=BUCKETS, sps_profile=FLAT, prefill_chunk=CHUNK)
     rng = np.random.default_rng(0)
     reqs, measured = [], []
     for i in range(360):
@@ -150,12 +153,16 @@ def test_sampled_distribution_with_requests_joining_and_leaving(pair):
 
 def test_streaming_cancel_and_bad_input(pair):
     target, draft = pair
-    eng = Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, sampling="greedy", buckets=BUCKETS,
-                 sps_profile=FLAT, max_queue=2)
+    eng = Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, sampling="temperature", buckets=BUCKETS,
+                 sps_profile=FLAT, max_queue=2, prefill_chunk=CHUNK)
     with pytest.raises(EngineError, match="too long"):
         eng.submit(list(range(1, 40)), max_new_tokens=20)
+    greedy_only = Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, sampling="greedy",
+                         buckets=BUCKETS, sps_profile=FLAT)  # refuses at submit: nothing compiled
     with pytest.raises(EngineError, match="temperature"):
-        eng.submit([1, 2], max_new_tokens=4, sampling=SamplingConfig(temperature=0.5))
+        greedy_only.submit([1, 2], max_new_tokens=4, sampling=SamplingConfig(temperature=0.5))
+    with pytest.raises(EngineError, match="top_k"):
+        eng.submit([1, 2], max_new_tokens=4, sampling=SamplingConfig(temperature=0.5, top_k=5))
     with pytest.raises(EngineError, match="outside the vocabulary"):
         eng.submit([1, 99], max_new_tokens=4)
     with pytest.raises(EngineError, match="max_new_tokens"):
