@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--modes", default="ar,static", help="ar and/or static (static:K with K = the block size)")
+    p.add_argument("--dtype", default=None, help="load both models in this dtype (default: the checkpoints')")
+    p.add_argument("--multi-round", type=int, default=8, help="engine rounds per dispatch when nobody waits (1 = off)")
     p.add_argument("--json", default="benchmarks/results/engine_c1_cpu.json")
     args = p.parse_args(argv)
 
@@ -50,8 +52,8 @@ def main(argv=None) -> int:
     from infer.speculative_api import load_draft_bundle
 
     try:
-        target = load_target_bundle(args.target)
-        draft = load_draft_bundle(args.draft, target)
+        target = load_target_bundle(args.target, dtype=args.dtype)
+        draft = load_draft_bundle(args.draft, target, dtype=args.dtype)
         prompts = []
         for pr in read_prompt_file(args.prompts):
             ids = target.tokenizer.encode(pr) if isinstance(pr, str) else list(pr)
@@ -74,7 +76,8 @@ def main(argv=None) -> int:
         d = draft if mode == "static" else None
         policy = "ar" if d is None else f"static:{k}"
         cap = cache_length(bucket_length(longest), longest + m_new) + k + 1
-        eng = Engine(target, d, policy=policy, slots=1, max_len=cap, sampling="greedy", prefill_chunk=256)
+        eng = Engine(target, d, policy=policy, slots=1, max_len=cap, sampling="greedy", prefill_chunk=256,
+                     multi_round=args.multi_round)
 
         def run_gen(q):
             return generate(target, [q], draft=d, max_new_tokens=m_new, stop_token_ids=[]).token_ids[0]

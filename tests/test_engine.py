@@ -86,10 +86,12 @@ def test_chunked_prefill_long_prompt_while_others_decode(pair):
     compiled_before = prefill_chunk._cache_size()
     short_prompt = next(p for p in PROMPTS if len(solo(target, p, REF_NEW)) == REF_NEW)  # no stop within 16
     short = eng.submit(short_prompt, max_new_tokens=REF_NEW)
-    eng.step()
     long_prompt = [5, 17, 3, 28, 9, 11, 40, 2, 6, 33, 21, 8, 14]  # 13 tokens: chunks 4 + 4 + 4 + 1
     long = eng.submit(long_prompt, max_new_tokens=12)
+    eng.step()  # both get a slot; the step's prefill budget (4 tokens) goes to the older `short`, which decodes
+    assert eng.num_prefilling == 1 and eng._live[long].prefilled == 0
     seen = len(eng._live[short].tokens)
+    assert seen >= 2  # first token + one round (one round per step while `long` waits: multi_round)
     for _ in range(3):  # three full chunks, one per step; the short request decodes in each of them
         eng.step()
         assert eng.num_prefilling == 1 and len(eng._live[long].tokens) == 0

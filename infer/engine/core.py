@@ -14,6 +14,8 @@ row, index = position; not paged). Three jitted programs:
   target forward (`infer.ragged`), packed rejection sampling with per-slot keys and sampling
   values, commit, and the next draft block for every slot. Returns the committed tokens per slot;
   the host applies stop tokens and max-token limits (extra tokens after a stop are discarded).
+* `engine_rounds`: the program the engine calls: one round, or several in one device loop
+  (host-planned policies, nobody waiting), ending at the first stop token or token limit of any slot.
 
 Randomness: request r's round n uses ``fold_in(PRNGKey(seed_r), n)`` whatever slot or batch it
 runs in, so a request's output depends only on its own seed and the tokens.
@@ -41,7 +43,7 @@ from infer.ragged import pack_chunks, packed_rejection_sample, packed_target_for
 from infer.speculative import Pending, draft_backbone, sample_block, truncate_proposal
 from infer.state import RowParams, SpecLoop, SpecModels
 
-__all__ = ["EngineSpec", "Policy", "EngineState", "prefill_chunk", "prefill_buckets", "plan_round", "engine_round", "draft_pass_only",
+__all__ = ["EngineSpec", "Policy", "EngineState", "prefill_chunk", "prefill_buckets", "plan_round", "engine_round", "engine_rounds", "draft_pass_only",
            "parse_policy", "POLICIES"]
 
 Array = jax.Array
@@ -392,6 +394,42 @@ def engine_round(params, draft_params, head, state: EngineState, ell: Array, act
                                   pending_pos=state.pending_pos.at[r_idx, idx].set(ctx_pos, mode="drop"),
                                   pending_n=state.pending_n + n_new)
     return state, new_tokens, n_new, a
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "bucket", "draft_pass", "flush", "max_rounds"),
+                   donate_argnames=("state",))
+def engine_rounds(params, draft_params, head, state: EngineState, ell: Array, active: Array, temperatures: Array,
+                  budget: Array, stop_ids: Array, num_rounds: Array, *, spec: EngineSpec, bucket: int,
+                  draft_pass: bool, flush: bool = False, max_rounds: int):
+    """Up to num_rounds (<= max_rounds) `engine_round`s with the same ℓ [R] in one program (a device while-loop).
+
+    The engine runs every round through this program: policies whose ℓ the host fixes (ar, static)
+    run several rounds per dispatch and device-to-host copy while no request waits for a slot;
+    otherwise num_rounds is 1 (the same compiled program either way). The loop ends after the round
+    in which an
+    active slot commits one of its stop tokens (stop_ids [R, n], -1 pads) or reaches its token
+    budget [R] (tokens it may still commit), so the host sees every finish at once and no slot
+    decodes past its end. Round n of a request uses the same keys as with one round per call.
+    Returns (state, new_tokens [max_rounds, R, γ + 1], n_new [max_rounds, R], accepted
+    [max_rounds, R], rounds run).
+    """
+    r, g1 = spec.slots, max(spec.gamma, 1) + 1
+    toks = jnp.full((max_rounds, r, g1), -1, jnp.int32)
+    zeros = jnp.zeros((max_rounds, r), jnp.int32)
+
+    def body(carry):
+        i, st, toks, n_new, acc, left, _ = carry
+        st, t, n, a = engine_round(params, draft_params, head, st, ell, active, temperatures, spec=spec,
+                                   bucket=bucket, draft_pass=draft_pass, flush=flush)
+        left = left - n
+        hit = jnp.any((t[:, :, None] == stop_ids[:, None, :]) & (t[:, :, None] >= 0), axis=(1, 2))  # [R]
+        done = jnp.any(active & (hit | (left <= 0)))
+        return i + 1, st, toks.at[i].set(t), n_new.at[i].set(n), acc.at[i].set(a), left, done
+
+    carry = (jnp.int32(0), state, toks, zeros, zeros, budget.astype(jnp.int32), jnp.asarray(False))
+    limit = jnp.minimum(num_rounds, max_rounds)
+    i, state, toks, n_new, acc, _, _ = jax.lax.while_loop(lambda c: (c[0] < limit) & ~c[6], body, carry)
+    return state, toks, n_new, acc, i
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))

@@ -29,8 +29,8 @@ import numpy as np
 from dspark_jax import kernels
 from dspark_jax.sampling import SamplingConfig, SamplingMode
 from infer.cost_model import SPSProfile, profile_sps
-from infer.engine.core import (PENDING_ROWS, EngineSpec, EngineState, draft_pass_only, engine_round, parse_policy,
-                               plan_round, prefill_buckets, prefill_chunk)
+from infer.engine.core import (PENDING_ROWS, EngineSpec, EngineState, draft_pass_only, engine_rounds,
+                               parse_policy, plan_round, prefill_buckets, prefill_chunk)
 from infer.ragged import pick_bucket
 
 __all__ = ["Engine", "EngineError", "Request", "RequestOutput", "default_token_buckets"]
@@ -119,18 +119,24 @@ class Engine:
     target attention kernels per `dspark_jax.kernels` ("xla" default | "pallas" | "auto");
     prefill_chunk: prompts are prefilled in chunks of this many tokens, at most this many prompt
     tokens per `step()` (a long prompt spreads over several steps while the other slots decode;
-    prefill compiles one program per `prefill_buckets(prefill_chunk)` size, whatever the prompts).
+    prefill compiles one program per `prefill_buckets(prefill_chunk)` size, whatever the prompts);
+    multi_round: with a host-decided ℓ (ar, static:K, mtp1) and no request waiting for a slot, one
+    `step()` runs up to this many rounds in one device loop (`core.engine_rounds`; it stops at the
+    first stop token / token limit of any slot), cutting the per-round dispatch and copy; 1 = one
+    round per step.
     """
 
     def __init__(self, target, draft=None, *, policy: str = "dspark", slots: int = 4, max_len: int | None = None,
                  sampling: str = "temperature", buckets: Sequence[int] | None = None,
                  sps_profile: SPSProfile | None = None, max_queue: int = 256, cost_gate: bool = True,
-                 backend: str = "xla", prefill_chunk: int = 256):
+                 backend: str = "xla", prefill_chunk: int = 256, multi_round: int = 8):
         if slots < 1:
             raise EngineError(f"slots must be >= 1, got {slots}")
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise EngineError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
-        self.prefill_chunk = prefill_chunk
+        if not isinstance(multi_round, int) or multi_round < 1:
+            raise EngineError(f"multi_round must be a positive integer, got {multi_round!r}")
+        self.prefill_chunk, self.multi_round = prefill_chunk, multi_round
         self._prefill_sizes = prefill_buckets(prefill_chunk)
         gamma = 0 if draft is None else draft.config.block_size
         self.policy = dataclasses.replace(parse_policy(policy, gamma), cost_gate=cost_gate)
@@ -189,12 +195,14 @@ class Engine:
         self._plain_sps = jnp.asarray(profile.sps_table())
 
     def profile(self, *, cache_dir: str | None = None, repeats: int = 5, refresh: bool = False) -> SPSProfile:
-        """Time the engine's verify round (no draft pass) at every bucket and the draft pass; use it.
+        """Time the engine's verify round (its `engine_rounds` program, no draft pass) at every bucket and the
+        draft pass; use it.
 
         Cached on disk (`infer.cost_model.profile_sps`). Runs on scratch states: live requests are kept.
         """
         r, g = self.spec.slots, self.spec.gamma
         holder = [EngineState.create(self.spec)]  # one scratch state for every bucket (donated and carried)
+        budget, no_stops = jnp.full((r,), 1 << 30, jnp.int32), jnp.full((r, 1), -1, jnp.int32)
 
         def verify_at(bucket):
             act = jnp.arange(r) < min(bucket, r)
@@ -202,8 +210,9 @@ class Engine:
             ell = jnp.clip(extra // r + (jnp.arange(r) < extra % r), 0, g).astype(jnp.int32)
 
             def run():  # the state is donated: carry it, with positions reset so every call is alike
-                st, toks, _, _ = engine_round(self.target.params, self._dparams, self._head, holder[0], ell, act,
-                                              self._temps, spec=self.spec, bucket=bucket, draft_pass=False)
+                st, toks, _, _, _ = engine_rounds(self.target.params, self._dparams, self._head, holder[0], ell, act,
+                                                  self._temps, budget, no_stops, jnp.int32(1), spec=self.spec,
+                                                  bucket=bucket, draft_pass=False, max_rounds=self.multi_round)
                 holder[0] = st.replace(start=jnp.zeros_like(st.start))
                 return toks
 
@@ -374,7 +383,7 @@ class Engine:
         return size
 
     def step(self) -> list[RequestOutput]:
-        """Admit waiting requests, run one round; returns one output per request that changed."""
+        """Admit waiting requests, run one round (or several: `multi_round`); one output per request that changed."""
         outputs: list[RequestOutput] = []
         self._admit(outputs)
         if not self._active.any():
@@ -398,33 +407,56 @@ class Engine:
         flush = draft_pass and bool(np.any(self._pending > 0))
         bucket = pick_bucket(total, self.buckets)
         t1 = time.perf_counter()
-        self.state, new_tokens, n_new, acc = engine_round(
-            self.target.params, self._dparams, self._head, self.state, ell, active, self._temps, spec=self.spec,
-            bucket=bucket, draft_pass=draft_pass, flush=flush)
-        new_tokens, n_new, acc, ell = jax.device_get((new_tokens, n_new, acc, ell if ell_host is None else ()))
-        ell = ell_host if ell_host is not None else ell
+        # Host-decided ℓ (ar, static): several rounds per dispatch while nobody waits for a slot.
+        several = ell_host is not None and not flush and self.num_prefilling == 0 and not self._queue
+        self.state, toks, n_new, acc, n_done = engine_rounds(
+            self.target.params, self._dparams, self._head, self.state, ell, active, self._temps, *self._limits(),
+            jnp.int32(self.multi_round if several else 1), spec=self.spec, bucket=bucket, draft_pass=draft_pass,
+            flush=flush, max_rounds=self.multi_round)
+        toks, n_new, acc, n_done, ell_dev = jax.device_get((toks, n_new, acc, n_done,
+                                                            ell if ell_host is None else ()))
+        ell_host = ell_dev if ell_host is None else ell_host
+        rounds = [(toks[j], n_new[j], acc[j]) for j in range(int(n_done))]
         t2 = time.perf_counter()
         self._has_prop[:] = draft_pass & self._active
-        self._pending = np.where(draft_pass, 0, self._pending + np.where(self._active, n_new, 0))
-        self.stats["draft_passes"] += int(draft_pass)
-        self.stats["rounds"] += 1
-        self.stats["verify_tokens"] += int(total)
-        self.stats["request_rounds"] += int(self._active.sum())
+        n_sum = sum(n for _, n, _ in rounds)
+        self._pending = np.where(draft_pass, 0, self._pending + np.where(self._active, n_sum, 0))
         self.stats["plan_s"] += t1 - t0
         self.stats["round_s"] += t2 - t1
-        for slot in np.flatnonzero(self._active):
-            live = self._slot_req[slot]
-            try:
-                live.rounds += 1
-                live.drafts_verified += int(ell[slot])
-                live.accepted += int(acc[slot])
-                new = self._accept_tokens(live, new_tokens[slot, :n_new[slot]].tolist())
-                self.stats["committed"] += len(new)
-            except Exception as e:  # noqa: BLE001 - isolate one request's post-processing failure
-                self._finish(live, "error", f"{type(e).__name__}: {e}")
-                new = []
-            outputs.append(self._output(live, new))
+        fresh: dict[int, tuple[_Live, list[int]]] = {}  # slot -> (request, tokens committed this step)
+        for new_tokens, n_new, acc in rounds:
+            self.stats["draft_passes"] += int(draft_pass)
+            self.stats["rounds"] += 1
+            self.stats["verify_tokens"] += int(total)
+            self.stats["request_rounds"] += int(self._active.sum())
+            for slot in np.flatnonzero(self._active):
+                live = self._slot_req[slot]
+                try:
+                    live.rounds += 1
+                    live.drafts_verified += int(ell_host[slot])
+                    live.accepted += int(acc[slot])
+                    new = self._accept_tokens(live, new_tokens[slot, :n_new[slot]].tolist())
+                    self.stats["committed"] += len(new)
+                except Exception as e:  # noqa: BLE001 - isolate one request's post-processing failure
+                    self._finish(live, "error", f"{type(e).__name__}: {e}")
+                    new = []
+                fresh.setdefault(int(slot), (live, []))[1].extend(new)
+        outputs += [self._output(live, new) for live, new in fresh.values()]
         return outputs
+
+    def _limits(self) -> tuple[jax.Array, jax.Array]:
+        """(token budget [R] left per slot, stop ids [R, n] with -1 pads) of the decoding requests."""
+        r = self.spec.slots
+        stops = [sorted(self._slot_req[s].stops) if self._active[s] else [] for s in range(r)]
+        width = 1
+        while width < max(len(x) for x in stops):
+            width *= 2  # power-of-two widths: few compiled variants
+        stop_ids = np.full((r, width), -1, np.int32)
+        budget = np.full((r,), 1 << 30, np.int32)
+        for s in np.flatnonzero(self._active):
+            stop_ids[s, :len(stops[s])] = stops[s]
+            budget[s] = self._slot_req[s].max_new_tokens - len(self._slot_req[s].tokens)
+        return self._on_device(budget), self._on_device(stop_ids)
 
     def _on_device(self, host: np.ndarray) -> jax.Array:
         """A device copy of a small per-slot mask / count array, reused while its value repeats (no transfer)."""
