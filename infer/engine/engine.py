@@ -185,7 +185,7 @@ class Engine:
         self.set_profile(sps_profile or SPSProfile(buckets=self.buckets, verify_s=tuple(1.0 for _ in self.buckets),
                                                    draft_s=0.0))
         self.stats = {"rounds": 0, "verify_tokens": 0, "request_rounds": 0, "committed": 0, "round_s": 0.0,
-                      "plan_s": 0.0, "draft_passes": 0, "prefill_chunks": 0}
+                      "plan_s": 0.0, "draft_passes": 0, "prefill_chunks": 0, "prefill_s": 0.0}
 
     # ------------------------------------------------------------------ scheduling tables
     def set_profile(self, profile: SPSProfile) -> None:
@@ -385,7 +385,9 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Admit waiting requests, run one round (or several: `multi_round`); one output per request that changed."""
         outputs: list[RequestOutput] = []
+        t_admit = time.perf_counter()
         self._admit(outputs)
+        self.stats["prefill_s"] += time.perf_counter() - t_admit
         if not self._active.any():
             return outputs
         g = self.spec.gamma
