@@ -36,8 +36,8 @@ import numpy as np
 
 from dspark_jax.scheduling import prefix_schedule, schedule_objective
 
-__all__ = ["ESTIMATOR", "SPSProfile", "time_call", "time_round_robin", "monotone_step_times", "profile_key", "default_cache_dir",
-           "profile_sps", "RoundCostModel", "plot_profile"]
+__all__ = ["ESTIMATOR", "SPSProfile", "time_call", "time_round_robin", "monotone_step_times", "profile_key",
+           "default_cache_dir", "profile_sps", "RoundCostModel", "plot_profile"]
 
 FORMAT = "dspark-sps/v1"
 ESTIMATOR = "round-robin-min/monotone"  # how step times are measured; cached profiles made otherwise are re-measured

@@ -1,7 +1,7 @@
 """Device side of the continuous-batching engine: slot state, insert, plan (policy), packed round.
 
 R fixed slots share per-slot target and draft caches ``[R, S, ...]`` (slot-contiguous: slot r's
-row, index = position; not paged). Three jitted programs:
+row, index = position; not paged). The jitted programs:
 
 * `prefill_chunk`: prefill one fixed-size chunk of a prompt into slot `slot` of the target cache
   (chunked prefill: a long prompt takes several engine steps, each also running a decode round of
@@ -43,8 +43,8 @@ from infer.ragged import pack_chunks, packed_rejection_sample, packed_target_for
 from infer.speculative import Pending, draft_backbone, sample_block, truncate_proposal
 from infer.state import RowParams, SpecLoop, SpecModels
 
-__all__ = ["EngineSpec", "Policy", "EngineState", "prefill_chunk", "prefill_buckets", "plan_round", "engine_round", "engine_rounds", "draft_pass_only",
-           "parse_policy", "POLICIES"]
+__all__ = ["EngineSpec", "Policy", "EngineState", "prefill_chunk", "prefill_buckets", "plan_round", "engine_round",
+           "engine_rounds", "draft_pass_only", "parse_policy", "POLICIES"]
 
 Array = jax.Array
 PENDING_ROWS = 16  # context rows a slot may hold back across rounds without a draft pass
