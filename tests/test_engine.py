@@ -1,5 +1,7 @@
 """Continuous-batching engine: losslessness under scheduling (every policy, requests joining and
-leaving), sampled-output distribution, streaming, bad input and faults. Tiny shapes, shared compiles."""
+leaving), chunked prefill, sampled-output distribution, streaming, bad input and faults. Tiny shapes,
+shared compiles: one temperature-mode engine program set (greedy requests verify on token ids) serves
+the greedy, chunked-prefill, sampled and streaming tests; every engine prefills in chunks of 4."""
 
 from __future__ import annotations
 
