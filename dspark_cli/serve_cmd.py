@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per slot: prompt + max_tokens + K + 1 must fit (default: min(2048, the target's))")
     p.add_argument("--sampling", choices=("greedy", "temperature", "full"), default="full",
                    help="compiled sampling support: full (temperature + top-k/top-p, default), temperature, greedy")
+    p.add_argument("--prefill-chunk", type=positive_int, default=256,
+                   help="prompt tokens prefilled per engine step (chunked prefill; default 256)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 = any free port)")
     p.add_argument("--model-name", default=None, help="model id in the API (default: the target directory's name)")
@@ -95,7 +97,7 @@ def build_server(args: argparse.Namespace):
         raise CliError(f"--max-len {max_len} exceeds the target's max_position_embeddings "
                        f"{target.config.max_position_embeddings}")
     engine = Engine(target, draft, policy=policy, slots=args.slots, max_len=max_len, sampling=args.sampling,
-                    max_queue=args.max_queue)
+                    max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
     if args.profile and engine.spec.gamma > 0:
         log("profiling SPS(B) at every verify bucket (cached on disk)")
         engine.profile()

@@ -1,7 +1,13 @@
 """SPS(B) profiling and the whole-round cost model (DSpark spec §7.5, issue 11).
 
-`profile_sps` times a verify step at every static token bucket (warm: the first calls compile and
-warm up; then the median of repeats) and, optionally, the draft pass, giving an `SPSProfile`.
+`profile_sps` times a verify step at every static token bucket and, optionally, the draft pass,
+giving an `SPSProfile`. It is built to survive a shared, noisy machine: every program is compiled
+and warmed first, then the repeats go round-robin over the buckets (one call of each bucket per
+sweep, so a burst of load from another process hits every bucket alike instead of one bucket's
+consecutive repeats), each bucket keeps its minimum (other processes only ever add time), and
+the step times are made non-decreasing in the bucket size (`monotone_step_times`: a bigger bucket
+does at least the work of a smaller one, so a smaller bucket measured slower than a bigger one was
+disturbed and gets the bigger one's time; SPS(B) is then non-increasing).
 Profiles are cached as JSON on disk, keyed by everything that changes the numbers: model
 fingerprint, shapes, JAX backend, device kind and JAX version (`profile_key`). The default cache
 directory is ``$DSPARK_CACHE_DIR/sps`` or ``$XDG_CACHE_HOME/dspark_jax/sps`` (``~/.cache``).
@@ -20,7 +26,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import statistics
 import tempfile
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -31,22 +36,48 @@ import numpy as np
 
 from dspark_jax.scheduling import prefix_schedule, schedule_objective
 
-__all__ = ["SPSProfile", "time_call", "profile_key", "default_cache_dir", "profile_sps", "RoundCostModel",
-           "plot_profile"]
+__all__ = ["ESTIMATOR", "SPSProfile", "time_call", "time_round_robin", "monotone_step_times", "profile_key",
+           "default_cache_dir", "profile_sps", "RoundCostModel", "plot_profile"]
 
 FORMAT = "dspark-sps/v1"
+ESTIMATOR = "round-robin-min/monotone"  # how step times are measured; cached profiles made otherwise are re-measured
+
+
+def time_round_robin(fns: Sequence[Callable[[], Any]], *, warmup: int = 2, repeats: int = 7) -> list[float]:
+    """Minimum wall seconds of ``jax.block_until_ready(fn())`` for each of `fns`, timed round-robin.
+
+    Every fn is called `warmup` times untimed (compiles), then `repeats` sweeps call each fn once in
+    turn; each fn keeps its fastest call. Interleaving spreads a load burst from other processes over
+    all fns, and the minimum discards the time such bursts add.
+    """
+    for fn in fns:
+        for _ in range(max(warmup, 1)):
+            jax.block_until_ready(fn())
+    best = [float("inf")] * len(fns)
+    for _ in range(max(repeats, 1)):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
 
 
 def time_call(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 7) -> float:
-    """Median wall seconds of ``jax.block_until_ready(fn())`` after `warmup` untimed calls."""
-    for _ in range(max(warmup, 1)):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(max(repeats, 1)):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(statistics.median(times))
+    """Minimum wall seconds of ``jax.block_until_ready(fn())`` after `warmup` untimed calls."""
+    return time_round_robin([fn], warmup=warmup, repeats=repeats)[0]
+
+
+def monotone_step_times(times: Sequence[float]) -> tuple[float, ...]:
+    """Step times per ascending bucket made non-decreasing: t_i <- min(t_j for j >= i).
+
+    A bucket of more tokens does at least the work of a smaller one, and timing noise only adds
+    time, so a smaller bucket measured slower than a bigger one takes the bigger one's time.
+    """
+    out, low = [], float("inf")
+    for t in reversed(list(times)):
+        low = min(low, float(t))
+        out.append(low)
+    return tuple(reversed(out))
 
 
 def _device_kind() -> str:
@@ -72,9 +103,10 @@ def default_cache_dir() -> str:
 class SPSProfile:
     """Measured step times.
 
-    buckets: static verify token buckets (ascending); verify_s: median seconds of one verify step
-    at each bucket; draft_s: median seconds of one draft pass over all slots (None: not profiled);
-    key / fields: what the profile was measured for; backend, device_kind: where.
+    buckets: static verify token buckets (ascending); verify_s: seconds of one verify step at each
+    bucket (the `time_round_robin` minimum, made non-decreasing by `monotone_step_times`); draft_s:
+    seconds of one draft pass over all slots (None: not profiled); key / fields: what the profile
+    was measured for; backend, device_kind: where; estimator: how the times were taken.
     """
 
     buckets: tuple[int, ...]
@@ -84,6 +116,7 @@ class SPSProfile:
     fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     backend: str = ""
     device_kind: str = ""
+    estimator: str = ""
 
     def __post_init__(self):
         if len(self.buckets) != len(self.verify_s) or not self.buckets:
@@ -129,7 +162,7 @@ class SPSProfile:
             return cls(buckets=tuple(int(b) for b in obj["buckets"]), verify_s=tuple(float(t) for t in obj["verify_s"]),
                        draft_s=None if obj.get("draft_s") is None else float(obj["draft_s"]), key=obj.get("key", ""),
                        fields=obj.get("fields", {}), backend=obj.get("backend", ""),
-                       device_kind=obj.get("device_kind", ""))
+                       device_kind=obj.get("device_kind", ""), estimator=obj.get("estimator", ""))
         except KeyError as e:
             raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
 
@@ -150,7 +183,9 @@ def profile_sps(verify_at: Callable[[int], Callable[[], Any]], buckets: Sequence
     verify_at(bucket) returns a zero-argument callable running one jitted verify step at that
     bucket; draft: a zero-argument callable running one draft pass (or None). fields: what
     identifies the measured program (model fingerprint, slots, cache length, dtype, ...).
-    cache_dir: None = `default_cache_dir()`; "" disables the cache.
+    cache_dir: None = `default_cache_dir()`; "" disables the cache. Timing: `time_round_robin` over
+    the buckets and the draft pass together (minimum of `repeats` interleaved sweeps), then
+    `monotone_step_times`. A cached profile taken with another estimator is re-measured.
     """
     buckets = tuple(sorted(int(b) for b in buckets))
     key = profile_key({**fields, "buckets": buckets, "draft": draft is not None})
@@ -158,11 +193,15 @@ def profile_sps(verify_at: Callable[[int], Callable[[], Any]], buckets: Sequence
         if cache_dir != "" else None
     if path and os.path.isfile(path) and not refresh:
         with open(path) as f:
-            return SPSProfile.from_json(json.load(f), path)
-    verify_s = tuple(time_call(verify_at(b), warmup=warmup, repeats=repeats) for b in buckets)
-    draft_s = time_call(draft, warmup=warmup, repeats=repeats) if draft is not None else None
+            cached = SPSProfile.from_json(json.load(f), path)
+        if cached.estimator == ESTIMATOR:
+            return cached
+    fns = [verify_at(b) for b in buckets] + ([draft] if draft is not None else [])
+    times = time_round_robin(fns, warmup=warmup, repeats=repeats)
+    verify_s = monotone_step_times(times[:len(buckets)])
+    draft_s = times[-1] if draft is not None else None
     prof = SPSProfile(buckets=buckets, verify_s=verify_s, draft_s=draft_s, key=key, fields=dict(fields),
-                      backend=jax.default_backend(), device_kind=_device_kind())
+                      backend=jax.default_backend(), device_kind=_device_kind(), estimator=ESTIMATOR)
     if path:
         _write_json(path, prof.to_json())
     return prof

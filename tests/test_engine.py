@@ -1,5 +1,7 @@
 """Continuous-batching engine: losslessness under scheduling (every policy, requests joining and
-leaving), sampled-output distribution, streaming, bad input and faults. Tiny shapes, shared compiles."""
+leaving), chunked prefill, sampled-output distribution, streaming, bad input and faults. Tiny shapes,
+shared compiles: one temperature-mode engine program set (greedy requests verify on token ids) serves
+the greedy, chunked-prefill, sampled and streaming tests; every engine prefills in chunks of 4."""
 
 from __future__ import annotations
 
@@ -16,11 +18,13 @@ from dspark_jax.target.model import TargetModel
 from infer.api import Target, generate
 from infer.cost_model import SPSProfile
 from infer.engine import Engine, EngineError, Request
+from infer.engine.core import prefill_buckets, prefill_chunk
 from infer.speculative_api import Draft
 from tests.spec_helpers import oracle_draft, random_target
 
 # Default random_target shapes (as tests/test_speculative.py) so the eager setup compiles are shared.
 SLOTS, MAX_LEN, BUCKETS, STOP, REF_NEW = 3, 48, (4, 15), 47, 16
+CHUNK = 4  # prefill chunk of every engine here: prompts of 1-13 tokens take 1-4 chunks, two prefill programs
 FLAT = SPSProfile(buckets=BUCKETS, verify_s=(1.0, 1.05), draft_s=0.1)  # accelerator-like: drafting pays
 CPU = SPSProfile(buckets=BUCKETS, verify_s=(1.0, 2.8), draft_s=1.0)  # drafting never pays
 
@@ -53,8 +57,10 @@ MAX_NEW = [14, 9, 12, 6, 11]
 def test_greedy_equals_solo_autoregressive(pair, policy, profile):
     """Each request's greedy output == its solo greedy AR output, whatever else runs and when it joined."""
     target, draft = pair
-    eng = Engine(target, draft, policy=policy, slots=SLOTS, max_len=MAX_LEN, sampling="greedy", buckets=BUCKETS,
-                 sps_profile=profile)
+    # Greedy requests in the serving default "temperature" engine (the programs the sampled test reuses);
+    # `ar` (no drafter: its own programs anyway) runs the greedy-only engine.
+    eng = Engine(target, draft, policy=policy, slots=SLOTS, max_len=MAX_LEN, buckets=BUCKETS, sps_profile=profile,
+                 sampling="greedy" if policy == "ar" else "temperature", prefill_chunk=CHUNK)
     ids = [eng.submit(PROMPTS[0], max_new_tokens=MAX_NEW[0]), eng.submit(PROMPTS[1], max_new_tokens=MAX_NEW[1])]
     eng.step()
     eng.step()
@@ -73,6 +79,41 @@ def test_greedy_equals_solo_autoregressive(pair, policy, profile):
         assert met["draft_passes"] < met["rounds"] / 2 and met["mean_verify_budget"] < 1.3, met
 
 
+def test_chunked_prefill_long_prompt_while_others_decode(pair):
+    """A prompt of several chunks is prefilled over several steps while another request decodes; both equal
+    their solo greedy output; prefill compiles one program per chunk size (not per prompt length)."""
+    target, draft = pair
+    eng = Engine(target, draft, policy="mtp1", slots=SLOTS, max_len=MAX_LEN, sampling="temperature", buckets=BUCKETS,
+                 sps_profile=FLAT, prefill_chunk=CHUNK)  # mtp1: <= 2 tokens a round, so `short` outlives the prefill
+    compiled_before = prefill_chunk._cache_size()
+    short_prompt = next(p for p in PROMPTS if len(solo(target, p, REF_NEW)) == REF_NEW)  # no stop within 16
+    short = eng.submit(short_prompt, max_new_tokens=REF_NEW)
+    long_prompt = [5, 17, 3, 28, 9, 11, 40, 2, 6, 33, 21, 8, 14]  # 13 tokens: chunks 4 + 4 + 4 + 1
+    long = eng.submit(long_prompt, max_new_tokens=12)
+    eng.step()  # both get a slot; the step's prefill budget (4 tokens) goes to the older `short`, which decodes
+    assert eng.num_prefilling == 1 and eng._live[long].prefilled == 0
+    seen = len(eng._live[short].tokens)
+    assert seen >= 2  # first token + one round (one round per step while `long` waits: multi_round)
+    for _ in range(3):  # three full chunks, one per step; the short request decodes in each of them
+        eng.step()
+        assert eng.num_prefilling == 1 and len(eng._live[long].tokens) == 0
+        assert len(eng._live[short].tokens) > seen
+        seen = len(eng._live[short].tokens)
+    eng.step()  # the last chunk: the long request streams its first token and decodes from now on
+    assert eng.num_prefilling == 0 and len(eng._live[long].tokens) >= 1
+    # Another length, still the same two prefill programs (full chunk, padded last chunk).
+    other = eng.submit(PROMPTS[1], max_new_tokens=MAX_NEW[1])
+    for _ in eng.run():
+        pass
+    assert eng.result(short).token_ids == solo(target, short_prompt, REF_NEW)
+    assert eng.result(long).token_ids == solo(target, long_prompt, 12)
+    assert eng.result(other).token_ids == solo(target, PROMPTS[1], MAX_NEW[1])
+    assert eng.metrics()["prefill_chunks"] == -(-len(short_prompt) // CHUNK) + 4 + 2
+    assert prefill_chunk._cache_size() - compiled_before <= len(prefill_buckets(CHUNK)) + 1 == 2
+    with pytest.raises(EngineError, match="prefill_chunk"):
+        Engine(target, draft, prefill_chunk=0)
+
+
 def test_sampled_distribution_with_requests_joining_and_leaving(pair):
     """First two tokens of sampled requests ~ the target's exact joint distribution (chi-square)."""
     target, draft = pair
@@ -85,7 +126,7 @@ def test_sampled_distribution_with_requests_joining_and_leaving(pair):
     joint = p1[:, None] * np.asarray(jax.nn.softmax(logits[:, 3] / temp, axis=-1), np.float64)
 
     eng = Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, sampling="temperature",
-                 buckets=BUCKETS, sps_profile=FLAT)
+                 buckets=BUCKETS, sps_profile=FLAT, prefill_chunk=CHUNK)
     rng = np.random.default_rng(0)
     reqs, measured = [], []
     for i in range(360):
@@ -116,12 +157,16 @@ def test_sampled_distribution_with_requests_joining_and_leaving(pair):
 
 def test_streaming_cancel_and_bad_input(pair):
     target, draft = pair
-    eng = Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, sampling="greedy", buckets=BUCKETS,
-                 sps_profile=FLAT, max_queue=2)
+    eng = Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, sampling="temperature", buckets=BUCKETS,
+                 sps_profile=FLAT, max_queue=2, prefill_chunk=CHUNK)
     with pytest.raises(EngineError, match="too long"):
         eng.submit(list(range(1, 40)), max_new_tokens=20)
+    greedy_only = Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, sampling="greedy",
+                         buckets=BUCKETS, sps_profile=FLAT)  # refuses at submit: nothing compiled
     with pytest.raises(EngineError, match="temperature"):
-        eng.submit([1, 2], max_new_tokens=4, sampling=SamplingConfig(temperature=0.5))
+        greedy_only.submit([1, 2], max_new_tokens=4, sampling=SamplingConfig(temperature=0.5))
+    with pytest.raises(EngineError, match="top_k"):
+        eng.submit([1, 2], max_new_tokens=4, sampling=SamplingConfig(temperature=0.5, top_k=5))
     with pytest.raises(EngineError, match="outside the vocabulary"):
         eng.submit([1, 99], max_new_tokens=4)
     with pytest.raises(EngineError, match="max_new_tokens"):

@@ -1,17 +1,21 @@
 """Device side of the continuous-batching engine: slot state, insert, plan (policy), packed round.
 
-R fixed slots share per-slot target and draft caches ``[R, S, ...]``. Three jitted programs:
+R fixed slots share per-slot target and draft caches ``[R, S, ...]`` (slot-contiguous: slot r's
+row, index = position; not paged). The jitted programs:
 
-* `insert_request`: prefill one prompt (batch 1, prompt bucket P), sample its first token,
-  write the row into slot `slot` of the target cache and — with a drafter — draft its first block
-  (the draft cache row is rebuilt from the prompt's target features). Other slots are untouched,
-  so a request joins while the others keep decoding.
+* `prefill_chunk`: prefill one fixed-size chunk of a prompt into slot `slot` of the target cache
+  (chunked prefill: a long prompt takes several engine steps, each also running a decode round of
+  the other slots) and commit the chunk's tapped target features to the slot's draft context. The
+  prompt's last chunk (padded to a `prefill_buckets` size) also samples the first token and drafts
+  the first block. Other slots are untouched, so a request joins while the others keep decoding.
 * `plan_round`: the policy's per-slot draft counts ℓ [R] (on device: Algorithm 1, async top-K,
   thresholds, static). The host reads Σ(1 + ℓ) to pick the token bucket.
 * `engine_round`: pack ``[anchor, drafts[:ℓ]]`` of the active slots into the bucket, one packed
   target forward (`infer.ragged`), packed rejection sampling with per-slot keys and sampling
   values, commit, and the next draft block for every slot. Returns the committed tokens per slot;
   the host applies stop tokens and max-token limits (extra tokens after a stop are discarded).
+* `engine_rounds`: the program the engine calls: one round, or several in one device loop
+  (host-planned policies, nobody waiting), ending at the first stop token or token limit of any slot.
 
 Randomness: request r's round n uses ``fold_in(PRNGKey(seed_r), n)`` whatever slot or batch it
 runs in, so a request's output depends only on its own seed and the tokens.
@@ -34,14 +38,13 @@ from dspark_jax.sampling import SamplingMode, SamplingParams, next_token
 from dspark_jax.scheduling import async_schedule, prefix_schedule, survival_from_confidence
 from dspark_jax.target.kv_cache import KVCache
 from dspark_jax.target.model import TargetModel
-from infer.autoregressive import prefill
 from infer.cost_model import RoundCostModel
 from infer.ragged import pack_chunks, packed_rejection_sample, packed_target_forward
 from infer.speculative import Pending, draft_backbone, sample_block, truncate_proposal
 from infer.state import RowParams, SpecLoop, SpecModels
 
-__all__ = ["EngineSpec", "Policy", "EngineState", "insert_request", "plan_round", "engine_round", "draft_pass_only",
-           "parse_policy", "POLICIES"]
+__all__ = ["EngineSpec", "Policy", "EngineState", "prefill_chunk", "prefill_buckets", "plan_round", "engine_round",
+           "engine_rounds", "draft_pass_only", "parse_policy", "POLICIES"]
 
 Array = jax.Array
 PENDING_ROWS = 16  # context rows a slot may hold back across rounds without a draft pass
@@ -202,47 +205,96 @@ def _set_row(buf: Array, slot: Array, row: Array) -> Array:
     return buf.at[slot].set(row.astype(buf.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
-def insert_request(params, draft_params, head, state: EngineState, slot: Array, prompt: Array, prompt_len: Array,
-                   sampling: SamplingParams, seed_key: Array, *, spec: EngineSpec) -> tuple[EngineState, Array]:
-    """Prefill `prompt` [1, P] (length prompt_len [1]) into slot `slot` and draft its first block.
+def prefill_buckets(chunk: int, minimum: int = 16) -> tuple[int, ...]:
+    """Padded sizes of a prompt's last prefill chunk: powers of two from `minimum` below `chunk`, then `chunk`.
 
-    sampling: the request's `SamplingParams` (scalars); seed_key [2] = PRNGKey(seed). Returns
-    (state, first token scalar int32).
+    Every other chunk is exactly `chunk` tokens, so prefill compiles at most
+    ``len(prefill_buckets(chunk)) + 1`` programs whatever the prompt lengths.
+    """
+    out, b = [], minimum
+    while b < chunk:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (chunk,)
+
+
+def _slot_row(buf: Array, slot: Array, pad: int) -> Array:
+    """Row `slot` of a per-slot buffer [R, S, ...] as [1, S + pad, ...] (zeros appended)."""
+    row = jax.lax.dynamic_index_in_dim(buf, slot, 0, keepdims=True)
+    return jnp.concatenate([row, jnp.zeros((1, pad) + row.shape[2:], row.dtype)], axis=1)
+
+
+def _put_row(buf: Array, slot: Array, row: Array) -> Array:
+    """Write row [1, >= S, ...] (cut to S) into slot `slot` of buf [R, S, ...]."""
+    row = row[:, :buf.shape[1]].astype(buf.dtype)
+    return jax.lax.dynamic_update_slice(buf, row, (slot,) + (0,) * (buf.ndim - 1))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "last"), donate_argnames=("state",))
+def prefill_chunk(params, draft_params, head, state: EngineState, slot: Array, tokens: Array, chunk_start: Array,
+                  chunk_valid: Array, sampling: SamplingParams, seed_key: Array, *, spec: EngineSpec,
+                  last: bool) -> tuple[EngineState, Array]:
+    """Prefill one chunk of a prompt into slot `slot`; on the prompt's last chunk, start the request.
+
+    tokens [1, C] (right-padded; C = the engine's chunk or, for the last chunk, a `prefill_buckets`
+    size) at positions chunk_start + 0..C-1, the first chunk_valid of them real. The chunk's keys and
+    values go into the slot's target cache row (the cache is slot-contiguous: row `slot`, index =
+    position), the target's tapped hidden states of the valid tokens into the slot's draft context
+    cache. Other slots are untouched, so decode rounds of the other slots run between chunks.
+    The first chunk (chunk_start 0) resets the slot's draft context and held-back rows.
+    last=True (static): also sample the first token from the last valid position, set the slot's
+    sampling values / keys / counters and draft its first block. sampling: the request's
+    `SamplingParams` (scalars); seed_key [2] = PRNGKey(seed). Returns (state, first token scalar
+    int32; -1 when not last).
     """
     cfg, dcfg = spec.config, spec.dcfg
+    c = tokens.shape[1]
     taps_ids = tuple(dcfg.target_layer_ids) if dcfg is not None else ()
-    logits, row_cache, taps = prefill(TargetModel(cfg, attention_backend=spec.backend), params, prompt, prompt_len, spec.cache_len, taps_ids)
+    tc = state.tcache
+    # The slot's cache row with C spare rows, so a padded last chunk never writes past the capacity.
+    row_cache = KVCache(k=tuple(_slot_row(a, slot, c) for a in tc.k), v=tuple(_slot_row(a, slot, c) for a in tc.v),
+                        lengths=chunk_start[None])
+    pos = chunk_start + jnp.arange(c, dtype=jnp.int32)[None, :]  # [1, C]
+    out = TargetModel(cfg, attention_backend=spec.backend).apply(
+        {"params": params}, tokens, pos, row_cache, logits_indices=(chunk_valid - 1)[None, None],
+        compute_logits=last, lm_head_kernel=head, tap_layers=taps_ids)
+    end = chunk_start + chunk_valid  # [] tokens of the prompt in the cache after this chunk
+    state = state.replace(tcache=tc.replace(k=tuple(_put_row(a, slot, b) for a, b in zip(tc.k, out.cache.k)),
+                                            v=tuple(_put_row(a, slot, b) for a, b in zip(tc.v, out.cache.v)),
+                                            lengths=_set_row(tc.lengths, slot, end)))
+    first = jnp.int32(-1)
     k0 = jax.random.split(jax.random.fold_in(seed_key, 0), 2)
     one = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], sampling)  # [1] rows
-    first = next_token(k0[:1], logits, one, spec.mode)[0]
-    tc = state.tcache
-    tcache = tc.replace(k=tuple(_set_row(a, slot, b[0]) for a, b in zip(tc.k, row_cache.k)),
-                        v=tuple(_set_row(a, slot, b[0]) for a, b in zip(tc.v, row_cache.v)),
-                        lengths=_set_row(tc.lengths, slot, prompt_len[0]))
-    state = state.replace(tcache=tcache, anchor=_set_row(state.anchor, slot, first),
-                          start=_set_row(state.start, slot, prompt_len[0]),
-                          sampling=jax.tree_util.tree_map(lambda a, b: _set_row(a, slot, b), state.sampling, sampling),
-                          keys=_set_row(state.keys, slot, seed_key),
-                          rnd=_set_row(state.rnd, slot, jnp.int32(1)),
-                          hist_valid=state.hist_valid.at[:, slot].set(False))
+    if last:
+        first = next_token(k0[:1], out.logits[:, 0], one, spec.mode)[0]
+        state = state.replace(anchor=_set_row(state.anchor, slot, first), start=_set_row(state.start, slot, end),
+                              sampling=jax.tree_util.tree_map(lambda a, b: _set_row(a, slot, b), state.sampling,
+                                                              sampling),
+                              keys=_set_row(state.keys, slot, seed_key), rnd=_set_row(state.rnd, slot, jnp.int32(1)),
+                              hist_valid=state.hist_valid.at[:, slot].set(False))
     if dcfg is None:
         return state, first
-    p_len = prompt.shape[1]
-    pos = jnp.arange(p_len, dtype=jnp.int32)[None, :]
-    one_cache = DraftCache.create(dcfg, 1, spec.cache_len)
-    pending = Pending(features=jnp.concatenate(taps, axis=-1), positions=pos, valid=pos < prompt_len[:, None])
-    tokens, probs, conf, one_cache = _propose(spec, draft_params, head, one_cache, pending, first[None], prompt_len,
-                                              k0[1:], one)
+    # Draft context: commit the chunk's target features to the slot's draft cache row (reset on the first chunk).
     dc = state.dcache
-    dcache = dc.replace(k=tuple(_set_row(a, slot, b[0]) for a, b in zip(dc.k, one_cache.k)),
-                        v=tuple(_set_row(a, slot, b[0]) for a, b in zip(dc.v, one_cache.v)),
-                        lengths=_set_row(dc.lengths, slot, one_cache.lengths[0]))
-    state = state.replace(dcache=dcache, pending_n=_set_row(state.pending_n, slot, jnp.int32(0)),
-                          prop_tokens=_set_row(state.prop_tokens, slot, tokens[0]),
-                          prop_conf=_set_row(state.prop_conf, slot, conf[0]),
-                          prop_probs=None if probs is None else _set_row(state.prop_probs, slot, probs[0]))
-    return state, first
+    fresh = chunk_start == 0
+    d_row = DraftCache(k=tuple(_slot_row(a, slot, 0) for a in dc.k), v=tuple(_slot_row(a, slot, 0) for a in dc.v),
+                       lengths=jnp.where(fresh, 0, dc.lengths[slot])[None])
+    pending = Pending(features=jnp.concatenate(out.taps, axis=-1), positions=pos,
+                      valid=jnp.arange(c)[None, :] < chunk_valid)
+    if last:
+        prop_tokens, probs, conf, d_row = _propose(spec, draft_params, head, d_row, pending, first[None], end[None],
+                                                   k0[1:], one)
+        state = state.replace(prop_tokens=_set_row(state.prop_tokens, slot, prop_tokens[0]),
+                              prop_conf=_set_row(state.prop_conf, slot, conf[0]),
+                              prop_probs=None if probs is None else _set_row(state.prop_probs, slot, probs[0]))
+    else:  # commit only: the block outputs of this draft pass are unused (and dead code to XLA)
+        models = SpecModels(target=None, draft=draft_params, head=head)
+        _, _, d_row = draft_backbone(_spec_loop(spec), models, d_row, pending, jnp.zeros((1,), jnp.int32), end[None])
+    dcache = dc.replace(k=tuple(_put_row(a, slot, b) for a, b in zip(dc.k, d_row.k)),
+                        v=tuple(_put_row(a, slot, b) for a, b in zip(dc.v, d_row.v)),
+                        lengths=_set_row(dc.lengths, slot, d_row.lengths[0]))
+    return state.replace(dcache=dcache, pending_n=_set_row(state.pending_n, slot,
+                                                           jnp.where(fresh, 0, state.pending_n[slot]))), first
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "policy"))
@@ -342,6 +394,42 @@ def engine_round(params, draft_params, head, state: EngineState, ell: Array, act
                                   pending_pos=state.pending_pos.at[r_idx, idx].set(ctx_pos, mode="drop"),
                                   pending_n=state.pending_n + n_new)
     return state, new_tokens, n_new, a
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "bucket", "draft_pass", "flush", "max_rounds"),
+                   donate_argnames=("state",))
+def engine_rounds(params, draft_params, head, state: EngineState, ell: Array, active: Array, temperatures: Array,
+                  budget: Array, stop_ids: Array, num_rounds: Array, *, spec: EngineSpec, bucket: int,
+                  draft_pass: bool, flush: bool = False, max_rounds: int):
+    """Up to num_rounds (<= max_rounds) `engine_round`s with the same ℓ [R] in one program (a device while-loop).
+
+    The engine runs every round through this program: policies whose ℓ the host fixes (ar, static)
+    run several rounds per dispatch and device-to-host copy while no request waits for a slot;
+    otherwise num_rounds is 1 (the same compiled program either way). The loop ends after the round
+    in which an
+    active slot commits one of its stop tokens (stop_ids [R, n], -1 pads) or reaches its token
+    budget [R] (tokens it may still commit), so the host sees every finish at once and no slot
+    decodes past its end. Round n of a request uses the same keys as with one round per call.
+    Returns (state, new_tokens [max_rounds, R, γ + 1], n_new [max_rounds, R], accepted
+    [max_rounds, R], rounds run).
+    """
+    r, g1 = spec.slots, max(spec.gamma, 1) + 1
+    toks = jnp.full((max_rounds, r, g1), -1, jnp.int32)
+    zeros = jnp.zeros((max_rounds, r), jnp.int32)
+
+    def body(carry):
+        i, st, toks, n_new, acc, left, _ = carry
+        st, t, n, a = engine_round(params, draft_params, head, st, ell, active, temperatures, spec=spec,
+                                   bucket=bucket, draft_pass=draft_pass, flush=flush)
+        left = left - n
+        hit = jnp.any((t[:, :, None] == stop_ids[:, None, :]) & (t[:, :, None] >= 0), axis=(1, 2))  # [R]
+        done = jnp.any(active & (hit | (left <= 0)))
+        return i + 1, st, toks.at[i].set(t), n_new.at[i].set(n), acc.at[i].set(a), left, done
+
+    carry = (jnp.int32(0), state, toks, zeros, zeros, budget.astype(jnp.int32), jnp.asarray(False))
+    limit = jnp.minimum(num_rounds, max_rounds)
+    i, state, toks, n_new, acc, _, _ = jax.lax.while_loop(lambda c: (c[0] < limit) & ~c[6], body, carry)
+    return state, toks, n_new, acc, i
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))

@@ -29,8 +29,8 @@ import numpy as np
 from dspark_jax import kernels
 from dspark_jax.sampling import SamplingConfig, SamplingMode
 from infer.cost_model import SPSProfile, profile_sps
-from infer.engine.core import (PENDING_ROWS, EngineSpec, EngineState, draft_pass_only, engine_round, insert_request, parse_policy,
-                               plan_round)
+from infer.engine.core import (PENDING_ROWS, EngineSpec, EngineState, draft_pass_only, engine_rounds,
+                               parse_policy, plan_round, prefill_buckets, prefill_chunk)
 from infer.ragged import pick_bucket
 
 __all__ = ["Engine", "EngineError", "Request", "RequestOutput", "default_token_buckets"]
@@ -76,6 +76,7 @@ class _Live:
     submitted: float
     tokens: list[int] = dataclasses.field(default_factory=list)
     slot: int | None = None
+    prefilled: int = 0  # prompt tokens already in the slot's cache (chunked prefill)
     first_token_at: float | None = None
     finished_at: float | None = None
     rounds: int = 0
@@ -105,13 +106,6 @@ def default_token_buckets(slots: int, gamma: int) -> tuple[int, ...]:
     return tuple(sorted(set(out + [top])))
 
 
-def _bucket(n: int, minimum: int = 16) -> int:
-    b = minimum
-    while b < n:
-        b *= 2
-    return b
-
-
 class Engine:
     """Continuous-batching speculative engine over `slots` fixed slots (see the module docstring).
 
@@ -122,15 +116,28 @@ class Engine:
     "full" (also per-request top-k <= 256 / top-p); buckets: verify token buckets; sps_profile: an
     `SPSProfile` for the scheduler (measured by `profile()` when None and the policy needs it; a
     flat table until then); max_queue: queued requests beyond which `submit` refuses; backend:
-    target attention kernels per `dspark_jax.kernels` ("xla" default | "pallas" | "auto").
+    target attention kernels per `dspark_jax.kernels` ("xla" default | "pallas" | "auto");
+    prefill_chunk: prompts are prefilled in chunks of this many tokens, at most this many prompt
+    tokens per `step()` (a long prompt spreads over several steps while the other slots decode;
+    prefill compiles one program per `prefill_buckets(prefill_chunk)` size, whatever the prompts);
+    multi_round: with a host-decided ℓ (ar, static:K, mtp1) and no request waiting for a slot, one
+    `step()` runs up to this many rounds in one device loop (`core.engine_rounds`; it stops at the
+    first stop token / token limit of any slot), cutting the per-round dispatch and copy; 1 = one
+    round per step.
     """
 
     def __init__(self, target, draft=None, *, policy: str = "dspark", slots: int = 4, max_len: int | None = None,
                  sampling: str = "temperature", buckets: Sequence[int] | None = None,
                  sps_profile: SPSProfile | None = None, max_queue: int = 256, cost_gate: bool = True,
-                 backend: str = "xla"):
+                 backend: str = "xla", prefill_chunk: int = 256, multi_round: int = 8):
         if slots < 1:
             raise EngineError(f"slots must be >= 1, got {slots}")
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise EngineError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
+        if not isinstance(multi_round, int) or multi_round < 1:
+            raise EngineError(f"multi_round must be a positive integer, got {multi_round!r}")
+        self.prefill_chunk, self.multi_round = prefill_chunk, multi_round
+        self._prefill_sizes = prefill_buckets(prefill_chunk)
         gamma = 0 if draft is None else draft.config.block_size
         self.policy = dataclasses.replace(parse_policy(policy, gamma), cost_gate=cost_gate)
         if self.policy.drafts and draft is None:
@@ -166,18 +173,19 @@ class Engine:
         self._temps = jnp.asarray(temps[:gamma] if temps else np.ones(max(gamma, 1)), jnp.float32)
         self.max_queue = int(max_queue)
         self.state = EngineState.create(self.spec)
-        self._active = np.zeros(slots, bool)
+        self._active = np.zeros(slots, bool)  # slots decoding (prefill done)
         self._has_prop = np.zeros(slots, bool)  # proposal drafted after the slot's last commit
         self._pending = np.zeros(slots, np.int64)  # held-back draft-context rows (rounds without a draft pass)
-        self._slot_req: list[_Live | None] = [None] * slots
+        self._slot_req: list[_Live | None] = [None] * slots  # the request holding each slot (prefilling or active)
         self._queue: collections.deque[_Live] = collections.deque()
         self._live: dict[str, _Live] = {}
         self._done: dict[str, _Live] = {}
         self._ids = itertools.count()
+        self._device_arrays: dict[tuple, jax.Array] = {}  # see `_on_device`
         self.set_profile(sps_profile or SPSProfile(buckets=self.buckets, verify_s=tuple(1.0 for _ in self.buckets),
                                                    draft_s=0.0))
         self.stats = {"rounds": 0, "verify_tokens": 0, "request_rounds": 0, "committed": 0, "round_s": 0.0,
-                      "plan_s": 0.0, "draft_passes": 0}
+                      "plan_s": 0.0, "draft_passes": 0, "prefill_chunks": 0, "prefill_s": 0.0}
 
     # ------------------------------------------------------------------ scheduling tables
     def set_profile(self, profile: SPSProfile) -> None:
@@ -187,21 +195,24 @@ class Engine:
         self._plain_sps = jnp.asarray(profile.sps_table())
 
     def profile(self, *, cache_dir: str | None = None, repeats: int = 5, refresh: bool = False) -> SPSProfile:
-        """Time the engine's verify round (no draft pass) at every bucket and the draft pass; use it.
+        """Time the engine's verify round (its `engine_rounds` program, no draft pass) at every bucket and the
+        draft pass; use it.
 
         Cached on disk (`infer.cost_model.profile_sps`). Runs on scratch states: live requests are kept.
         """
         r, g = self.spec.slots, self.spec.gamma
+        holder = [EngineState.create(self.spec)]  # one scratch state for every bucket (donated and carried)
+        budget, no_stops = jnp.full((r,), 1 << 30, jnp.int32), jnp.full((r, 1), -1, jnp.int32)
 
         def verify_at(bucket):
             act = jnp.arange(r) < min(bucket, r)
             extra = max(bucket - r, 0)  # drafts spread over the slots to fill the bucket exactly
             ell = jnp.clip(extra // r + (jnp.arange(r) < extra % r), 0, g).astype(jnp.int32)
-            holder = [EngineState.create(self.spec)]
 
             def run():  # the state is donated: carry it, with positions reset so every call is alike
-                st, toks, _, _ = engine_round(self.target.params, self._dparams, self._head, holder[0], ell, act,
-                                              self._temps, spec=self.spec, bucket=bucket, draft_pass=False)
+                st, toks, _, _, _ = engine_rounds(self.target.params, self._dparams, self._head, holder[0], ell, act,
+                                                  self._temps, budget, no_stops, jnp.int32(1), spec=self.spec,
+                                                  bucket=bucket, draft_pass=False, max_rounds=self.multi_round)
                 holder[0] = st.replace(start=jnp.zeros_like(st.start))
                 return toks
 
@@ -286,8 +297,13 @@ class Engine:
 
     @property
     def num_active(self) -> int:
-        """Requests holding a slot."""
-        return int(self._active.sum())
+        """Requests holding a slot (decoding or still prefilling)."""
+        return sum(r is not None for r in self._slot_req)
+
+    @property
+    def num_prefilling(self) -> int:
+        """Requests whose prompt is still being prefilled."""
+        return sum(r is not None for r in self._slot_req) - int(self._active.sum())
 
     def _finish(self, live: _Live, reason: str, error: str | None = None) -> None:
         live.finish_reason, live.error, live.finished_at = reason, error, time.perf_counter()
@@ -318,78 +334,146 @@ class Engine:
         return new
 
     def _admit(self, outputs: list[RequestOutput]) -> None:
-        while self._queue and not self._active.all():
-            live = self._queue.popleft()
-            slot = int(np.argmin(self._active))
-            s = live.sampling
-            p = _bucket(len(live.ids))
-            prompt = np.zeros((1, p), np.int32)
-            prompt[0, :len(live.ids)] = live.ids
-            self.state, first = insert_request(
-                self.target.params, self._dparams, self._head, self.state, jnp.int32(slot), jnp.asarray(prompt),
-                jnp.asarray([len(live.ids)], jnp.int32), s.params(), jax.random.PRNGKey(live.seed), spec=self.spec)
-            live.slot = slot
-            self._active[slot] = True
-            self._has_prop[slot] = self.spec.gamma > 0
-            self._pending[slot] = 0
-            self._slot_req[slot] = live
-            first = int(first)
-            live.first_token_at = time.perf_counter()
-            try:
-                new = self._accept_tokens(live, [first])
-            except Exception as e:  # noqa: BLE001 - one request's failure must not lose the others
-                self._finish(live, "error", f"{type(e).__name__}: {e}")
-                new = []
-            outputs.append(self._output(live, new))
+        """Give free slots to queued requests, then prefill up to `prefill_chunk` prompt tokens.
+
+        Chunks go to the oldest prefilling request first; at least one chunk runs per step. A request
+        starts decoding (and streams its first token) after its last chunk.
+        """
+        for slot in range(self.spec.slots):
+            if self._slot_req[slot] is None and self._queue:
+                live = self._queue.popleft()
+                live.slot, live.prefilled = slot, 0
+                self._slot_req[slot] = live
+        budget = self.prefill_chunk
+        prefilling = sorted((r for r in self._slot_req if r is not None and not self._active[r.slot]),
+                            key=lambda r: r.submitted)
+        for live in prefilling:
+            while budget > 0 and live.prefilled < len(live.ids):
+                budget -= self._prefill_next_chunk(live, outputs)
+            if budget <= 0:
+                break
+
+    def _prefill_next_chunk(self, live: _Live, outputs: list[RequestOutput]) -> int:
+        """Run `live`'s next prefill chunk; returns its padded size (tokens of prefill work)."""
+        slot, c0 = live.slot, live.prefilled
+        n = min(self.prefill_chunk, len(live.ids) - c0)
+        last = c0 + n == len(live.ids)
+        size = next(b for b in self._prefill_sizes if b >= n) if last else self.prefill_chunk
+        chunk = np.zeros((1, size), np.int32)
+        chunk[0, :n] = live.ids[c0:c0 + n]
+        self.state, first = prefill_chunk(
+            self.target.params, self._dparams, self._head, self.state, jnp.int32(slot), jnp.asarray(chunk),
+            jnp.int32(c0), jnp.int32(n), live.sampling.params(), jax.random.PRNGKey(live.seed), spec=self.spec,
+            last=last)
+        live.prefilled = c0 + n
+        self.stats["prefill_chunks"] += 1
+        if not last:
+            return size
+        self._active[slot] = True
+        self._has_prop[slot] = self.spec.gamma > 0
+        self._pending[slot] = 0
+        first = int(first)
+        live.first_token_at = time.perf_counter()
+        try:
+            new = self._accept_tokens(live, [first])
+        except Exception as e:  # noqa: BLE001 - one request's failure must not lose the others
+            self._finish(live, "error", f"{type(e).__name__}: {e}")
+            new = []
+        outputs.append(self._output(live, new))
+        return size
 
     def step(self) -> list[RequestOutput]:
-        """Admit waiting requests, run one round; returns one output per request that changed."""
+        """Admit waiting requests, run one round (or several: `multi_round`); one output per request that changed."""
         outputs: list[RequestOutput] = []
+        t_admit = time.perf_counter()
         self._admit(outputs)
+        self.stats["prefill_s"] += time.perf_counter() - t_admit
         if not self._active.any():
             return outputs
-        active = jnp.asarray(self._active)
-        t0 = time.perf_counter()
-        ell, total, draft_next = plan_round(self.state, active, jnp.asarray(self._has_prop), self._round_sps,
-                                            self._plain_sps, self._temps, spec=self.spec, policy=self.policy)
-        total, draft_pass = int(total), bool(draft_next) and self.spec.gamma > 0
         g = self.spec.gamma
+        active = self._on_device(self._active)
+        t0 = time.perf_counter()
+        if self.policy.kind in ("ar", "static"):  # ℓ is known on the host: no plan program, no device sync
+            k = min(self.policy.k, g) if self.policy.kind == "static" else 0
+            ell_host = np.where(self._active & self._has_prop, k, 0).astype(np.int32)
+            total, draft_pass = int(np.sum(np.where(self._active, 1 + ell_host, 0))), g > 0
+            ell = self._on_device(ell_host)
+        else:
+            ell_host = None
+            ell, total, draft_next = plan_round(self.state, active, self._on_device(self._has_prop), self._round_sps,
+                                                self._plain_sps, self._temps, spec=self.spec, policy=self.policy)
+            total, draft_pass = jax.device_get((total, draft_next))
+            total, draft_pass = int(total), bool(draft_pass) and g > 0
         if g > 0 and not draft_pass and np.any(self._active & (self._pending + g + 1 > PENDING_ROWS)):
             draft_pass = True  # the held-back context is full: draft now and commit it
         flush = draft_pass and bool(np.any(self._pending > 0))
         bucket = pick_bucket(total, self.buckets)
         t1 = time.perf_counter()
-        self.state, new_tokens, n_new, acc = engine_round(
-            self.target.params, self._dparams, self._head, self.state, ell, active, self._temps, spec=self.spec,
-            bucket=bucket, draft_pass=draft_pass, flush=flush)
-        new_tokens, n_new, acc, ell = map(np.asarray, (new_tokens, n_new, acc, ell))
+        # Host-decided ℓ (ar, static): several rounds per dispatch while nobody waits for a slot.
+        several = ell_host is not None and not flush and self.num_prefilling == 0 and not self._queue
+        self.state, toks, n_new, acc, n_done = engine_rounds(
+            self.target.params, self._dparams, self._head, self.state, ell, active, self._temps, *self._limits(),
+            jnp.int32(self.multi_round if several else 1), spec=self.spec, bucket=bucket, draft_pass=draft_pass,
+            flush=flush, max_rounds=self.multi_round)
+        toks, n_new, acc, n_done, ell_dev = jax.device_get((toks, n_new, acc, n_done,
+                                                            ell if ell_host is None else ()))
+        ell_host = ell_dev if ell_host is None else ell_host
+        rounds = [(toks[j], n_new[j], acc[j]) for j in range(int(n_done))]
         t2 = time.perf_counter()
         self._has_prop[:] = draft_pass & self._active
-        self._pending = np.where(draft_pass, 0, self._pending + np.where(self._active, n_new, 0))
-        self.stats["draft_passes"] += int(draft_pass)
-        self.stats["rounds"] += 1
-        self.stats["verify_tokens"] += int(total)
-        self.stats["request_rounds"] += int(self._active.sum())
+        n_sum = sum(n for _, n, _ in rounds)
+        self._pending = np.where(draft_pass, 0, self._pending + np.where(self._active, n_sum, 0))
         self.stats["plan_s"] += t1 - t0
         self.stats["round_s"] += t2 - t1
-        for slot in np.flatnonzero(self._active):
-            live = self._slot_req[slot]
-            try:
-                live.rounds += 1
-                live.drafts_verified += int(ell[slot])
-                live.accepted += int(acc[slot])
-                new = self._accept_tokens(live, new_tokens[slot, :n_new[slot]].tolist())
-                self.stats["committed"] += len(new)
-            except Exception as e:  # noqa: BLE001 - isolate one request's post-processing failure
-                self._finish(live, "error", f"{type(e).__name__}: {e}")
-                new = []
-            outputs.append(self._output(live, new))
+        fresh: dict[int, tuple[_Live, list[int]]] = {}  # slot -> (request, tokens committed this step)
+        for new_tokens, n_new, acc in rounds:
+            self.stats["draft_passes"] += int(draft_pass)
+            self.stats["rounds"] += 1
+            self.stats["verify_tokens"] += int(total)
+            self.stats["request_rounds"] += int(self._active.sum())
+            for slot in np.flatnonzero(self._active):
+                live = self._slot_req[slot]
+                try:
+                    live.rounds += 1
+                    live.drafts_verified += int(ell_host[slot])
+                    live.accepted += int(acc[slot])
+                    new = self._accept_tokens(live, new_tokens[slot, :n_new[slot]].tolist())
+                    self.stats["committed"] += len(new)
+                except Exception as e:  # noqa: BLE001 - isolate one request's post-processing failure
+                    self._finish(live, "error", f"{type(e).__name__}: {e}")
+                    new = []
+                fresh.setdefault(int(slot), (live, []))[1].extend(new)
+        outputs += [self._output(live, new) for live, new in fresh.values()]
         return outputs
+
+    def _limits(self) -> tuple[jax.Array, jax.Array]:
+        """(token budget [R] left per slot, stop ids [R, n] with -1 pads) of the decoding requests."""
+        r = self.spec.slots
+        stops = [sorted(self._slot_req[s].stops) if self._active[s] else [] for s in range(r)]
+        width = 1
+        while width < max(len(x) for x in stops):
+            width *= 2  # power-of-two widths: few compiled variants
+        stop_ids = np.full((r, width), -1, np.int32)
+        budget = np.full((r,), 1 << 30, np.int32)
+        for s in np.flatnonzero(self._active):
+            stop_ids[s, :len(stops[s])] = stops[s]
+            budget[s] = self._slot_req[s].max_new_tokens - len(self._slot_req[s].tokens)
+        return self._on_device(budget), self._on_device(stop_ids)
+
+    def _on_device(self, host: np.ndarray) -> jax.Array:
+        """A device copy of a small per-slot mask / count array, reused while its value repeats (no transfer)."""
+        key = (host.dtype.str, host.tobytes())
+        arr = self._device_arrays.get(key)
+        if arr is None:
+            if len(self._device_arrays) > 256:
+                self._device_arrays.clear()
+            arr = self._device_arrays[key] = jnp.asarray(host.copy())  # a private copy: `host` is mutated later
+        return arr
 
     # ------------------------------------------------------------------ driving
     def has_work(self) -> bool:
         """Whether any request is queued or running."""
-        return bool(self._queue) or bool(self._active.any())
+        return bool(self._queue) or any(r is not None for r in self._slot_req)
 
     def run(self) -> Iterator[RequestOutput]:
         """Step until idle, yielding every request update."""
