@@ -22,10 +22,8 @@ Resume restores params, optimizer state, RNG (anchor sampling) and data position
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import time
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -34,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dspark_jax.checkpoint.deepspec import draft_params_from_target, save_draft
+from dspark_jax.checkpoint.deepspec import draft_params_from_target
 from dspark_jax.config import TargetConfig, load_hf_config
 from dspark_jax.data.tokenizer_training import MASK_TOKEN
 from dspark_jax.draft import DraftConfig, DraftConfigError, DraftModel, default_target_layer_ids, trainable_mask
@@ -46,10 +44,9 @@ from train.checkpointing import TrainCheckpointer
 from train.data import (BatchIterator, DataState, PackedSequences, TokenizerInfo, check_corpus, load_tokenizer,
                         pack_stream, tokenize_split, validation_batches)
 from train.draft_config import RESUME_COMPATIBLE_FIELDS, DraftTrainConfig
-from train.distributed import (barrier, gather_to_host, is_primary, is_remote, local_staging, out_path,
-                               publish_files)
-from train.loop import (check_finite, check_resume, config_mesh, open_run_log, report_quarantined, restore_or_init,
-                        run_steps)
+from train.distributed import barrier, gather_to_host, is_primary, out_path
+from train.loop import (check_finite, check_resume, config_mesh, export_draft, open_run_log, report_quarantined,
+                        restore_or_init, run_steps, target_fingerprint)
 from train.metrics import ProgressBar, read_jsonl
 from train.optim import OptimizerConfig, cast_floating, make_optimizer
 from train.parallel import TrainProgram, build_train_program, mesh_context
@@ -212,15 +209,6 @@ def training_rows(packed: PackedSequences, seq_len: int, pad_id: int) -> dict[st
     return {"input_ids": ids, "loss_mask": mask, "lengths": mask.sum(1).astype(np.int64)}
 
 
-def _fingerprint(target_dir: str, manifest: dict, tok: TokenizerInfo) -> dict[str, Any]:
-    h = hashlib.sha256(open(os.path.join(target_dir, "config.json"), "rb").read())
-    for name in sorted(os.listdir(target_dir)):
-        if name.endswith(".safetensors"):
-            h.update(f"{name}:{os.path.getsize(os.path.join(target_dir, name))}".encode())
-    return {"target": h.hexdigest(), "corpus_content_hash": manifest.get("content_hash"),
-            "tokenizer_sha256": tok.sha256}
-
-
 def _evaluate(prog: DraftProgram, params, target_params, batches: dict, pad_id: int,
               seed: int) -> dict[str, dict[str, float]]:
     """Per domain: weight_sum-weighted mean of the batch metrics (fixed anchors: rng fold_in(seed, i))."""
@@ -251,27 +239,12 @@ def _load_rows(config: DraftTrainConfig, corpus_dir: str, tok: TokenizerInfo, ca
     return rows
 
 
-def _export_draft(host_params, dcfg: DraftConfig, config: DraftTrainConfig, export_dir: str, info: dict) -> None:
-    """Write the draft (DeepSpec layout) + train_summary.json to `export_dir` (local: atomic swap; URL: copied)."""
+def _draft_description(dcfg: DraftConfig) -> str:
+    """One line for train_summary.json: DSpark / DFlash, layers, K, heads."""
     kind = "DSpark" if dcfg.markov_rank > 0 else "DFlash"
     head = f"markov {dcfg.markov_head_type} r={dcfg.markov_rank}" if dcfg.markov_rank else "no markov head"
-    summary = {
-        "model": f"{kind} draft: {dcfg.num_hidden_layers} layer(s), block_size {dcfg.block_size}, {head}, "
-                 f"confidence head {'on' if dcfg.enable_confidence_head else 'off'}",
-        "target_layer_ids": list(dcfg.target_layer_ids), "steps": config.steps, "train_config": config.to_dict(),
-        "usage": f"dspark generate --target {info['target']} --draft {export_dir}",
-        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-    text = json.dumps(summary, indent=2, sort_keys=True, default=str)
-    if not is_remote(export_dir):
-        save_draft(host_params, dcfg, export_dir, dtype=config.export_dtype)
-        out_path(export_dir).joinpath("train_summary.json").write_text(text, encoding="utf-8")
-        return
-    with local_staging(export_dir) as tmp:
-        save_draft(host_params, dcfg, os.path.join(tmp, "draft"), dtype=config.export_dtype)
-        with open(os.path.join(tmp, "draft", "train_summary.json"), "w", encoding="utf-8") as f:
-            f.write(text)
-        publish_files(os.path.join(tmp, "draft"), export_dir,
-                      stale=lambda n: n.startswith("model") and n.endswith((".safetensors", ".json")))
+    return (f"{kind} draft: {dcfg.num_hidden_layers} layer(s), block_size {dcfg.block_size}, {head}, "
+            f"confidence head {'on' if dcfg.enable_confidence_head else 'off'}")
 
 
 def train_draft(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, out_dir: str,
@@ -296,7 +269,7 @@ def train_draft(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, o
         raise DraftSetupError("--write-feature-cache runs in one process; write the cache first, then train "
                               "with --feature-cache on every host")
     primary = is_primary()
-    fingerprint = _fingerprint(target_dir, manifest, tok)
+    fingerprint = target_fingerprint(target_dir, manifest, tok.sha256)
     ckpt = TrainCheckpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=config.keep_checkpoints)
     bar = ProgressBar(total=config.steps, enabled=False)
     note = (lambda m: bar.write(f"train-draft: {m}")) if primary else (lambda m: None)
@@ -390,7 +363,7 @@ def train_draft(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, o
         host_params = gather_to_host(state.params)
         if primary:
             check_finite(host_params, export_dir)
-            _export_draft(host_params, dcfg, config, export_dir, {
+            export_draft(host_params, dcfg, config, export_dir, model=_draft_description(dcfg), info={
                 "target": target_dir, "corpus": os.path.abspath(corpus_dir), "fingerprint": fingerprint,
                 "final_train_metrics": logged[-1] if logged else None, "eval_metrics": eval_metrics})
             bar.write(f"train-draft: exported {config.export_dtype} draft to {export_dir}")

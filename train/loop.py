@@ -9,25 +9,32 @@
   * `run_steps`      the step loop: throughput (compilation excluded), a finite check of loss and
                      gradient norm after every step (`NonFiniteError`: nothing of that step is
                      checkpointed, so the last checkpoint stays the last good state), log / eval /
-                     checkpoint at their intervals and at the end, then close bar, logger and checkpointer.
+                     checkpoint at their intervals and at the end, then close bar, logger and checkpointer;
+  * `target_fingerprint` what a draft run's checkpoints must match on resume (target, corpus, tokenizer);
+  * `export_draft`   write a trained draft (any draft config `save_draft` takes) + train_summary.json.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import sys
+import time
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 
+from dspark_jax.checkpoint.deepspec import save_draft
 from dspark_jax.sharding import make_mesh
 from train.checkpointing import TrainCheckpointer, check_same_config
+from train.distributed import is_remote, local_staging, out_path, publish_files
 from train.metrics import MetricsLogger, ProgressBar, RateMeter
 
 __all__ = ["NonFiniteError", "check_finite", "config_mesh", "report_quarantined", "check_resume", "restore_or_init", "stderr_note", "open_run_log", "end_step",
-           "run_steps"]
+           "run_steps", "target_fingerprint", "export_draft"]
 
 
 class NonFiniteError(RuntimeError):
@@ -171,3 +178,37 @@ def run_steps(state: Any, *, config: Any, start: int, end: int, step: Callable[[
         logger.close()
         ckpt.close()
     return state
+
+
+def target_fingerprint(target_dir: str, manifest: Mapping[str, Any], tokenizer_sha256: str) -> dict[str, Any]:
+    """What a draft run's checkpoints must match on resume: the target (config.json + weight file sizes),
+    the corpus content hash of `manifest` (`check_corpus`) and the tokenizer's sha256."""
+    h = hashlib.sha256(open(os.path.join(target_dir, "config.json"), "rb").read())
+    for name in sorted(os.listdir(target_dir)):
+        if name.endswith(".safetensors"):
+            h.update(f"{name}:{os.path.getsize(os.path.join(target_dir, name))}".encode())
+    return {"target": h.hexdigest(), "corpus_content_hash": manifest.get("content_hash"),
+            "tokenizer_sha256": tokenizer_sha256}
+
+
+def export_draft(host_params: Any, draft_config: Any, config: Any, export_dir: str, *, model: str,
+                 info: Mapping[str, Any]) -> None:
+    """Write the draft (`save_draft`: layout chosen by `draft_config`'s type) + train_summary.json to `export_dir`.
+
+    Local: atomic swap; URL: staged locally then copied. The summary holds `model` (one-line description),
+    the tap layers, steps, the train config, a usage line and `info` (must hold "target").
+    """
+    summary = {"model": model, "target_layer_ids": list(draft_config.target_layer_ids), "steps": config.steps,
+               "train_config": config.to_dict(), "usage": f"dspark generate --target {info['target']} --draft {export_dir}",
+               "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+    text = json.dumps(summary, indent=2, sort_keys=True, default=str)
+    if not is_remote(export_dir):
+        save_draft(host_params, draft_config, export_dir, dtype=config.export_dtype)
+        out_path(export_dir).joinpath("train_summary.json").write_text(text, encoding="utf-8")
+        return
+    with local_staging(export_dir) as tmp:
+        save_draft(host_params, draft_config, os.path.join(tmp, "draft"), dtype=config.export_dtype)
+        with open(os.path.join(tmp, "draft", "train_summary.json"), "w", encoding="utf-8") as f:
+            f.write(text)
+        publish_files(os.path.join(tmp, "draft"), export_dir,
+                      stale=lambda n: n.startswith("model") and n.endswith((".safetensors", ".json")))
