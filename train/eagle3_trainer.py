@@ -44,14 +44,13 @@ from dspark_jax.draft.config import default_target_layer_ids
 from dspark_jax.draft.eagle3 import Eagle3Config, Eagle3Model, eagle3_trainable_mask, ttt_loss
 from dspark_jax.sharding import target_param_shardings
 from dspark_jax.target.model import TargetModel, output_kernel
-from train.checkpointing import TrainCheckpointer
 from train.data import (BatchIterator, DataState, check_corpus, load_tokenizer, pack_stream, tokenize_split,
                         validation_batches)
-from train.distributed import barrier, gather_to_host, is_primary, out_path
+from train.distributed import is_primary, out_path
 from train.draft_config import RESUME_COMPATIBLE_FIELDS, DraftTrainConfig
-from train.loop import (check_finite, check_resume, config_mesh, export_draft, open_run_log, report_quarantined,
-                        restore_or_init, run_steps, target_fingerprint)
-from train.metrics import ProgressBar, read_jsonl
+from train.draft_trainer import DraftSetupError, open_draft_checkpoints
+from train.loop import config_mesh, export_draft, open_run_log, restore_or_init, run_steps
+from train.metrics import read_jsonl
 from train.optim import OptimizerConfig, make_optimizer
 from train.parallel import TrainProgram, build_train_program
 
@@ -164,8 +163,6 @@ def train_eagle3(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, 
     without it an `out_dir` holding checkpoints is refused; `stop_at_step` ends early with a
     checkpoint, as if interrupted; the draft is exported only when the run reaches `config.steps`.
     """
-    from train.draft_trainer import DraftSetupError
-
     if feature_cache or write_feature_cache:
         raise DraftSetupError("--preset eagle3 does not support --feature-cache (target taps and logits are "
                               "computed online)")
@@ -176,16 +173,9 @@ def train_eagle3(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, 
     dcfg = eagle3_draft_config(config, tcfg)
     mesh = config_mesh(config, DraftSetupError)
     primary = is_primary()
-    fingerprint = target_fingerprint(target_dir, manifest, tok.sha256)
-    ckpt = TrainCheckpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=config.keep_checkpoints)
-    bar = ProgressBar(total=config.steps, enabled=False)
-    note = (lambda m: bar.write(f"train-draft: {m}")) if primary else (lambda m: None)
+    ckpt, latest, note, fingerprint = open_draft_checkpoints(config, out_dir=out_dir, target_dir=target_dir,
+                                                             manifest=manifest, tok=tok, resume=resume)
     try:
-        latest = check_resume(ckpt, resume=resume, out_dir=out_dir, config=config, fingerprint=fingerprint,
-                              ignore=RESUME_COMPATIBLE_FIELDS, data_what="target / corpus / tokenizer",
-                              error=DraftSetupError, note=note)
-        if primary:
-            config.write_json(os.path.join(out_dir, "train_config.json"))
         cache_dir = os.path.join(out_dir, "token_cache")
         stream = np.concatenate([tokenize_split(corpus_dir, d, "train", tok, cache_dir=cache_dir)
                                  for d in config.domains])
@@ -195,7 +185,6 @@ def train_eagle3(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, 
         program = build_eagle3_program(config, dcfg, tcfg, mesh)
         _, tparams = load_target(target_dir, dtype=config.compute_dtype,
                                  shardings=target_param_shardings(tcfg, mesh))
-        report_quarantined(ckpt, "train-draft", bar)
         state, meta = restore_or_init(ckpt, latest, program, lambda: program.init(config.seed, tparams), note)
         if meta is not None:
             batches.restore(DataState.from_dict(meta["data_state"]))
@@ -233,16 +222,11 @@ def train_eagle3(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, 
     export_dir = None
     if export and end == config.steps:
         export_dir = os.path.join(out_dir, "draft")
-        host_params = gather_to_host(state.params)
-        if primary:
-            check_finite(host_params, export_dir)
-            model = (f"Eagle-3 draft: {dcfg.num_hidden_layers} layer(s), TTT length {dcfg.ttt_length}, "
-                     f"step decay {dcfg.step_decay}, chain length {dcfg.block_size}")
-            export_draft(host_params, dcfg, config, export_dir, model=model, info={
-                "target": target_dir, "corpus": os.path.abspath(corpus_dir), "fingerprint": fingerprint,
-                "final_train_metrics": logged[-1] if logged else None, "eval_metrics": eval_metrics})
-            bar.write(f"train-draft: exported {config.export_dtype} Eagle-3 draft to {export_dir}")
-        barrier("train-draft-export")
+        model = (f"Eagle-3 draft: {dcfg.num_hidden_layers} layer(s), TTT length {dcfg.ttt_length}, "
+                 f"step decay {dcfg.step_decay}, chain length {dcfg.block_size}")
+        export_draft(state.params, dcfg, config, export_dir, model=model, say=lambda m: bar.write(f"train-draft: {m}"),
+                     info={"target": target_dir, "corpus": os.path.abspath(corpus_dir), "fingerprint": fingerprint,
+                           "final_train_metrics": logged[-1] if logged else None, "eval_metrics": eval_metrics})
     return Eagle3TrainResult(config=config, out_dir=out_dir, export_dir=export_dir, final_step=end,
                              first_loss=logged[0]["loss"] if logged else None,
                              final_loss=logged[-1]["loss"] if logged else None, eval_metrics=eval_metrics,
