@@ -6,6 +6,7 @@ distribution, and `train-draft --preset eagle3` whose trained draft gives greedy
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -239,22 +240,50 @@ def test_sampled_output_has_target_distribution():
     assert p > 1e-4, f"Eagle-3 sampled distribution differs from the target's (p={p:.2e})"
 
 
-def test_train_draft_cli_eagle3_preset(tmp_path):
-    """`dspark train-draft --preset eagle3` (2 steps through the shared train program): finite logged losses
-    and eval; the exported draft loads and its greedy speculative output equals the target's greedy output
+def test_train_draft_cli_eagle3_preset(tmp_path, monkeypatch, capsys):
+    """`dspark train-draft --preset eagle3` (2 steps through the shared train program and `train.loop`):
+    metrics.jsonl rows (finite loss / acc0 / lr / grad_norm, eval every step), train_config.json and
+    train_summary.json; `--stop-at 1` then a non-finite step 2 (NaN loss mask) exits non-zero keeping checkpoint
+    1 and exporting nothing, then `--resume` reproduces the straight run bit for bit (same batches, same
+    weights). The exported draft loads and its greedy speculative output equals the target's greedy output
     (a batch of prompts, with a stop token); per-row sampling: greedy rows of a mixed batch stay exact."""
     from tests.helpers import tiny_corpus_and_target
+    from train import eagle3_trainer
     from train.cli_draft import train_draft_main
+    from train.metrics import read_jsonl
 
     env = tiny_corpus_and_target(tmp_path / "data")
-    out = tmp_path / "run"
-    argv = ["--target", env["target"], "--corpus", env["corpus"], "--out", str(out), "--no-progress",
-            "--preset", "eagle3", "--block-size", "2", "--seq-len", "32", "--batch-size", "4", "--steps", "2",
-            "--learning-rate", "1e-2", "--eval-batches", "1", "--export-dtype", "float32", "--log-every", "1"]
-    assert train_draft_main(argv) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert len(metrics["log"]) == 2 and all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in metrics["log"])
-    assert metrics["eval"] and all(np.isfinite(m["loss"]) for m in metrics["eval"].values())
+    out, out2 = tmp_path / "run", tmp_path / "run2"
+    flags = ["--target", env["target"], "--corpus", env["corpus"], "--no-progress", "--preset", "eagle3",
+             "--block-size", "2", "--seq-len", "32", "--batch-size", "4", "--steps", "2", "--learning-rate", "1e-2",
+             "--eval-batches", "1", "--eval-every", "1", "--export-dtype", "float32", "--log-every", "1"]
+    assert train_draft_main(flags + ["--out", str(out)]) == 0
+    rows = read_jsonl(out / "metrics.jsonl")
+    train_rows, eval_rows = [r for r in rows if "loss" in r], [r for r in rows if "eval" in r]
+    assert [r["step"] for r in train_rows] == [1, 2] and [r["step"] for r in eval_rows] == [1, 2]
+    for r in train_rows:
+        assert r["loss"] > 0 and all(np.isfinite(r[k]) for k in ("loss", "acc0", "lr", "grad_norm", "tokens_per_s"))
+    assert all(np.isfinite(m["loss"]) for r in eval_rows for m in r["eval"].values()) and eval_rows[-1]["eval"]
+    summary = json.loads((out / "draft" / "train_summary.json").read_text())
+    assert summary["model"].startswith("Eagle-3") and summary["steps"] == 2 and summary["eval_metrics"]
+    assert json.loads((out / "train_config.json").read_text())["steps"] == 2
+
+    assert train_draft_main(flags + ["--out", str(out2), "--stop-at", "1"]) == 0
+    assert not (out2 / "draft").exists()
+    clean = eagle3_trainer._batch_arrays
+    monkeypatch.setattr(eagle3_trainer, "_batch_arrays",
+                        lambda b: {**clean(b), "loss_mask": np.full(b["mask"].shape, np.nan, np.float32)})
+    capsys.readouterr()
+    assert train_draft_main(flags + ["--out", str(out2), "--resume"]) != 0
+    assert "non-finite training at step 2" in capsys.readouterr().err
+    assert not (out2 / "draft").exists() and sorted(os.listdir(out2 / "checkpoints")) == ["1"]
+    monkeypatch.undo()
+    assert train_draft_main(flags + ["--out", str(out2), "--resume"]) == 0
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]  # noqa: E731
+    assert strip(read_jsonl(out2 / "metrics.jsonl")) == strip(rows)
+    a, b = load_file(str(out / "draft" / "model.safetensors")), load_file(str(out2 / "draft" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
     from infer.api import load_target_bundle
 
     target = load_target_bundle(env["target"])

@@ -22,10 +22,8 @@ Resume restores params, optimizer state, RNG (anchor sampling) and data position
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import time
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -34,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dspark_jax.checkpoint.deepspec import draft_params_from_target, save_draft
+from dspark_jax.checkpoint.deepspec import draft_params_from_target
 from dspark_jax.config import TargetConfig, load_hf_config
 from dspark_jax.data.tokenizer_training import MASK_TOKEN
 from dspark_jax.draft import DraftConfig, DraftConfigError, DraftModel, default_target_layer_ids, trainable_mask
@@ -42,20 +40,18 @@ from dspark_jax.sharding import batch_sharding, target_param_shardings
 from dspark_jax.target.model import TargetModel
 from train import draft_features as feats
 from train import draft_losses as dl
-from train.checkpointing import TrainCheckpointer
 from train.data import (BatchIterator, DataState, PackedSequences, TokenizerInfo, check_corpus, load_tokenizer,
                         pack_stream, tokenize_split, validation_batches)
 from train.draft_config import RESUME_COMPATIBLE_FIELDS, DraftTrainConfig
-from train.distributed import (barrier, gather_to_host, is_primary, is_remote, local_staging, out_path,
-                               publish_files)
-from train.loop import (check_finite, check_resume, config_mesh, open_run_log, report_quarantined, restore_or_init,
-                        run_steps)
-from train.metrics import ProgressBar, read_jsonl
+from train.distributed import is_primary, out_path
+from train.loop import (config_mesh, export_draft, open_checkpoints, open_run_log, restore_or_init,
+                        run_steps, target_fingerprint)
+from train.metrics import read_jsonl
 from train.optim import OptimizerConfig, cast_floating, make_optimizer
 from train.parallel import TrainProgram, build_train_program, mesh_context
 
 __all__ = ["DraftSetupError", "DraftTrainResult", "DraftProgram", "resolve_draft_config", "make_draft_loss",
-           "build_draft_program", "training_rows", "train_draft"]
+           "build_draft_program", "training_rows", "open_draft_checkpoints", "train_draft"]
 
 
 class DraftSetupError(ValueError):
@@ -212,13 +208,16 @@ def training_rows(packed: PackedSequences, seq_len: int, pad_id: int) -> dict[st
     return {"input_ids": ids, "loss_mask": mask, "lengths": mask.sum(1).astype(np.int64)}
 
 
-def _fingerprint(target_dir: str, manifest: dict, tok: TokenizerInfo) -> dict[str, Any]:
-    h = hashlib.sha256(open(os.path.join(target_dir, "config.json"), "rb").read())
-    for name in sorted(os.listdir(target_dir)):
-        if name.endswith(".safetensors"):
-            h.update(f"{name}:{os.path.getsize(os.path.join(target_dir, name))}".encode())
-    return {"target": h.hexdigest(), "corpus_content_hash": manifest.get("content_hash"),
-            "tokenizer_sha256": tok.sha256}
+def open_draft_checkpoints(config: Any, *, out_dir: str, target_dir: str, manifest: dict, tok: TokenizerInfo,
+                           resume: bool) -> tuple[Any, int | None, Callable[[str], None], dict[str, Any]]:
+    """(checkpointer, newest resumable step or None, note, fingerprint) of a draft run in `out_dir`
+    (`train.loop.open_checkpoints`; resume needs the same config outside RESUME_COMPATIBLE_FIELDS and
+    the same target / corpus / tokenizer). Shared by the DSpark and Eagle-3 trainers."""
+    fingerprint = target_fingerprint(target_dir, manifest, tok.sha256)
+    ckpt, latest, note = open_checkpoints(out_dir, config, resume=resume, fingerprint=fingerprint,
+                                          ignore=RESUME_COMPATIBLE_FIELDS, data_what="target / corpus / tokenizer",
+                                          error=DraftSetupError, name="train-draft")
+    return ckpt, latest, note, fingerprint
 
 
 def _evaluate(prog: DraftProgram, params, target_params, batches: dict, pad_id: int,
@@ -251,27 +250,12 @@ def _load_rows(config: DraftTrainConfig, corpus_dir: str, tok: TokenizerInfo, ca
     return rows
 
 
-def _export_draft(host_params, dcfg: DraftConfig, config: DraftTrainConfig, export_dir: str, info: dict) -> None:
-    """Write the draft (DeepSpec layout) + train_summary.json to `export_dir` (local: atomic swap; URL: copied)."""
+def _draft_description(dcfg: DraftConfig) -> str:
+    """One line for train_summary.json: DSpark / DFlash, layers, K, heads."""
     kind = "DSpark" if dcfg.markov_rank > 0 else "DFlash"
     head = f"markov {dcfg.markov_head_type} r={dcfg.markov_rank}" if dcfg.markov_rank else "no markov head"
-    summary = {
-        "model": f"{kind} draft: {dcfg.num_hidden_layers} layer(s), block_size {dcfg.block_size}, {head}, "
-                 f"confidence head {'on' if dcfg.enable_confidence_head else 'off'}",
-        "target_layer_ids": list(dcfg.target_layer_ids), "steps": config.steps, "train_config": config.to_dict(),
-        "usage": f"dspark generate --target {info['target']} --draft {export_dir}",
-        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-    text = json.dumps(summary, indent=2, sort_keys=True, default=str)
-    if not is_remote(export_dir):
-        save_draft(host_params, dcfg, export_dir, dtype=config.export_dtype)
-        out_path(export_dir).joinpath("train_summary.json").write_text(text, encoding="utf-8")
-        return
-    with local_staging(export_dir) as tmp:
-        save_draft(host_params, dcfg, os.path.join(tmp, "draft"), dtype=config.export_dtype)
-        with open(os.path.join(tmp, "draft", "train_summary.json"), "w", encoding="utf-8") as f:
-            f.write(text)
-        publish_files(os.path.join(tmp, "draft"), export_dir,
-                      stale=lambda n: n.startswith("model") and n.endswith((".safetensors", ".json")))
+    return (f"{kind} draft: {dcfg.num_hidden_layers} layer(s), block_size {dcfg.block_size}, {head}, "
+            f"confidence head {'on' if dcfg.enable_confidence_head else 'off'}")
 
 
 def train_draft(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, out_dir: str,
@@ -296,16 +280,9 @@ def train_draft(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, o
         raise DraftSetupError("--write-feature-cache runs in one process; write the cache first, then train "
                               "with --feature-cache on every host")
     primary = is_primary()
-    fingerprint = _fingerprint(target_dir, manifest, tok)
-    ckpt = TrainCheckpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=config.keep_checkpoints)
-    bar = ProgressBar(total=config.steps, enabled=False)
-    note = (lambda m: bar.write(f"train-draft: {m}")) if primary else (lambda m: None)
+    ckpt, latest, note, fingerprint = open_draft_checkpoints(config, out_dir=out_dir, target_dir=target_dir,
+                                                             manifest=manifest, tok=tok, resume=resume)
     try:
-        latest = check_resume(ckpt, resume=resume, out_dir=out_dir, config=config, fingerprint=fingerprint,
-                              ignore=RESUME_COMPATIBLE_FIELDS, data_what="target / corpus / tokenizer",
-                              error=DraftSetupError, note=note)
-        if primary:
-            config.write_json(os.path.join(out_dir, "train_config.json"))
         cache_dir = os.path.join(out_dir, "cache")
         rows = _load_rows(config, corpus_dir, tok, cache_dir)
         n_rows = rows["input_ids"].shape[0]
@@ -317,7 +294,6 @@ def train_draft(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, o
         program = prog.program
         from dspark_jax.checkpoint.hf import load_target
         _, target_params = load_target(target_dir, dtype=config.compute_dtype, shardings=prog.target_shardings)
-        report_quarantined(ckpt, "train-draft", bar)
         cache = None
         if feature_cache:
             expected = {"target_model_name_or_path": target_dir, "max_length": config.seq_len,
@@ -335,7 +311,7 @@ def train_draft(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, o
                         target_layer_ids=dcfg.target_layer_ids, hidden_size=dcfg.hidden_size,
                         extras={**expected, "project_name": "dspark-jax", "exp_name": os.path.basename(out_dir),
                                 "chat_template": None, "min_loss_tokens": None, "source_jsonl_paths": []})
-                bar.write(f"train-draft: wrote {len(cache)} samples of target features to {cache.directory}")
+                note(f"wrote {len(cache)} samples of target features to {cache.directory}")
             else:
                 cache = feats.FeatureCache(feature_cache)
             cache.validate(target_layer_ids=dcfg.target_layer_ids, hidden_size=dcfg.hidden_size, expected=expected)
@@ -387,14 +363,10 @@ def train_draft(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, o
     export_dir = None
     if export and end == config.steps:
         export_dir = os.path.join(out_dir, "draft")
-        host_params = gather_to_host(state.params)
-        if primary:
-            check_finite(host_params, export_dir)
-            _export_draft(host_params, dcfg, config, export_dir, {
-                "target": target_dir, "corpus": os.path.abspath(corpus_dir), "fingerprint": fingerprint,
-                "final_train_metrics": logged[-1] if logged else None, "eval_metrics": eval_metrics})
-            bar.write(f"train-draft: exported {config.export_dtype} draft to {export_dir}")
-        barrier("train-draft-export")
+        export_draft(state.params, dcfg, config, export_dir, model=_draft_description(dcfg),
+                     say=lambda m: bar.write(f"train-draft: {m}"), info={
+                         "target": target_dir, "corpus": os.path.abspath(corpus_dir), "fingerprint": fingerprint,
+                         "final_train_metrics": logged[-1] if logged else None, "eval_metrics": eval_metrics})
     return DraftTrainResult(out_dir=out_dir, export_dir=export_dir, start_step=start, final_step=end,
                             first_loss=logged[0]["loss"] if logged else None,
                             final_loss=logged[-1]["loss"] if logged else None, eval_metrics=eval_metrics,

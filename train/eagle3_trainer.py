@@ -6,9 +6,23 @@ steps with the step-causal-plus-diagonal mask and step-offset RoPE, soft CE agai
 distribution weighted 0.8^s. Embedding and LM head are frozen copies of the target's
 (`optax.set_to_zero`). The step is `train.parallel.build_train_program` (the DSpark trainer's:
 same optimiser, (data, fsdp, model) mesh from `--mesh`, frozen target weights as the `frozen`
-input sharded by the target's rules). Output: `out/draft` (Eagle-3 checkpoint; `load_draft_bundle`
-/ `dspark generate --draft` / `dspark eval` read it) and `out/metrics.json`. Not supported here:
-resume and feature caches.
+input sharded by the target's rules). The run is driven by the DSpark trainer's scaffolding
+(`train.loop`): resume checks, checkpoints, finite checks, logging, periodic evaluation, export.
+
+Output directory (`out_dir`), as the DSpark trainer's:
+
+    train_config.json     the DraftTrainConfig of the run
+    metrics.jsonl         {"step", "loss", "acc0", "lr", "grad_norm", "weight", "tokens_per_s", "epoch"} and
+                          {"step", "eval": {domain: {"loss", "acc0"}}} records (acc0: step-0 top-1 agreement)
+    checkpoints/<step>/   orbax: draft params (float32 master) + AdamW state + step + RNG, JSON meta
+                          (config, Eagle-3 config, data position, target / corpus / tokenizer fingerprint)
+    token_cache/          tokenized corpus streams
+    draft/                the Eagle-3 draft in DeepSpec layout (`load_draft_bundle` / `dspark generate
+                          --draft` / `dspark eval` read it) + train_summary.json
+
+`--resume` restores params, optimizer state and data position exactly (the same batches follow);
+a non-finite loss or gradient stops the run (`NonFiniteError`) keeping the last good checkpoint;
+non-finite weights are never exported. Not supported here: feature caches (taps + logits are online).
 """
 
 from __future__ import annotations
@@ -16,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -25,16 +38,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dspark_jax.checkpoint.eagle3 import save_eagle3
 from dspark_jax.checkpoint.hf import load_target
 from dspark_jax.config import load_hf_config
 from dspark_jax.draft.config import default_target_layer_ids
 from dspark_jax.draft.eagle3 import Eagle3Config, Eagle3Model, eagle3_trainable_mask, ttt_loss
 from dspark_jax.sharding import target_param_shardings
 from dspark_jax.target.model import TargetModel, output_kernel
-from train.data import BatchIterator, check_corpus, load_tokenizer, pack_stream, tokenize_split, validation_batches
-from train.draft_config import DraftTrainConfig
-from train.loop import config_mesh
+from train.data import (BatchIterator, DataState, check_corpus, load_tokenizer, pack_stream, tokenize_split,
+                        validation_batches)
+from train.distributed import is_primary, out_path
+from train.draft_config import RESUME_COMPATIBLE_FIELDS, DraftTrainConfig
+from train.draft_trainer import DraftSetupError, open_draft_checkpoints
+from train.loop import config_mesh, export_draft, open_run_log, restore_or_init, run_steps
+from train.metrics import read_jsonl
 from train.optim import OptimizerConfig, make_optimizer
 from train.parallel import TrainProgram, build_train_program
 
@@ -43,15 +59,22 @@ __all__ = ["Eagle3TrainResult", "train_eagle3", "eagle3_draft_config", "build_ea
 
 @dataclasses.dataclass(frozen=True)
 class Eagle3TrainResult:
-    """Outcome of `train_eagle3` (same summary fields as the DSpark trainer's result)."""
+    """Outcome of `train_eagle3` (the DSpark trainer's `DraftTrainResult` fields).
+
+    first_loss / final_loss: first and last logged training loss of the whole run (metrics.jsonl,
+    None if nothing was logged); start_step: where this invocation began (> 0 after `--resume`).
+    """
 
     config: DraftTrainConfig
     out_dir: str
     export_dir: str | None
     final_step: int
-    first_loss: float
-    final_loss: float
+    first_loss: float | None
+    final_loss: float | None
     eval_metrics: dict[str, dict[str, float]]
+    start_step: int = 0
+    state: Any = None  # TrainState
+    draft_config: Eagle3Config | None = None
 
 
 def eagle3_draft_config(config: DraftTrainConfig, target_config) -> Eagle3Config:
@@ -71,12 +94,24 @@ def _batch_arrays(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"input_ids": np.asarray(tokens, np.int32), "loss_mask": np.asarray(token_mask, np.float32)}
 
 
+_PROGRAMS: dict[tuple, TrainProgram] = {}
+
+
 def build_eagle3_program(config: DraftTrainConfig, dcfg: Eagle3Config, tcfg, mesh) -> TrainProgram:
     """The jitted init / step / evaluate of an Eagle-3 run (`train.parallel.build_train_program`).
 
     frozen = the target's params. The TTT loss is already a mean (weight 1 per batch); aux: acc0
-    (step-0 top-1 agreement with the target).
+    (step-0 top-1 agreement with the target). Cached per step-math config / draft / target / mesh,
+    so a resumed run in the same process reuses the compiled step.
     """
+    math = {k: v for k, v in config.to_dict().items() if k not in RESUME_COMPATIBLE_FIELDS}
+    key = (json.dumps(math, sort_keys=True, default=str), dcfg, tcfg, mesh)
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = _build_program(config, dcfg, tcfg, mesh)
+    return _PROGRAMS[key]
+
+
+def _build_program(config: DraftTrainConfig, dcfg: Eagle3Config, tcfg, mesh) -> TrainProgram:
     inner, schedule = make_optimizer(OptimizerConfig.from_train_config(config))
     labels = lambda p: jax.tree_util.tree_map(lambda t: "train" if t else "frozen",  # noqa: E731
                                               eagle3_trainable_mask(p))
@@ -106,53 +141,93 @@ def build_eagle3_program(config: DraftTrainConfig, dcfg: Eagle3Config, tcfg, mes
                                compute_dtype="float32", frozen_abstract=target_abstract)
 
 
+def _evaluate(program: TrainProgram, params, target_params, batches: dict) -> dict[str, dict[str, float]]:
+    """Per domain: mean over its fixed validation batches of the TTT loss and acc0."""
+    out = {}
+    for domain, items in batches.items():
+        if items:
+            outs = [program.evaluate(params, program.put_batch(_batch_arrays(b)), target_params) for b in items]
+            out[domain] = {"loss": float(np.mean([float(o[0] / o[1]) for o in outs])),
+                           "acc0": float(np.mean([float(o[2]["acc0"] / o[1]) for o in outs]))}
+    return out
+
+
 def train_eagle3(config: DraftTrainConfig, *, target_dir: str, corpus_dir: str, out_dir: str,
                  tokenizer_dir: str | None = None, resume: bool = False, stop_at_step: int | None = None,
                  progress: bool = True, export: bool = True, feature_cache: str | None = None,
                  write_feature_cache: bool = False) -> Eagle3TrainResult:
-    """Train an Eagle-3 draft for the target in `target_dir` on `corpus_dir` (see the module docstring)."""
-    from train.draft_trainer import DraftSetupError
+    """Train an Eagle-3 draft for the target in `target_dir` on `corpus_dir` (see the module docstring).
 
-    if resume or feature_cache or write_feature_cache:
-        raise DraftSetupError("--preset eagle3 does not support --resume or --feature-cache")
-    mesh = config_mesh(config, DraftSetupError)
-    out_dir = os.path.abspath(out_dir)
-    check_corpus(corpus_dir)
+    Same contract as `train.draft_trainer.train_draft`: `resume=True` continues from the latest
+    committed checkpoint (refused if written with another config / target / corpus / tokenizer);
+    without it an `out_dir` holding checkpoints is refused; `stop_at_step` ends early with a
+    checkpoint, as if interrupted; the draft is exported only when the run reaches `config.steps`.
+    """
+    if feature_cache or write_feature_cache:
+        raise DraftSetupError("--preset eagle3 does not support --feature-cache (target taps and logits are "
+                              "computed online)")
+    out_dir, target_dir = os.fspath(out_path(out_dir)), os.path.abspath(target_dir)
+    manifest = check_corpus(corpus_dir)
     tcfg = load_hf_config(target_dir, dtype=config.compute_dtype)
-    _, tparams = load_target(target_dir, dtype=config.compute_dtype, shardings=target_param_shardings(tcfg, mesh))
     tok = load_tokenizer(tokenizer_dir or target_dir)
     dcfg = eagle3_draft_config(config, tcfg)
-    cache_dir = os.path.join(out_dir, "token_cache")
-    stream = np.concatenate([tokenize_split(corpus_dir, d, "train", tok, cache_dir=cache_dir) for d in config.domains])
-    batches = BatchIterator(pack_stream(stream, config.seq_len, tok.pad_id), config.batch_size, config.seed)
-    val = validation_batches(corpus_dir, config.domains, tok, seq_len=config.seq_len, batch_size=config.batch_size,
-                             max_batches=config.eval_batches, cache_dir=cache_dir)
+    mesh = config_mesh(config, DraftSetupError)
+    primary = is_primary()
+    ckpt, latest, note, fingerprint = open_draft_checkpoints(config, out_dir=out_dir, target_dir=target_dir,
+                                                             manifest=manifest, tok=tok, resume=resume)
+    try:
+        cache_dir = os.path.join(out_dir, "token_cache")
+        stream = np.concatenate([tokenize_split(corpus_dir, d, "train", tok, cache_dir=cache_dir)
+                                 for d in config.domains])
+        batches = BatchIterator(pack_stream(stream, config.seq_len, tok.pad_id), config.batch_size, config.seed)
+        val = validation_batches(corpus_dir, config.domains, tok, seq_len=config.seq_len,
+                                 batch_size=config.batch_size, max_batches=config.eval_batches, cache_dir=cache_dir)
+        program = build_eagle3_program(config, dcfg, tcfg, mesh)
+        _, tparams = load_target(target_dir, dtype=config.compute_dtype,
+                                 shardings=target_param_shardings(tcfg, mesh))
+        state, meta = restore_or_init(ckpt, latest, program, lambda: program.init(config.seed, tparams), note)
+        if meta is not None:
+            batches.restore(DataState.from_dict(meta["data_state"]))
+    except BaseException:
+        ckpt.close()
+        raise
 
-    program = build_eagle3_program(config, dcfg, tcfg, mesh)
-    state = program.init(config.seed, tparams)
-    end = config.steps if stop_at_step is None else min(config.steps, stop_at_step)
-    first = last = float("nan")
-    log: list[dict[str, Any]] = []
-    t0 = time.time()
-    for step in range(end):
-        state, metrics = program.step(state, program.put_batch(_batch_arrays(next(batches))), tparams)
-        last = float(metrics["loss"])
-        first = last if step == 0 else first
-        if (step + 1) % config.log_every == 0 or step + 1 == end:
-            row = {"step": step + 1, "loss": last, "acc0": float(metrics["acc0"]), "s": round(time.time() - t0, 1)}
-            log.append(row)
-            if progress:
-                print(json.dumps(row), flush=True)
+    start, end, logger, bar = open_run_log(out_dir, state, meta, config=config, stop_at_step=stop_at_step,
+                                           desc="train-draft eagle3", progress=progress)
+    if primary:
+        bar.write(f"train-draft: Eagle-3, {len(batches.data)} sequences x {config.seq_len} tokens, TTT "
+                  f"{dcfg.ttt_length}, taps {list(dcfg.target_layer_ids)}, mesh {dict(mesh.shape)}, "
+                  f"{jax.process_count()} process(es), steps {start}->{end} of {config.steps}")
+    meta_now = lambda s: {"step": s, "config": config.to_dict(), "data_state": batches.state.to_dict(),  # noqa: E731
+                          "fingerprint": fingerprint, "draft_config": dcfg.to_eagle3_config()}
     eval_metrics: dict[str, dict[str, float]] = {}
-    for domain, vbatches in val.items():
-        if vbatches:
-            outs = [program.evaluate(state.params, program.put_batch(_batch_arrays(b)), tparams) for b in vbatches]
-            eval_metrics[domain] = {"loss": float(np.mean([float(o[0] / o[1]) for o in outs])),
-                                    "acc0": float(np.mean([float(o[2]["acc0"] / o[1]) for o in outs]))}
-    os.makedirs(out_dir, exist_ok=True)
-    export_dir = (save_eagle3(state.params, dcfg, os.path.join(out_dir, "draft"), dtype=config.export_dtype)
-                  if export else None)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(config), "log": log, "eval": eval_metrics}, f, indent=2, default=str)
+
+    def on_log(s: int, metrics, rate) -> None:
+        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        logger.log({"step": s, **last, "tokens_per_s": rate.rate(), "epoch": batches.state.epoch})
+        bar.update(0, loss=last["loss"], acc0=last["acc0"], lr=last["lr"])
+
+    def on_eval(s: int, state) -> None:
+        nonlocal eval_metrics
+        eval_metrics = _evaluate(program, state.params, tparams, val)
+        logger.log({"step": s, "eval": eval_metrics})
+        if primary:
+            bar.write(f"step {s}: eval " + ", ".join(f"{d} loss {m['loss']:.4f} acc0 {m['acc0']:.3f}"
+                                                     for d, m in eval_metrics.items()))
+
+    state = run_steps(state, config=config, start=start, end=end,
+                      step=lambda st: program.step(st, program.put_batch(_batch_arrays(next(batches))), tparams),
+                      on_log=on_log, on_eval=on_eval, meta=meta_now, ckpt=ckpt, bar=bar, logger=logger)
+    logged = [r for r in read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if "loss" in r]
+    export_dir = None
+    if export and end == config.steps:
+        export_dir = os.path.join(out_dir, "draft")
+        model = (f"Eagle-3 draft: {dcfg.num_hidden_layers} layer(s), TTT length {dcfg.ttt_length}, "
+                 f"step decay {dcfg.step_decay}, chain length {dcfg.block_size}")
+        export_draft(state.params, dcfg, config, export_dir, model=model, say=lambda m: bar.write(f"train-draft: {m}"),
+                     info={"target": target_dir, "corpus": os.path.abspath(corpus_dir), "fingerprint": fingerprint,
+                           "final_train_metrics": logged[-1] if logged else None, "eval_metrics": eval_metrics})
     return Eagle3TrainResult(config=config, out_dir=out_dir, export_dir=export_dir, final_step=end,
-                             first_loss=first, final_loss=last, eval_metrics=eval_metrics)
+                             first_loss=logged[0]["loss"] if logged else None,
+                             final_loss=logged[-1]["loss"] if logged else None, eval_metrics=eval_metrics,
+                             start_step=start, state=state, draft_config=dcfg)

@@ -3,31 +3,40 @@
   * `config_mesh`    the (data, fsdp, model) mesh a config asks for (error if too few devices);
   * `check_resume`   refuse to overwrite checkpoints without `resume`, and refuse a resume from
                      checkpoints written with another config or data (`check_same_config`);
+  * `open_checkpoints` the checkpointer of a run directory after `check_resume`, train_config.json written;
   * `end_step`       where this invocation stops (`stop_at_step`, clamped to the run);
   * `restore_or_init` the state to start from: the newest readable checkpoint (unreadable ones set
                      aside with a note) or a fresh init;
   * `run_steps`      the step loop: throughput (compilation excluded), a finite check of loss and
                      gradient norm after every step (`NonFiniteError`: nothing of that step is
                      checkpointed, so the last checkpoint stays the last good state), log / eval /
-                     checkpoint at their intervals and at the end, then close bar, logger and checkpointer.
+                     checkpoint at their intervals and at the end, then close bar, logger and checkpointer;
+  * `target_fingerprint` what a draft run's checkpoints must match on resume (target, corpus, tokenizer);
+  * `export_draft`   check and write a trained draft (any config `save_draft` takes) + train_summary.json.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import sys
+import time
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 
+from dspark_jax.checkpoint.deepspec import save_draft
 from dspark_jax.sharding import make_mesh
 from train.checkpointing import TrainCheckpointer, check_same_config
+from train.distributed import barrier, gather_to_host, is_remote, local_staging, out_path, publish_files
 from train.metrics import MetricsLogger, ProgressBar, RateMeter
 
-__all__ = ["NonFiniteError", "check_finite", "config_mesh", "report_quarantined", "check_resume", "restore_or_init", "stderr_note", "open_run_log", "end_step",
-           "run_steps"]
+__all__ = ["NonFiniteError", "check_finite", "config_mesh", "report_quarantined", "check_resume", "open_checkpoints",
+           "restore_or_init", "stderr_note", "open_run_log", "end_step", "run_steps", "target_fingerprint",
+           "export_draft"]
 
 
 class NonFiniteError(RuntimeError):
@@ -90,6 +99,31 @@ def check_resume(ckpt: TrainCheckpointer, *, resume: bool, out_dir: str, config:
     check_same_config(meta["config"], config.to_dict(), where=where, ignore=ignore)
     check_same_config(meta["fingerprint"], fingerprint, where=f"{where} ({data_what})")
     return latest
+
+
+def open_checkpoints(out_dir: str, config: Any, *, resume: bool, fingerprint: Mapping[str, Any],
+                     ignore: frozenset[str], data_what: str, error: type[Exception],
+                     name: str) -> tuple[TrainCheckpointer, int | None, Callable[[str], None]]:
+    """(checkpointer of `out_dir/checkpoints`, newest resumable step or None, note) of a run.
+
+    Runs `check_resume` (arguments as there), reports set-aside checkpoint directories and writes
+    `out_dir/train_config.json` (process 0); the checkpointer is closed if any of that fails.
+    `note(message)` prints "`name`: message" on process 0 (nothing elsewhere).
+    """
+    ckpt = TrainCheckpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+    primary = jax.process_index() == 0
+    bar = ProgressBar(total=config.steps, enabled=False)
+    note = (lambda m: bar.write(f"{name}: {m}")) if primary else (lambda m: None)
+    try:
+        latest = check_resume(ckpt, resume=resume, out_dir=out_dir, config=config, fingerprint=fingerprint,
+                              ignore=ignore, data_what=data_what, error=error, note=note)
+        report_quarantined(ckpt, name, bar)
+        if primary:
+            config.write_json(os.path.join(out_dir, "train_config.json"))
+    except BaseException:
+        ckpt.close()
+        raise
+    return ckpt, latest, note
 
 
 def restore_or_init(ckpt: TrainCheckpointer, latest: int | None, program: Any, init: Callable[[], Any],
@@ -171,3 +205,45 @@ def run_steps(state: Any, *, config: Any, start: int, end: int, step: Callable[[
         logger.close()
         ckpt.close()
     return state
+
+
+def target_fingerprint(target_dir: str, manifest: Mapping[str, Any], tokenizer_sha256: str) -> dict[str, Any]:
+    """What a draft run's checkpoints must match on resume: the target (config.json + weight file sizes),
+    the corpus content hash of `manifest` (`check_corpus`) and the tokenizer's sha256."""
+    h = hashlib.sha256(open(os.path.join(target_dir, "config.json"), "rb").read())
+    for name in sorted(os.listdir(target_dir)):
+        if name.endswith(".safetensors"):
+            h.update(f"{name}:{os.path.getsize(os.path.join(target_dir, name))}".encode())
+    return {"target": h.hexdigest(), "corpus_content_hash": manifest.get("content_hash"),
+            "tokenizer_sha256": tokenizer_sha256}
+
+
+def export_draft(params: Any, draft_config: Any, config: Any, export_dir: str, *, model: str,
+                 info: Mapping[str, Any], say: Callable[[str], None]) -> None:
+    """Export trained draft `params` (device tree) with `save_draft` (layout chosen by `draft_config`'s type)
+    + train_summary.json to `export_dir`; every process calls it.
+
+    The params are gathered to host and checked finite (`NonFiniteError`: nothing written) on
+    process 0, which writes (local: atomic swap; URL: staged locally then copied) and `say`s so.
+    The summary holds `model` (one-line description), the tap layers, steps, the train config, a
+    usage line and `info` (must hold "target").
+    """
+    host_params = gather_to_host(params)
+    if jax.process_index() == 0:
+        check_finite(host_params, export_dir)
+        summary = {"model": model, "target_layer_ids": list(draft_config.target_layer_ids), "steps": config.steps,
+                   "train_config": config.to_dict(), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   "usage": f"dspark generate --target {info['target']} --draft {export_dir}", **info}
+        text = json.dumps(summary, indent=2, sort_keys=True, default=str)
+        if not is_remote(export_dir):
+            save_draft(host_params, draft_config, export_dir, dtype=config.export_dtype)
+            out_path(export_dir).joinpath("train_summary.json").write_text(text, encoding="utf-8")
+        else:
+            with local_staging(export_dir) as tmp:
+                save_draft(host_params, draft_config, os.path.join(tmp, "draft"), dtype=config.export_dtype)
+                with open(os.path.join(tmp, "draft", "train_summary.json"), "w", encoding="utf-8") as f:
+                    f.write(text)
+                publish_files(os.path.join(tmp, "draft"), export_dir,
+                              stale=lambda n: n.startswith("model") and n.endswith((".safetensors", ".json")))
+        say(f"exported {config.export_dtype} draft to {export_dir}")
+    barrier("train-draft-export")
