@@ -25,8 +25,8 @@ os.environ["XLA_FLAGS"] = " ".join([f for f in FAST_COMPILE_FLAGS if f.split("="
 
 # By CPU seconds (measured one file at a time), longest first. Files not listed follow in
 # the usual order.
-LONGEST_FIRST = ("test_multihost.py", "test_sharding.py", "test_step.py", "test_notebooks.py",
-                 "test_speculative.py", "test_draft_training.py", "test_train_target.py", "test_kernels.py")
+LONGEST_FIRST = ("test_speculative.py", "test_multihost.py", "test_sharding.py", "test_train_target.py", "test_cli.py",
+                 "test_notebooks.py", "test_draft_training.py", "test_kernels.py", "test_step.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
