@@ -24,12 +24,24 @@ import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 torch.set_num_threads(1)  # the CI box is small and shared
+
+# XLA flags of every JAX process the tests start (tests/conftest.py puts them in XLA_FLAGS; pass
+# subprocess flags through `xla_flags`). The tests run tiny shapes, so compiling dominates their
+# time: LLVM at -O0 without its expensive passes compiles ~35% faster. The XLA (HLO) passes, and
+# so the partitioning, collectives and fusion decisions under test, are unchanged.
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+
+
+def xla_flags(*extra: str) -> str:
+    """XLA_FLAGS for a test subprocess: FAST_COMPILE_FLAGS plus `extra` (e.g. a host device count)."""
+    return " ".join((*FAST_COMPILE_FLAGS, *extra))
 transformers.utils.logging.disable_progress_bar()
 
 __all__ = [
     "EOS_TOKEN", "MASK_TOKEN", "PAD_TOKEN", "EOS_ID", "MASK_ID", "PAD_ID", "TOKENIZER_VOCAB",
     "TOKENIZER_TEXTS", "FAMILY_DEFAULTS", "hf_config", "make_hf_model", "load_hf_model",
     "hf_forward", "train_tiny_tokenizer", "write_tokenizer_files", "CORPUS_WORDS", "build_tiny_corpus",
+    "FAST_COMPILE_FLAGS", "xla_flags",
 ]
 
 # Special tokens in the same order as dspark_jax.data.tokenizer_training (ids 0, 1, 2).

@@ -19,7 +19,7 @@ import torch
 from dspark_cli import generate_cmd
 from dspark_cli.main import COMMANDS, main, resolve
 from dspark_jax.tokenizer import Tokenizer
-from tests.helpers import EOS_ID, load_hf_model
+from tests.helpers import EOS_ID, load_hf_model, xla_flags
 
 PROMPTS = ["hello world", "the quick brown fox jumps"]
 MAX_NEW = 12
@@ -104,7 +104,7 @@ def test_generate_human_readable(tiny_qwen3_dir, tmp_path, capsys):
 
 def test_generate_on_a_mesh_matches_single_device(tiny_qwen3_dir, reference):
     """--mesh 1,1,2 on 2 simulated CPU devices (subprocess: the device count is fixed at JAX start)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"),
                JAX_PLATFORMS="cpu")
     argv = [sys.executable, "-m", "dspark_cli.main", "generate", "--target", str(tiny_qwen3_dir),
             "--max-new-tokens", str(MAX_NEW), "--mesh", "1,1,2", "--json"]

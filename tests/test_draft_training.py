@@ -27,7 +27,7 @@ from dspark_jax.checkpoint.deepspec import draft_params_from_target, load_draft
 from dspark_jax.config import TargetConfig
 from dspark_jax.draft import DraftConfig
 from dspark_jax.target.model import TargetModel
-from tests.helpers import tiny_corpus_and_target
+from tests.helpers import tiny_corpus_and_target, xla_flags
 from train import draft_features as feats
 from train import draft_losses as dl
 from train.checkpointing import ConfigMismatchError
@@ -329,7 +329,7 @@ def test_offline_cache_training_equals_online(env, ref, tmp_path):
 # ------------------------------------------------------------------------------------ sharding
 SHARDED_SCRIPT = """
 import os, sys, json
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = {flags!r}
 import jax, numpy as np
 sys.path.insert(0, {repo!r})
 from train.draft_config import DraftTrainConfig
@@ -351,7 +351,8 @@ print("RESULT", json.dumps({{"param_diff": dp, "metric_rel_diff": dm}}))
 
 
 def test_sharded_step_matches_single_device(env, tmp_path):
-    script = SHARDED_SCRIPT.format(repo=str(REPO), tiny=json.dumps(TINY), target=env["target"], corpus=env["corpus"],
+    script = SHARDED_SCRIPT.format(repo=str(REPO), flags=xla_flags("--xla_force_host_platform_device_count=8"),
+                                   tiny=json.dumps(TINY), target=env["target"], corpus=env["corpus"],
                                    tmp=str(tmp_path))
     envvars = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=envvars, timeout=900)

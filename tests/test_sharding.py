@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from dspark_jax.config import TargetConfig
 from dspark_jax.sharding import logical_to_spec, make_mesh, rules_for_config
+from tests.helpers import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +65,7 @@ def test_make_mesh_checks_device_count():
 
 
 def test_vocab_parallel_sampling_on_sharded_logits():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=ROOT)
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "scripts", "sharded_vocab.py")],
                           env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -73,7 +74,7 @@ def test_vocab_parallel_sampling_on_sharded_logits():
 
 def test_sharded_speculative_loop_equals_single_device_and_moves_no_vocab():
     """6 query / 2 KV heads on data 2 x model 4, f32 and bf16, greedy and sampled (tests/scripts/sharded_loop.py)."""
-    flags = "--xla_force_host_platform_device_count=8 --xla_allow_excess_precision=false"
+    flags = xla_flags("--xla_force_host_platform_device_count=8", "--xla_allow_excess_precision=false")
     env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "scripts", "sharded_loop.py")],
                           env=env, capture_output=True, text=True, timeout=1200, cwd=ROOT)

@@ -119,14 +119,15 @@ def test_nonfinite_weight_is_an_error(pair):
     params = jax.tree_util.tree_map(lambda x: x, target.params)
     params["norm"]["scale"] = params["norm"]["scale"].at[3].set(jnp.nan)
     broken = Target(config=target.config, params=params)
+    kw = dict(max_new_tokens=MAX_NEW, sampling=MIXED, seed=SEEDS)  # the programs compiled above (greedy row 0)
     with pytest.raises(GenerationError, match=r"non-finite .*target logits after the prefill \(rows \[0, 1, 2\]\)"):
-        generate(broken, PROMPTS, max_new_tokens=MAX_NEW)
+        generate(broken, PROMPTS, **kw)
     with pytest.raises(GenerationError, match=r"non-finite .*target logits after the prefill"):
-        generate(broken, PROMPTS, draft=draft, max_new_tokens=MAX_NEW)
+        generate(broken, PROMPTS, draft=draft, **kw)
     dp = jax.tree_util.tree_map(lambda x: x, draft.params)
     dp["norm"]["scale"] = dp["norm"]["scale"].at[0].set(jnp.inf)
     with pytest.raises(GenerationError, match=r"non-finite .*draft logits in a proposal"):
-        generate(target, PROMPTS, draft=Draft(config=draft.config, params=dp), max_new_tokens=MAX_NEW)
+        generate(target, PROMPTS, draft=Draft(config=draft.config, params=dp), **kw)
 
 
 M_NEW = 12  # buffer of the M1/M2 runs; per-row limits (traced) go below it
@@ -175,12 +176,13 @@ def test_m1_reference_runs_one_more_round_at_the_limit(pair):
 def test_m2_stop_round_counts_drafts_up_to_the_stop(pair):
     target, draft = pair
     loop = _loop(target, draft)
-    free, _, _, _ = _run(target, draft, loop, PROMPTS)
+    prompts = PROMPTS * 2  # the batch of test_m1: the same compiled loop
+    free, _, _, _ = _run(target, draft, loop, prompts)
     k = draft.config.block_size
     found = False
     for stop in sorted(set(free[:, 1:].ravel().tolist())):
-        out, num, stats, rec = _run(target, draft, loop, PROMPTS, stop)
-        for r in range(len(PROMPTS)):
+        out, num, stats, rec = _run(target, draft, loop, prompts, stop)
+        for r in range(len(prompts)):
             n_rounds = int(stats.rounds[r])
             proposed, accepted = rec.proposed[r, :n_rounds], rec.accepted[r, :n_rounds]
             assert (rec.proposed[r, n_rounds:] == -1).all()

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import build_tiny_corpus, write_tokenizer_files
+from tests.helpers import build_tiny_corpus, write_tokenizer_files, xla_flags
 from train.checkpointing import COMMIT_MARKER, TrainCheckpointer
 from train.cli_target import train_target_main
 from train.data import BatchIterator, DataState, pack_stream
@@ -179,7 +179,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_step_matches_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO),
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), PYTHONPATH=str(REPO),
                JAX_PLATFORMS="cpu")
     script = SHARDED_SCRIPT.replace("TINY_JSON", repr(json.dumps(TINY)))
     proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=str(REPO), capture_output=True,

@@ -1,7 +1,7 @@
 """Run with XLA_FLAGS=--xla_force_host_platform_device_count=8: the sharded speculative loop.
 
 Target with 6 query heads and 2 KV heads (fewer KV heads than the model axis) on a data 2 x
-model 4 mesh via `generate(..., mesh=...)`, in float32 and bfloat16, greedy and sampled:
+model 4 mesh via `generate(..., mesh=...)`, greedy and sampled in float32, sampled in bfloat16:
   * outputs equal the 1-device run (greedy token for token; sampled with the same seed, the same
     tokens: the draws use the same uniforms, only float32 summation order differs);
   * the target forward (logits, taps) and autoregressive generate equal the 1-device run;
@@ -78,7 +78,10 @@ for dtype in [d for d in ("float32", "bfloat16") if not only or d in only]:
         assert float(jnp.max(jnp.abs(out.taps[0] - ref.taps[0]))) < 1e-4
         ar = generate(target, prompts, max_new_tokens=12)
         assert generate(target, prompts, max_new_tokens=12, mesh=mesh).token_ids == ar.token_ids
-    for sampling in (SamplingConfig(), SamplingConfig(temperature=1.0, top_k=20, top_p=0.9)):
+    # bfloat16 runs the sampled loop only: its forward passes (where bfloat16 rounding could depend on the
+    # partitioning) are those of the greedy loop, and the greedy verify path is checked in float32
+    samplings = [SamplingConfig(temperature=1.0, top_k=20, top_p=0.9)]
+    for sampling in ([SamplingConfig()] if dtype == "float32" else []) + samplings:
         kw = dict(draft=draft, max_new_tokens=12, sampling=sampling, seed=3)
         ref = generate(target, prompts, **kw)
         out = generate(target, prompts, mesh=mesh, **kw)

@@ -33,25 +33,28 @@ def check_hlo(fn, *args):
     assert not bad, bad
 
 
+# one compiled program per static mode (top_k_bound, use_top_p): the values are traced, as in the loop
+wfn = jax.jit(lambda z, t, k, p, bound, use_top_p: vp.warp_probs(z, t, k, p, top_k_bound=bound, use_top_p=use_top_p),
+              static_argnums=(4, 5))
+sfn = jax.jit(lambda key, pr: vp.inverse_cdf(pr, jax.random.uniform(key, pr.shape[:-1])))
+hlo_checked = False
 with jax.set_mesh(mesh):
     for t, k, p in cases:
         sc = SamplingConfig(temperature=t, top_k=k, top_p=p)
         ref = warp_probs(logits, sc.params(), sc.mode)
-        fn = jax.jit(lambda z, t=t, k=k, p=p, m=sc.mode: vp.warp_probs(
-            z, jnp.full((4,), t), jnp.full((4,), k), jnp.full((4,), p), top_k_bound=m.top_k_bound,
-            use_top_p=m.use_top_p))
-        got = fn(sharded)
+        args = (sharded, jnp.full((4,), t), jnp.full((4,), k), jnp.full((4,), p), sc.mode.top_k_bound,
+                sc.mode.use_top_p)
+        got = wfn(*args)
         assert "model" in str(got.sharding.spec), got.sharding
         err = float(jnp.max(jnp.abs(got - ref)))
         worst = max(worst, err)
         assert err < 1e-6 and bool(jnp.all((got > 0) == (ref > 0))), (t, k, p, err)
-        if k and p < 1:  # HLO checks (a compile each) on the case that runs every warping stage
-            check_hlo(fn, sharded)
         key = jax.random.PRNGKey(int(t * 10 + k))
-        sfn = jax.jit(lambda key, pr: vp.inverse_cdf(pr, jax.random.uniform(key, pr.shape[:-1])))
         assert bool(jnp.all(sfn(key, got) == sample_from_probs(key, ref, sc.mode))), (t, k, p)
-        if k and p < 1:
+        if k and p < 1 and not hlo_checked:  # HLO checks (a compile each) on the mode running every warping stage
+            check_hlo(wfn, *args)
             check_hlo(sfn, key, got)
+            hlo_checked = True
     # mixed per-row settings: greedy row 0, top-k row 1, top-p row 2, plain row 3 == each alone
     temps, ks, ps = jnp.asarray([0.0, 0.8, 1.2, 1.0]), jnp.asarray([0, 7, 0, 0]), jnp.asarray([1.0, 1.0, 0.7, 1.0])
     mixed = jax.jit(lambda z: vp.warp_probs(z, temps, ks, ps, top_k_bound=64, use_top_p=True))(sharded)
