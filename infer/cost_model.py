@@ -40,7 +40,8 @@ __all__ = ["ESTIMATOR", "SPSProfile", "time_call", "time_round_robin", "monotone
            "default_cache_dir", "profile_sps", "RoundCostModel", "plot_profile"]
 
 FORMAT = "dspark-sps/v1"
-ESTIMATOR = "round-robin-min/monotone/call"  # how step times are measured; cached profiles made otherwise are re-measured
+# How step times are measured; cached profiles made otherwise are re-measured.
+ESTIMATOR = "round-robin-min/monotone/call"
 
 
 def time_round_robin(fns: Sequence[Callable[[], Any]], *, warmup: int = 2, repeats: int = 7) -> list[float]:
