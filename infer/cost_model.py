@@ -40,7 +40,8 @@ __all__ = ["ESTIMATOR", "SPSProfile", "time_call", "time_round_robin", "monotone
            "default_cache_dir", "profile_sps", "RoundCostModel", "plot_profile"]
 
 FORMAT = "dspark-sps/v1"
-ESTIMATOR = "round-robin-min/monotone"  # how step times are measured; cached profiles made otherwise are re-measured
+# How step times are measured; cached profiles made otherwise are re-measured.
+ESTIMATOR = "round-robin-min/monotone/call"
 
 
 def time_round_robin(fns: Sequence[Callable[[], Any]], *, warmup: int = 2, repeats: int = 7) -> list[float]:
@@ -105,13 +106,16 @@ class SPSProfile:
 
     buckets: static verify token buckets (ascending); verify_s: seconds of one verify step at each
     bucket (the `time_round_robin` minimum, made non-decreasing by `monotone_step_times`); draft_s:
-    seconds of one draft pass over all slots (None: not profiled); key / fields: what the profile
+    seconds of one draft pass over all slots (None: not profiled); call_s: the fixed overhead of one
+    engine call (dispatch + blocking device-to-host read; part of every verify_s and draft_s, which
+    were each timed as one call; None: not measured); key / fields: what the profile
     was measured for; backend, device_kind: where; estimator: how the times were taken.
     """
 
     buckets: tuple[int, ...]
     verify_s: tuple[float, ...]
     draft_s: float | None = None
+    call_s: float | None = None
     key: str = ""
     fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     backend: str = ""
@@ -139,15 +143,27 @@ class SPSProfile:
                 return t
         return float("inf")
 
-    def sps_table(self) -> np.ndarray:
-        """Verify-only SPS(B) for B = 0..B_max, float32 [B_max + 1] (B = 0 -> 0)."""
-        return np.asarray([0.0] + [1.0 / self.step_seconds(b) for b in range(1, self.max_tokens + 1)], np.float32)
+    def round_seconds(self, num_tokens: int, *, drafted: bool, rounds_per_call: int = 1) -> float:
+        """Whole-round seconds at `num_tokens` verify tokens: verify compute, plus the draft pass's compute
+        when `drafted`, plus the per-call overhead (`call_s`) shared by `rounds_per_call` rounds of one call.
 
-    def round_sps_table(self) -> np.ndarray:
-        """Whole-round SPS(B) = 1 / (draft pass + verify(B)), float32 [B_max + 1]."""
-        draft = self.draft_s or 0.0
-        return np.asarray([0.0] + [1.0 / (draft + self.step_seconds(b)) for b in range(1, self.max_tokens + 1)],
-                          np.float32)
+        Every profiled time (verify_s, draft_s) was one call, so it includes one `call_s`; the engine
+        runs the draft pass inside the round's program, so a drafted round pays the overhead once, not
+        twice. Without `call_s` (not measured): verify_s (+ draft_s).
+        """
+        call = self.call_s or 0.0
+        t = self.step_seconds(num_tokens) - call + call / max(int(rounds_per_call), 1)
+        return t + (max((self.draft_s or 0.0) - call, 0.0) if drafted else 0.0)
+
+    def sps_table(self, rounds_per_call: int = 1) -> np.ndarray:
+        """Plain-round SPS(B) (verify, no draft pass) for B = 0..B_max, float32 [B_max + 1] (B = 0 -> 0)."""
+        return np.asarray([0.0] + [1.0 / self.round_seconds(b, drafted=False, rounds_per_call=rounds_per_call)
+                                   for b in range(1, self.max_tokens + 1)], np.float32)
+
+    def round_sps_table(self, rounds_per_call: int = 1) -> np.ndarray:
+        """Drafted whole-round SPS(B) = 1 / (draft pass + verify(B) + call overhead share), float32 [B_max + 1]."""
+        return np.asarray([0.0] + [1.0 / self.round_seconds(b, drafted=True, rounds_per_call=rounds_per_call)
+                                   for b in range(1, self.max_tokens + 1)], np.float32)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict (format tag included)."""
@@ -160,7 +176,8 @@ class SPSProfile:
             raise ValueError(f"{source}: format {obj.get('format')!r} is not {FORMAT!r}")
         try:
             return cls(buckets=tuple(int(b) for b in obj["buckets"]), verify_s=tuple(float(t) for t in obj["verify_s"]),
-                       draft_s=None if obj.get("draft_s") is None else float(obj["draft_s"]), key=obj.get("key", ""),
+                       draft_s=None if obj.get("draft_s") is None else float(obj["draft_s"]),
+                       call_s=None if obj.get("call_s") is None else float(obj["call_s"]), key=obj.get("key", ""),
                        fields=obj.get("fields", {}), backend=obj.get("backend", ""),
                        device_kind=obj.get("device_kind", ""), estimator=obj.get("estimator", ""))
         except KeyError as e:
@@ -176,19 +193,23 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def profile_sps(verify_at: Callable[[int], Callable[[], Any]], buckets: Sequence[int], *,
-                fields: Mapping[str, Any], draft: Callable[[], Any] | None = None, warmup: int = 2,
+                fields: Mapping[str, Any], draft: Callable[[], Any] | None = None,
+                rounds: tuple[Callable[[], Any], int] | None = None, warmup: int = 2,
                 repeats: int = 7, cache_dir: str | None = None, refresh: bool = False) -> SPSProfile:
     """Profile (or load from the disk cache) the verify step at every bucket and the draft pass.
 
     verify_at(bucket) returns a zero-argument callable running one jitted verify step at that
-    bucket; draft: a zero-argument callable running one draft pass (or None). fields: what
+    bucket; draft: a zero-argument callable running one draft pass (or None); rounds: (fn, n), fn
+    running n verify rounds at the smallest bucket in ONE call (n >= 2), which measures the per-call
+    overhead: call_s = t(1 round) - (t(n rounds) - t(1 round)) / (n - 1), clipped to [0, the
+    smallest measured call] (None: call_s not measured). fields: what
     identifies the measured program (model fingerprint, slots, cache length, dtype, ...).
     cache_dir: None = `default_cache_dir()`; "" disables the cache. Timing: `time_round_robin` over
     the buckets and the draft pass together (minimum of `repeats` interleaved sweeps), then
     `monotone_step_times`. A cached profile taken with another estimator is re-measured.
     """
     buckets = tuple(sorted(int(b) for b in buckets))
-    key = profile_key({**fields, "buckets": buckets, "draft": draft is not None})
+    key = profile_key({**fields, "buckets": buckets, "draft": draft is not None, "call": rounds is not None})
     path = os.path.join(cache_dir if cache_dir is not None else default_cache_dir(), f"{key}.json") \
         if cache_dir != "" else None
     if path and os.path.isfile(path) and not refresh:
@@ -197,10 +218,18 @@ def profile_sps(verify_at: Callable[[int], Callable[[], Any]], buckets: Sequence
         if cached.estimator == ESTIMATOR:
             return cached
     fns = [verify_at(b) for b in buckets] + ([draft] if draft is not None else [])
+    if rounds is not None:
+        if rounds[1] < 2:
+            raise ValueError(f"profile_sps rounds=(fn, n) needs n >= 2, got {rounds[1]}")
+        fns.append(rounds[0])
     times = time_round_robin(fns, warmup=warmup, repeats=repeats)
     verify_s = monotone_step_times(times[:len(buckets)])
-    draft_s = times[-1] if draft is not None else None
-    prof = SPSProfile(buckets=buckets, verify_s=verify_s, draft_s=draft_s, key=key, fields=dict(fields),
+    draft_s = times[len(buckets)] if draft is not None else None
+    call_s = None
+    if rounds is not None:  # t1 = c + o, tn = n c + o  ->  o = t1 - (tn - t1) / (n - 1)
+        t1, tn = times[0], times[-1]
+        call_s = min(max(t1 - (tn - t1) / (rounds[1] - 1), 0.0), verify_s[0], draft_s or verify_s[0])
+    prof = SPSProfile(buckets=buckets, verify_s=verify_s, draft_s=draft_s, call_s=call_s, key=key, fields=dict(fields),
                       backend=jax.default_backend(), device_kind=_device_kind(), estimator=ESTIMATOR)
     if path:
         _write_json(path, prof.to_json())
@@ -211,17 +240,20 @@ def profile_sps(verify_at: Callable[[int], Callable[[], Any]], buckets: Sequence
 class RoundCostModel:
     """Whole-round cost model over a profile: decides ℓ and whether drafting pays.
 
-    Θ_draft = max over admission counts of τ(m) / (draft + verify(R + m)) (the Algorithm 1 path
-    when `early_stop`); Θ_plain = R / verify(R) (plain decoding: no draft pass). Drafting pays
-    when Θ_draft > (1 + margin) · Θ_plain.
+    Θ_draft = max over admission counts of τ(m) / (draft + verify(R + m) + o) (the Algorithm 1 path
+    when `early_stop`); Θ_plain = R / (verify(R) + o) (plain decoding: no draft pass), o the measured
+    per-call overhead (dispatch + read, `SPSProfile.call_s`) per round (`SPSProfile.round_seconds`).
+    Drafting pays when Θ_draft > (1 + margin) · Θ_plain.
     """
 
     profile: SPSProfile
     margin: float = 0.0
 
-    def tables(self) -> tuple[jax.Array, jax.Array]:
-        """(whole-round SPS [B_max + 1], verify-only SPS [B_max + 1]) as float32 device arrays."""
-        return jnp.asarray(self.profile.round_sps_table()), jnp.asarray(self.profile.sps_table())
+    def tables(self, rounds_per_call: int = 1) -> tuple[jax.Array, jax.Array]:
+        """(drafted whole-round SPS [B_max + 1], plain-round SPS [B_max + 1]) as float32 device arrays, with the
+        per-call overhead shared by `rounds_per_call` rounds per engine call."""
+        return (jnp.asarray(self.profile.round_sps_table(rounds_per_call)),
+                jnp.asarray(self.profile.sps_table(rounds_per_call)))
 
     @staticmethod
     def decide(survival: jax.Array, round_sps: jax.Array, plain_sps: jax.Array, *, active: jax.Array | None = None,

@@ -37,6 +37,17 @@ def test_profile_cache_tables_and_plot(tmp_path):
     np.testing.assert_allclose(p.sps_table(), [0, 2.0, 1.0, 0.5, 0.5])  # B = 3 pads to bucket 4
     np.testing.assert_allclose(p.round_sps_table(), [0, 1.0, 2 / 3, 0.4, 0.4])
     assert p.step_seconds(5) == float("inf")
+    # Per-call overhead: each profiled time holds one call_s; a drafted round pays it once, shared by the
+    # rounds of one call.
+    pc = SPSProfile(buckets=(1, 2, 4), verify_s=(0.5, 1.0, 2.0), draft_s=0.5, call_s=0.2)
+    assert pc.round_seconds(1, drafted=True) == pytest.approx(0.8)  # 0.3 verify + 0.3 draft + 0.2 call
+    assert pc.round_seconds(3, drafted=False, rounds_per_call=4) == pytest.approx(1.85)
+    np.testing.assert_allclose(pc.sps_table(4)[1], 1 / 0.35, rtol=1e-6)
+    np.testing.assert_allclose(pc.round_sps_table(), [0, 1 / 0.8, 1 / 1.3, 1 / 2.3, 1 / 2.3], rtol=1e-6)
+    assert SPSProfile.from_json(json.loads(json.dumps(pc.to_json()))) == pc
+    with_call = profile_sps(verify_at, [1, 2], fields=fields, rounds=(lambda: [step(x, 1) for _ in range(3)], 3),
+                            warmup=1, repeats=2, cache_dir=str(tmp_path))
+    assert 0.0 <= with_call.call_s <= with_call.verify_s[0] and with_call.key != prof.key
     assert SPSProfile.from_json(json.loads(json.dumps(p.to_json()))) == p
     with pytest.raises(ValueError, match="verify_s"):
         SPSProfile.from_json({"format": "dspark-sps/v1", "buckets": [1]}, "x.json")

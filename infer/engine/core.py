@@ -9,13 +9,18 @@ row, index = position; not paged). The jitted programs:
   prompt's last chunk (padded to a `prefill_buckets` size) also samples the first token and drafts
   the first block. Other slots are untouched, so a request joins while the others keep decoding.
 * `plan_round`: the policy's per-slot draft counts ℓ [R] (on device: Algorithm 1, async top-K,
-  thresholds, static). The host reads Σ(1 + ℓ) to pick the token bucket.
+  thresholds, static) and whether the round ends with a draft pass (dspark's cost gate).
 * `engine_round`: pack ``[anchor, drafts[:ℓ]]`` of the active slots into the bucket, one packed
   target forward (`infer.ragged`), packed rejection sampling with per-slot keys and sampling
   values, commit, and the next draft block for every slot. Returns the committed tokens per slot;
   the host applies stop tokens and max-token limits (extra tokens after a stop are discarded).
-* `engine_rounds`: the program the engine calls: one round, or several in one device loop
-  (host-planned policies, nobody waiting), ending at the first stop token or token limit of any slot.
+* `engine_rounds`: one round at a static ℓ and bucket, or several in one device loop, ending at the
+  first stop token or token limit of any slot: the engine's program for `ar` (no drafter) and the
+  profiler's.
+* `scheduled_rounds`: the same device loop for the drafting policies (static, mtp1, threshold,
+  dspark, dspark-async; the policy is traced, so they share one program): each round plans ℓ,
+  picks the token bucket on device and runs that bucket's packed verify through `lax.switch`
+  (`scheduled_round`), so a round costs no host round trip and a call runs up to `max_rounds`.
 
 Randomness: request r's round n uses ``fold_in(PRNGKey(seed_r), n)`` whatever slot or batch it
 runs in, so a request's output depends only on its own seed and the tokens.
@@ -44,7 +49,8 @@ from infer.speculative import Pending, draft_backbone, sample_block, truncate_pr
 from infer.state import RowParams, SpecLoop, SpecModels
 
 __all__ = ["EngineSpec", "Policy", "EngineState", "prefill_chunk", "prefill_buckets", "plan_round", "engine_round",
-           "engine_rounds", "draft_pass_only", "parse_policy", "POLICIES"]
+           "PolicyArgs", "PLAN_KINDS",
+           "engine_rounds", "scheduled_round", "scheduled_rounds", "draft_pass_only", "parse_policy", "POLICIES"]
 
 Array = jax.Array
 PENDING_ROWS = 16  # context rows a slot may hold back across rounds without a draft pass
@@ -89,6 +95,25 @@ class Policy:
     def drafts(self) -> bool:
         """Whether this policy needs a drafter."""
         return self.kind != "ar"
+
+    def device_args(self) -> "PolicyArgs":
+        """This policy as traced values for `scheduled_rounds` (every drafting policy shares one program)."""
+        return PolicyArgs(kind=jnp.int32(PLAN_KINDS.index(self.kind)), k=jnp.int32(self.k),
+                          threshold=jnp.float32(self.threshold), cost_gate=jnp.asarray(self.cost_gate))
+
+
+PLAN_KINDS = ("static", "threshold", "dspark", "dspark-async")  # `PolicyArgs.kind` indexes this
+
+
+@flax.struct.dataclass
+class PolicyArgs:
+    """A drafting `Policy` as traced scalars: kind (index into PLAN_KINDS) int32, k int32 (static drafts),
+    threshold float32, cost_gate bool."""
+
+    kind: Array
+    k: Array
+    threshold: Array
+    cost_gate: Array
 
 
 def parse_policy(text: str, gamma: int) -> Policy:
@@ -297,6 +322,38 @@ def prefill_chunk(params, draft_params, head, state: EngineState, slot: Array, t
                                                            jnp.where(fresh, 0, state.pending_n[slot]))), first
 
 
+def _plan(state: EngineState, active: Array, has_proposal: Array, round_sps: Array, plain_sps: Array,
+          temperatures: Array, spec: EngineSpec, policy: PolicyArgs) -> tuple[Array, Array, Array]:
+    """Traced body of `plan_round` (inlined into `scheduled_round`): one `lax.switch` branch per policy kind."""
+    r, g = spec.slots, spec.gamma
+    yes = jnp.asarray(True)
+
+    def static(_):
+        return jnp.full((r,), jnp.minimum(policy.k, g), jnp.int32), yes
+
+    def threshold(_):  # the reference rule: stop at the first raw confidence below c
+        return truncate_proposal(state.prop_conf, policy.threshold, 0.0).astype(jnp.int32), yes
+
+    def dspark(surv):
+        ell = prefix_schedule(jnp.where(has_proposal[:, None], surv, 0.0), round_sps, active=active)
+        # The cost gate: would a drafted round pay, judging by the latest proposals?
+        _, pays = RoundCostModel.decide(surv, round_sps, plain_sps, active=active)
+        return ell.astype(jnp.int32), pays | ~policy.cost_gate
+
+    def dspark_async(surv):  # capacity from the survivals verified two rounds ago, today's ranking
+        ell, _ = async_schedule(jnp.where(has_proposal[:, None], surv, 0.0), state.surv_hist[1], round_sps,
+                                active=active, stale_active=state.hist_valid[1])
+        return ell.astype(jnp.int32), yes
+
+    if g == 0:
+        ell, draft_next = jnp.zeros((r,), jnp.int32), jnp.asarray(False)
+    else:
+        surv = survival_from_confidence(state.prop_conf, temperatures)
+        ell, draft_next = jax.lax.switch(policy.kind, [static, threshold, dspark, dspark_async], surv)
+    ell = jnp.where(active & has_proposal, ell, 0).astype(jnp.int32)
+    return ell, jnp.sum(jnp.where(active, 1 + ell, 0)), draft_next
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "policy"))
 def plan_round(state: EngineState, active: Array, has_proposal: Array, round_sps: Array, plain_sps: Array,
                temperatures: Array, *, spec: EngineSpec, policy: Policy) -> tuple[Array, Array, Array]:
@@ -307,43 +364,25 @@ def plan_round(state: EngineState, active: Array, has_proposal: Array, round_sps
     temperatures [γ] STS temperatures of the drafter (ones when uncalibrated). draft_next: whether
     this round should end with a draft pass — False only for `dspark` with the cost gate when the
     latest calibrated survivals say the best drafted round is slower than plain decoding.
+    The engine runs this decision inside `scheduled_rounds`; this standalone program is for inspection.
     """
-    r, g = spec.slots, spec.gamma
-    draft_next = jnp.asarray(g > 0 and policy.drafts)
-    if policy.kind == "ar" or g == 0:
-        ell = jnp.zeros((r,), jnp.int32)
-    elif policy.kind == "static":
-        ell = jnp.full((r,), min(policy.k, g), jnp.int32)
-    elif policy.kind == "threshold":  # the reference rule: stop at the first raw confidence below c
-        ell = truncate_proposal(state.prop_conf, policy.threshold, 0.0)
-    else:
-        surv = survival_from_confidence(state.prop_conf, temperatures)
-        if policy.kind == "dspark":
-            ell = prefix_schedule(jnp.where(has_proposal[:, None], surv, 0.0), round_sps, active=active)
-            if policy.cost_gate:  # would a drafted round pay, judging by the latest proposals?
-                _, draft_next = RoundCostModel.decide(surv, round_sps, plain_sps, active=active)
-        else:  # dspark-async: capacity from the survivals verified two rounds ago, today's ranking
-            ell, _ = async_schedule(jnp.where(has_proposal[:, None], surv, 0.0), state.surv_hist[1], round_sps,
-                                    active=active, stale_active=state.hist_valid[1])
-    ell = jnp.where(active & has_proposal, ell, 0).astype(jnp.int32)
-    return ell, jnp.sum(jnp.where(active, 1 + ell, 0)), draft_next
+    if not policy.drafts or spec.gamma == 0:
+        r = spec.slots
+        return jnp.zeros((r,), jnp.int32), jnp.sum(active.astype(jnp.int32)), jnp.asarray(False)
+    return _plan(state, active, has_proposal, round_sps, plain_sps, temperatures, spec, policy.device_args())
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "bucket", "draft_pass", "flush"), donate_argnames=("state",))
-def engine_round(params, draft_params, head, state: EngineState, ell: Array, active: Array, temperatures: Array, *,
-                 spec: EngineSpec, bucket: int, draft_pass: bool = True, flush: bool = False):
-    """One packed verify round, then the next proposal.
+def _verify_commit(params, head, state: EngineState, ell: Array, active: Array, k_ver: Array, *, spec: EngineSpec,
+                   bucket: int):
+    """The verify half of a round at a static token bucket: pack, packed target forward, packed rejection
+    sampling, commit to the target cache.
 
-    draft_pass=False: no draft pass; this round's draft-context rows are held back in `pending`
-    (the caller keeps pending_n + γ + 1 <= PENDING_ROWS). flush=True: the draft pass also commits
-    the held-back rows (static, so rounds without held-back rows do not pay for them).
-
-    ell [R] drafts to verify per slot; active [R] slots holding a request. Returns (state,
-    new_tokens [R, γ + 1] (-1 past each slot's count), n_new [R], accepted [R]).
+    Returns (state, new_tokens [R, γ + 1] (-1 past each slot's count), n_new [R], accepted [R],
+    (ctx [R, γ + 1, n_ctx·E], ctx_pos [R, γ + 1], ctx_valid [R, γ + 1]) the round's draft-context rows
+    (None without a drafter)). Every output's shape is independent of `bucket` (`lax.switch` branches).
     """
     cfg, dcfg, g = spec.config, spec.dcfg, max(spec.gamma, 1)
     taps_ids = tuple(dcfg.target_layer_ids) if dcfg is not None else ()
-    k_ver, k_prop, _ = _row_keys(state)
     packed = pack_chunks(state.anchor, state.prop_tokens, ell, state.start, active, bucket)
     logits, tcache, taps = packed_target_forward(cfg, params, packed, state.tcache, tap_layers=taps_ids,
                                                  lm_head_kernel=head, backend=spec.backend, max_chunk=g + 1)
@@ -364,36 +403,96 @@ def engine_round(params, draft_params, head, state: EngineState, ell: Array, act
     anchor = jnp.where(active, ver.next_token, state.anchor)
     state = state.replace(tcache=tcache.with_lengths(new_start), anchor=anchor, start=new_start,
                           rnd=state.rnd + active.astype(jnp.int32))
+    ctx = None
     if dcfg is not None:
         # Draft context of this round: target features of the anchor and accepted drafts of each slot.
         rows = jnp.clip(packed.chunk_start[:, None] + col, 0, bucket - 1)  # [R, γ+1]
-        ctx = jnp.concatenate(taps, axis=-1)[rows]  # [R, γ+1, n_ctx*E]
-        ctx_pos = (new_start - n_new)[:, None] + col
-        ctx_valid = (col < n_new[:, None]) & active[:, None]
-        if draft_pass:
-            surv = survival_from_confidence(state.prop_conf, temperatures)
-            state = state.replace(surv_hist=jnp.stack([surv, state.surv_hist[0]]),
-                                  hist_valid=jnp.stack([active, state.hist_valid[0]]))
-            # Rows held back by earlier rounds without a draft pass go first (older positions).
-            pending, pending_pos, pending_valid = ctx, ctx_pos, ctx_valid
-            if flush:
-                w = jnp.arange(PENDING_ROWS)[None, :]
-                pending = jnp.concatenate([state.pending, ctx.astype(state.pending.dtype)], axis=1)
-                pending_pos = jnp.concatenate([state.pending_pos, ctx_pos], axis=1)
-                pending_valid = jnp.concatenate([w < state.pending_n[:, None], ctx_valid], axis=1)
-            tokens, probs, conf, dcache = _propose(spec, draft_params, head, state.dcache,
-                                                   Pending(features=pending, positions=pending_pos, valid=pending_valid),
-                                                   anchor, new_start, k_prop, state.sampling)
-            state = state.replace(dcache=dcache, prop_tokens=tokens, prop_probs=probs, prop_conf=conf,
-                                  pending_n=jnp.zeros_like(state.pending_n))
-        else:  # hold this round's context rows back (the host keeps pending_n + γ + 1 <= PENDING_ROWS)
-            idx = jnp.where(ctx_valid, state.pending_n[:, None] + col, PENDING_ROWS)  # [R, γ+1]
-            r_idx = jnp.arange(r)[:, None]
-            state = state.replace(pending=state.pending.at[r_idx, idx].set(ctx.astype(state.pending.dtype),
-                                                                           mode="drop"),
-                                  pending_pos=state.pending_pos.at[r_idx, idx].set(ctx_pos, mode="drop"),
-                                  pending_n=state.pending_n + n_new)
+        ctx = (jnp.concatenate(taps, axis=-1)[rows],  # [R, γ+1, n_ctx*E]
+               (new_start - n_new)[:, None] + col,
+               (col < n_new[:, None]) & active[:, None])
+    return state, new_tokens, n_new, a, ctx
+
+
+def _draft_or_hold(draft_params, head, state: EngineState, ctx, active: Array, k_prop: Array, temperatures: Array, *,
+                   spec: EngineSpec, draft_pass: bool, flush: bool) -> EngineState:
+    """The draft half of a round: the next proposal of every slot (draft_pass), or hold the round's
+    draft-context rows `ctx` back in `pending` (see `engine_round`)."""
+    ctx, ctx_pos, ctx_valid = ctx
+    r, g = spec.slots, max(spec.gamma, 1)
+    col = jnp.arange(g + 1, dtype=jnp.int32)[None, :]
+    if draft_pass:
+        surv = survival_from_confidence(state.prop_conf, temperatures)
+        state = state.replace(surv_hist=jnp.stack([surv, state.surv_hist[0]]),
+                              hist_valid=jnp.stack([active, state.hist_valid[0]]))
+        # Rows held back by earlier rounds without a draft pass go first (older positions).
+        pending, pending_pos, pending_valid = ctx, ctx_pos, ctx_valid
+        if flush:
+            w = jnp.arange(PENDING_ROWS)[None, :]
+            pending = jnp.concatenate([state.pending, ctx.astype(state.pending.dtype)], axis=1)
+            pending_pos = jnp.concatenate([state.pending_pos, ctx_pos], axis=1)
+            pending_valid = jnp.concatenate([w < state.pending_n[:, None], ctx_valid], axis=1)
+        tokens, probs, conf, dcache = _propose(spec, draft_params, head, state.dcache,
+                                               Pending(features=pending, positions=pending_pos, valid=pending_valid),
+                                               state.anchor, state.start, k_prop, state.sampling)
+        return state.replace(dcache=dcache, prop_tokens=tokens, prop_probs=probs, prop_conf=conf,
+                             pending_n=jnp.zeros_like(state.pending_n))
+    # Hold this round's context rows back (the caller keeps pending_n + γ + 1 <= PENDING_ROWS).
+    idx = jnp.where(ctx_valid, state.pending_n[:, None] + col, PENDING_ROWS)  # [R, γ+1]
+    r_idx = jnp.arange(r)[:, None]
+    n_new = jnp.sum(ctx_valid, axis=1).astype(jnp.int32)
+    return state.replace(pending=state.pending.at[r_idx, idx].set(ctx.astype(state.pending.dtype), mode="drop"),
+                         pending_pos=state.pending_pos.at[r_idx, idx].set(ctx_pos, mode="drop"),
+                         pending_n=state.pending_n + n_new)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "bucket", "draft_pass", "flush"), donate_argnames=("state",))
+def engine_round(params, draft_params, head, state: EngineState, ell: Array, active: Array, temperatures: Array, *,
+                 spec: EngineSpec, bucket: int, draft_pass: bool = True, flush: bool = False):
+    """One packed verify round, then the next proposal.
+
+    draft_pass=False: no draft pass; this round's draft-context rows are held back in `pending`
+    (the caller keeps pending_n + γ + 1 <= PENDING_ROWS). flush=True: the draft pass also commits
+    the held-back rows (static, so rounds without held-back rows do not pay for them).
+
+    ell [R] drafts to verify per slot; active [R] slots holding a request. Returns (state,
+    new_tokens [R, γ + 1] (-1 past each slot's count), n_new [R], accepted [R]).
+    """
+    k_ver, k_prop, _ = _row_keys(state)
+    state, new_tokens, n_new, a, ctx = _verify_commit(params, head, state, ell, active, k_ver, spec=spec,
+                                                      bucket=bucket)
+    if ctx is not None:
+        state = _draft_or_hold(draft_params, head, state, ctx, active, k_prop, temperatures, spec=spec,
+                               draft_pass=draft_pass, flush=flush)
     return state, new_tokens, n_new, a
+
+
+def _device_loop(round_fn, state: EngineState, carry, active: Array, budget: Array, stop_ids: Array,
+                 num_rounds: Array, max_rounds: int):
+    """Run ``round_fn(state, carry) -> (state, carry, new_tokens [R, γ+1], n_new [R], record)`` up to
+    num_rounds (<= max_rounds) times in a while-loop, ending after the round in which an active slot
+    commits a stop token (stop_ids [R, n], -1 pads) or reaches its token budget [R].
+
+    Returns (state, new_tokens [max_rounds, R, γ + 1], n_new [max_rounds, R], records stacked
+    [max_rounds, ...], rounds run).
+    """
+    _, _, t_shape, n_shape, rec_shape = jax.eval_shape(round_fn, state, carry)
+    toks = jnp.full((max_rounds,) + t_shape.shape, -1, jnp.int32)
+    n_all = jnp.zeros((max_rounds,) + n_shape.shape, jnp.int32)
+    recs = jax.tree_util.tree_map(lambda s: jnp.zeros((max_rounds,) + s.shape, s.dtype), rec_shape)
+
+    def body(c):
+        i, st, cr, toks, n_all, recs, left, _ = c
+        st, cr, t, n, rec = round_fn(st, cr)
+        left = left - n
+        hit = jnp.any((t[:, :, None] == stop_ids[:, None, :]) & (t[:, :, None] >= 0), axis=(1, 2))  # [R]
+        done = jnp.any(active & (hit | (left <= 0)))
+        recs = jax.tree_util.tree_map(lambda buf, x: buf.at[i].set(x), recs, rec)
+        return i + 1, st, cr, toks.at[i].set(t), n_all.at[i].set(n), recs, left, done
+
+    c0 = (jnp.int32(0), state, carry, toks, n_all, recs, budget.astype(jnp.int32), jnp.asarray(False))
+    limit = jnp.minimum(num_rounds, max_rounds)
+    i, state, _, toks, n_all, recs, _, _ = jax.lax.while_loop(lambda c: (c[0] < limit) & ~c[7], body, c0)
+    return state, toks, n_all, recs, i
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "bucket", "draft_pass", "flush", "max_rounds"),
@@ -403,33 +502,73 @@ def engine_rounds(params, draft_params, head, state: EngineState, ell: Array, ac
                   draft_pass: bool, flush: bool = False, max_rounds: int):
     """Up to num_rounds (<= max_rounds) `engine_round`s with the same ℓ [R] in one program (a device while-loop).
 
-    The engine runs every round through this program: policies whose ℓ the host fixes (ar, static)
-    run several rounds per dispatch and device-to-host copy while no request waits for a slot;
-    otherwise num_rounds is 1 (the same compiled program either way). The loop ends after the round
-    in which an
-    active slot commits one of its stop tokens (stop_ids [R, n], -1 pads) or reaches its token
-    budget [R] (tokens it may still commit), so the host sees every finish at once and no slot
-    decodes past its end. Round n of a request uses the same keys as with one round per call.
+    The program of the host-planned policies (ar, static, mtp1): several rounds per dispatch and
+    device-to-host copy while no request waits for a slot, else num_rounds is 1 (the same compiled
+    program either way). The loop ends after the round in which an active slot commits one of its
+    stop tokens (stop_ids [R, n], -1 pads) or reaches its token budget [R] (tokens it may still
+    commit), so the host sees every finish at once and no slot decodes past its end. Round n of a
+    request uses the same keys as with one round per call.
     Returns (state, new_tokens [max_rounds, R, γ + 1], n_new [max_rounds, R], accepted
     [max_rounds, R], rounds run).
     """
-    r, g1 = spec.slots, max(spec.gamma, 1) + 1
-    toks = jnp.full((max_rounds, r, g1), -1, jnp.int32)
-    zeros = jnp.zeros((max_rounds, r), jnp.int32)
-
-    def body(carry):
-        i, st, toks, n_new, acc, left, _ = carry
+    def one(st, carry):
         st, t, n, a = engine_round(params, draft_params, head, st, ell, active, temperatures, spec=spec,
                                    bucket=bucket, draft_pass=draft_pass, flush=flush)
-        left = left - n
-        hit = jnp.any((t[:, :, None] == stop_ids[:, None, :]) & (t[:, :, None] >= 0), axis=(1, 2))  # [R]
-        done = jnp.any(active & (hit | (left <= 0)))
-        return i + 1, st, toks.at[i].set(t), n_new.at[i].set(n), acc.at[i].set(a), left, done
+        return st, carry, t, n, a
 
-    carry = (jnp.int32(0), state, toks, zeros, zeros, budget.astype(jnp.int32), jnp.asarray(False))
-    limit = jnp.minimum(num_rounds, max_rounds)
-    i, state, toks, n_new, acc, _, _ = jax.lax.while_loop(lambda c: (c[0] < limit) & ~c[6], body, carry)
-    return state, toks, n_new, acc, i
+    return _device_loop(one, state, (), active, budget, stop_ids, num_rounds, max_rounds)
+
+
+def scheduled_round(params, draft_params, head, state: EngineState, has_proposal: Array, active: Array,
+                    round_sps: Array, plain_sps: Array, temperatures: Array, policy: PolicyArgs, *, spec: EngineSpec,
+                    buckets: tuple[int, ...]):
+    """One round of a device-planned policy, with no host round trip between the decision and the verify.
+
+    The plan (`plan_round`: ℓ [R], Σ(1 + ℓ), draft_next) runs first; the smallest of the static
+    `buckets` >= Σ(1 + ℓ) is chosen on device and the packed verify of that bucket runs through
+    `lax.switch` (one branch per bucket, all compiled in this program); then the draft pass, or —
+    `dspark` with the cost gate when drafting does not pay and the held-back context has room — the
+    context rows are held back (a second `lax.switch`: hold / draft / draft + flush of held rows).
+    The policy is traced (`PolicyArgs`), so static, mtp1, threshold, dspark and dspark-async engines
+    of one shape share the compiled program. Same ℓ, keys and tokens as `plan_round` followed by
+    `engine_round` at the host-picked bucket.
+    Returns (state, new_tokens [R, γ + 1], n_new [R], (accepted [R], ℓ [R], Σ(1 + ℓ), drafted bool)).
+    """
+    g = spec.gamma
+    k_ver, k_prop, _ = _row_keys(state)
+    ell, total, draft_next = _plan(state, active, has_proposal, round_sps, plain_sps, temperatures, spec, policy)
+    sizes = jnp.asarray(buckets, jnp.int32)
+    which = jnp.clip(jnp.searchsorted(sizes, total), 0, len(buckets) - 1)  # smallest bucket >= total
+    branches = [functools.partial(_verify_commit, spec=spec, bucket=b) for b in buckets]
+    state, new_tokens, n_new, a, ctx = jax.lax.switch(which, branches, params, head, state, ell, active, k_ver)
+    overflow = jnp.any(active & (state.pending_n + g + 1 > PENDING_ROWS))  # held-back context full: draft now
+    drafted = draft_next | overflow
+    mode = jnp.where(drafted, jnp.where(jnp.any(state.pending_n > 0), 2, 1), 0)  # only dspark's gate holds rows
+    modes = [functools.partial(_draft_or_hold, spec=spec, draft_pass=d, flush=f)
+             for d, f in ((False, False), (True, False), (True, True))]
+    state = jax.lax.switch(mode, modes, draft_params, head, state, ctx, active, k_prop, temperatures)
+    return state, new_tokens, n_new, (a, ell, total.astype(jnp.int32), drafted)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "buckets", "max_rounds"), donate_argnames=("state",))
+def scheduled_rounds(params, draft_params, head, state: EngineState, has_proposal: Array, active: Array,
+                     round_sps: Array, plain_sps: Array, temperatures: Array, policy: PolicyArgs, budget: Array,
+                     stop_ids: Array, num_rounds: Array, *, spec: EngineSpec, buckets: tuple[int, ...],
+                     max_rounds: int):
+    """Up to num_rounds (<= max_rounds) `scheduled_round`s in one program: the engine's only dispatch per
+    step for every drafting policy (one device-to-host copy per call).
+
+    has_proposal [R] is carried on device (after a round: drafted & active); the loop ends as
+    `engine_rounds`' does. Returns (state, new_tokens [max_rounds, R, γ + 1], n_new [max_rounds, R],
+    (accepted [max_rounds, R], ℓ [max_rounds, R], Σ(1 + ℓ) [max_rounds], drafted [max_rounds]),
+    rounds run).
+    """
+    def one(st, has_prop):
+        st, t, n, rec = scheduled_round(params, draft_params, head, st, has_prop, active, round_sps, plain_sps,
+                                        temperatures, policy, spec=spec, buckets=buckets)
+        return st, rec[3] & active, t, n, rec
+
+    return _device_loop(one, state, has_proposal, active, budget, stop_ids, num_rounds, max_rounds)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))

@@ -28,9 +28,9 @@ import numpy as np
 
 from dspark_jax import kernels
 from dspark_jax.sampling import SamplingConfig, SamplingMode
-from infer.cost_model import SPSProfile, profile_sps
-from infer.engine.core import (PENDING_ROWS, EngineSpec, EngineState, draft_pass_only, engine_rounds,
-                               parse_policy, plan_round, prefill_buckets, prefill_chunk)
+from infer.cost_model import RoundCostModel, SPSProfile, profile_sps
+from infer.engine.core import (EngineSpec, EngineState, draft_pass_only, engine_rounds, parse_policy,
+                               prefill_buckets, prefill_chunk, scheduled_rounds)
 from infer.ragged import pick_bucket
 
 __all__ = ["Engine", "EngineError", "Request", "RequestOutput", "default_token_buckets"]
@@ -120,10 +120,10 @@ class Engine:
     prefill_chunk: prompts are prefilled in chunks of this many tokens, at most this many prompt
     tokens per `step()` (a long prompt spreads over several steps while the other slots decode;
     prefill compiles one program per `prefill_buckets(prefill_chunk)` size, whatever the prompts);
-    multi_round: with a host-decided ℓ (ar, static:K, mtp1) and no request waiting for a slot, one
-    `step()` runs up to this many rounds in one device loop (`core.engine_rounds`; it stops at the
-    first stop token / token limit of any slot), cutting the per-round dispatch and copy; 1 = one
-    round per step.
+    multi_round: with no request waiting for a slot, one `step()` runs up to this many rounds in one
+    device loop (`core.scheduled_rounds`, which plans ℓ and picks the token bucket on device every
+    round; `core.engine_rounds` for ar; it stops at the first stop token / token limit of any slot),
+    cutting the per-round dispatch and copy; 1 = one round per step.
     """
 
     def __init__(self, target, draft=None, *, policy: str = "dspark", slots: int = 4, max_len: int | None = None,
@@ -172,10 +172,10 @@ class Engine:
         temps = None if draft is None else draft.temperatures
         self._temps = jnp.asarray(temps[:gamma] if temps else np.ones(max(gamma, 1)), jnp.float32)
         self.max_queue = int(max_queue)
+        self._policy_args = self.policy.device_args() if self.policy.drafts else None
         self.state = EngineState.create(self.spec)
         self._active = np.zeros(slots, bool)  # slots decoding (prefill done)
         self._has_prop = np.zeros(slots, bool)  # proposal drafted after the slot's last commit
-        self._pending = np.zeros(slots, np.int64)  # held-back draft-context rows (rounds without a draft pass)
         self._slot_req: list[_Live | None] = [None] * slots  # the request holding each slot (prefilling or active)
         self._queue: collections.deque[_Live] = collections.deque()
         self._live: dict[str, _Live] = {}
@@ -191,12 +191,14 @@ class Engine:
     def set_profile(self, profile: SPSProfile) -> None:
         """Use `profile` (SPS(B) and the draft pass) in the scheduler and the cost model."""
         self.sps_profile = profile
-        self._round_sps = jnp.asarray(profile.round_sps_table())
-        self._plain_sps = jnp.asarray(profile.sps_table())
+        # (drafted, plain) round SPS tables for one round per call and for `multi_round` rounds per call
+        # (the per-call overhead `call_s` shared by the rounds of a device loop), keyed by "several".
+        model = RoundCostModel(profile)
+        self._tables = {False: model.tables(1), True: model.tables(self.multi_round)}
 
     def profile(self, *, cache_dir: str | None = None, repeats: int = 5, refresh: bool = False) -> SPSProfile:
-        """Time the engine's verify round (its `engine_rounds` program, no draft pass) at every bucket and the
-        draft pass; use it.
+        """Time the engine's verify round (its `engine_rounds` program, no draft pass) at every bucket, the
+        draft pass, and the per-call overhead (one vs `multi_round` rounds in one call); use it.
 
         Cached on disk (`infer.cost_model.profile_sps`). Runs on scratch states: live requests are kept.
         """
@@ -204,29 +206,31 @@ class Engine:
         holder = [EngineState.create(self.spec)]  # one scratch state for every bucket (donated and carried)
         budget, no_stops = jnp.full((r,), 1 << 30, jnp.int32), jnp.full((r, 1), -1, jnp.int32)
 
-        def verify_at(bucket):
+        def verify_at(bucket, rounds=1):
             act = jnp.arange(r) < min(bucket, r)
             extra = max(bucket - r, 0)  # drafts spread over the slots to fill the bucket exactly
             ell = jnp.clip(extra // r + (jnp.arange(r) < extra % r), 0, g).astype(jnp.int32)
 
             def run():  # the state is donated: carry it, with positions reset so every call is alike
                 st, toks, _, _, _ = engine_rounds(self.target.params, self._dparams, self._head, holder[0], ell, act,
-                                                  self._temps, budget, no_stops, jnp.int32(1), spec=self.spec,
+                                                  self._temps, budget, no_stops, jnp.int32(rounds), spec=self.spec,
                                                   bucket=bucket, draft_pass=False, max_rounds=self.multi_round)
                 holder[0] = st.replace(start=jnp.zeros_like(st.start))
                 return toks
 
             return run
 
+        # The same program running multi_round rounds in one call: measures the per-call overhead (call_s).
+        rounds = (verify_at(self.buckets[0], self.multi_round), self.multi_round) if self.multi_round >= 2 else None
         draft = None
         if g > 0:
             scratch = EngineState.create(self.spec)
             draft = lambda: draft_pass_only(self._dparams, self._head, scratch, spec=self.spec)  # noqa: E731
         fields = {"model": self.target.path or repr(self.spec.config), "draft": getattr(self.draft, "path", None),
                   "slots": r, "cache_len": self.spec.cache_len, "gamma": g, "mode": repr(self.spec.mode),
-                  "dtype": self.spec.config.dtype}
-        prof = profile_sps(verify_at, self.buckets, fields=fields, draft=draft, repeats=repeats, cache_dir=cache_dir,
-                           refresh=refresh)
+                  "dtype": self.spec.config.dtype, "multi_round": self.multi_round}
+        prof = profile_sps(verify_at, self.buckets, fields=fields, draft=draft, rounds=rounds, repeats=repeats,
+                           cache_dir=cache_dir, refresh=refresh)
         self.set_profile(prof)
         return prof
 
@@ -371,7 +375,6 @@ class Engine:
             return size
         self._active[slot] = True
         self._has_prop[slot] = self.spec.gamma > 0
-        self._pending[slot] = 0
         first = int(first)
         live.first_token_at = time.perf_counter()
         try:
@@ -393,40 +396,38 @@ class Engine:
         g = self.spec.gamma
         active = self._on_device(self._active)
         t0 = time.perf_counter()
-        if self.policy.kind in ("ar", "static"):  # ℓ is known on the host: no plan program, no device sync
-            k = min(self.policy.k, g) if self.policy.kind == "static" else 0
-            ell_host = np.where(self._active & self._has_prop, k, 0).astype(np.int32)
-            total, draft_pass = int(np.sum(np.where(self._active, 1 + ell_host, 0))), g > 0
-            ell = self._on_device(ell_host)
-        else:
-            ell_host = None
-            ell, total, draft_next = plan_round(self.state, active, self._on_device(self._has_prop), self._round_sps,
-                                                self._plain_sps, self._temps, spec=self.spec, policy=self.policy)
-            total, draft_pass = jax.device_get((total, draft_next))
-            total, draft_pass = int(total), bool(draft_pass) and g > 0
-        if g > 0 and not draft_pass and np.any(self._active & (self._pending + g + 1 > PENDING_ROWS)):
-            draft_pass = True  # the held-back context is full: draft now and commit it
-        flush = draft_pass and bool(np.any(self._pending > 0))
-        bucket = pick_bucket(total, self.buckets)
-        t1 = time.perf_counter()
-        # Host-decided ℓ (ar, static): several rounds per dispatch while nobody waits for a slot.
-        several = ell_host is not None and not flush and self.num_prefilling == 0 and not self._queue
-        self.state, toks, n_new, acc, n_done = engine_rounds(
-            self.target.params, self._dparams, self._head, self.state, ell, active, self._temps, *self._limits(),
-            jnp.int32(self.multi_round if several else 1), spec=self.spec, bucket=bucket, draft_pass=draft_pass,
-            flush=flush, max_rounds=self.multi_round)
-        toks, n_new, acc, n_done, ell_dev = jax.device_get((toks, n_new, acc, n_done,
-                                                            ell if ell_host is None else ()))
-        ell_host = ell_dev if ell_host is None else ell_host
-        rounds = [(toks[j], n_new[j], acc[j]) for j in range(int(n_done))]
+        several = self.num_prefilling == 0 and not self._queue  # nobody waits: several rounds per dispatch
+        n_rounds = jnp.int32(self.multi_round if several else 1)
+        if g == 0:  # ar: no drafter, one verify token per slot
+            ell_host = np.zeros(self.spec.slots, np.int32)
+            total = int(self._active.sum())
+            t1 = time.perf_counter()
+            self.state, toks, n_new, acc, n_done = engine_rounds(
+                self.target.params, self._dparams, self._head, self.state, self._on_device(ell_host), active,
+                self._temps, *self._limits(), n_rounds, spec=self.spec, bucket=pick_bucket(total, self.buckets),
+                draft_pass=False, max_rounds=self.multi_round)
+            toks, n_new, acc, n_done = jax.device_get((toks, n_new, acc, n_done))
+            n_done = int(n_done)
+            ells, totals, drafted = [ell_host] * n_done, [total] * n_done, [False] * n_done
+        else:  # plan, bucket and draft decision on device, inside the round: one dispatch, one read
+            round_sps, plain_sps = self._tables[several]
+            t1 = time.perf_counter()
+            self.state, toks, n_new, (acc, ells, totals, drafted), n_done = scheduled_rounds(
+                self.target.params, self._dparams, self._head, self.state, self._on_device(self._has_prop), active,
+                round_sps, plain_sps, self._temps, self._policy_args, *self._limits(), n_rounds, spec=self.spec,
+                buckets=self.buckets, max_rounds=self.multi_round)
+            toks, n_new, acc, n_done, ells, totals, drafted = jax.device_get((toks, n_new, acc, n_done, ells, totals,
+                                                                              drafted))
+            n_done = int(n_done)
+            drafted = [bool(d) and g > 0 for d in drafted[:n_done]]
         t2 = time.perf_counter()
-        self._has_prop[:] = draft_pass & self._active
-        n_sum = sum(n for _, n, _ in rounds)
-        self._pending = np.where(draft_pass, 0, self._pending + np.where(self._active, n_sum, 0))
+        if n_done:  # a slot holds a proposal iff the last round drafted (held-back context is tracked on device)
+            self._has_prop[:] = drafted[n_done - 1] & self._active
         self.stats["plan_s"] += t1 - t0
         self.stats["round_s"] += t2 - t1
+        rounds = [(toks[j], n_new[j], acc[j], ells[j], totals[j], drafted[j]) for j in range(n_done)]
         fresh: dict[int, tuple[_Live, list[int]]] = {}  # slot -> (request, tokens committed this step)
-        for new_tokens, n_new, acc in rounds:
+        for new_tokens, n_new, acc, ell_host, total, draft_pass in rounds:
             self.stats["draft_passes"] += int(draft_pass)
             self.stats["rounds"] += 1
             self.stats["verify_tokens"] += int(total)
