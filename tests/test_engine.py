@@ -5,8 +5,6 @@ the greedy, chunked-prefill, sampled and streaming tests; every engine prefills 
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,6 +75,37 @@ def test_greedy_equals_solo_autoregressive(pair, policy, profile):
         assert met["mean_verify_budget"] > 1.5 and met["tau"] > 1.2, met  # drafts verified and accepted
     if profile is CPU:
         assert met["draft_passes"] < met["rounds"] / 2 and met["mean_verify_budget"] < 1.3, met
+        assert met["plain_rounds"] > 0, met  # declined rounds ran through the plain (`engine_rounds`) program
+
+
+def test_plain_rounds_keep_the_draft_context(pair):
+    """While dspark's cost gate declines drafting, plain rounds still commit each token's target features
+    to the draft cache: when drafting resumes, the draft context equals that of an engine that drafted
+    every round, and the output still equals solo greedy decoding."""
+    target, draft = pair
+    prompt = next(p for p in PROMPTS if len(solo(target, p, REF_NEW)) == REF_NEW)  # no stop within 16
+    engines = {}
+    for name, profile in (("drafting", FLAT), ("gated", CPU)):
+        eng = engines[name] = Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, buckets=BUCKETS,
+                                     sps_profile=profile, sampling="temperature", prefill_chunk=CHUNK, multi_round=2)
+        rid = eng.submit(prompt, max_new_tokens=REF_NEW)
+        if name == "gated":
+            for _ in range(4):  # prefill, then declined rounds: the first scheduled, the rest plain
+                eng.step()
+            met = eng.metrics()
+            assert met["plain_rounds"] >= 2 and met["draft_passes"] == 0, met
+            eng.set_profile(FLAT)  # drafting pays from now on: the next round drafts from the kept context
+        for _ in eng.run():
+            pass
+        assert eng.result(rid).token_ids == solo(target, prompt, REF_NEW), name
+    gated = engines["gated"].metrics()
+    assert gated["draft_passes"] > 0 and gated["mean_verify_budget"] > 1.0, gated
+    caches = [engines[n].state.dcache for n in ("drafting", "gated")]
+    n = int(min(c.lengths[0] for c in caches))
+    assert n >= len(prompt) + REF_NEW - 2 * (draft.config.block_size + 1), n
+    for kd, kg in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+        np.testing.assert_allclose(np.asarray(kd[0, :n], np.float32), np.asarray(kg[0, :n], np.float32),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_prefill_long_prompt_while_others_decode(pair):

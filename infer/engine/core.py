@@ -15,8 +15,9 @@ row, index = position; not paged). The jitted programs:
   values, commit, and the next draft block for every slot. Returns the committed tokens per slot;
   the host applies stop tokens and max-token limits (extra tokens after a stop are discarded).
 * `engine_rounds`: one round at a static ℓ and bucket, or several in one device loop, ending at the
-  first stop token or token limit of any slot: the engine's program for `ar` (no drafter) and the
-  profiler's.
+  first stop token or token limit of any slot: the engine's program for `ar` (no drafter), for
+  `dspark`'s plain rounds while its cost gate declines drafting (no plan, no bucket switch, no draft
+  pass: the round's target features are only committed to the draft context), and the profiler's.
 * `scheduled_rounds`: the same device loop for the drafting policies (static, mtp1, threshold,
   dspark, dspark-async; the policy is traced, so they share one program): each round plans ℓ,
   picks the token bucket on device and runs that bucket's packed verify through `lax.switch`
@@ -53,7 +54,6 @@ __all__ = ["EngineSpec", "Policy", "EngineState", "prefill_chunk", "prefill_buck
            "engine_rounds", "scheduled_round", "scheduled_rounds", "draft_pass_only", "parse_policy", "POLICIES"]
 
 Array = jax.Array
-PENDING_ROWS = 16  # context rows a slot may hold back across rounds without a draft pass
 POLICIES = ("ar", "static:K", "mtp1", "threshold[:c]", "dspark", "dspark-async")
 
 
@@ -153,9 +153,8 @@ class EngineState:
     `SamplingParams` [R] (temperature 0 = greedy); keys [R, 2] per-request base keys, rnd [R]
     rounds done; surv_hist [2, R, γ] with
     hist_valid [2, R]: calibrated survivals of the proposals verified one and two rounds ago
-    (for dspark-async); pending [R, W, n_ctx·E] / pending_pos [R, W] / pending_n [R]: target
-    features of tokens committed in rounds without a draft pass (cost model said drafting does not
-    pay), committed to the draft cache at the next draft pass.
+    (for dspark-async). The draft cache holds the context of every committed token after every
+    round, drafted or not (a round without a draft pass commits its rows without drafting).
     """
 
     tcache: KVCache
@@ -170,9 +169,6 @@ class EngineState:
     rnd: Array
     surv_hist: Array
     hist_valid: Array
-    pending: Array | None
-    pending_pos: Array | None
-    pending_n: Array | None
 
     @classmethod
     def create(cls, spec: EngineSpec) -> "EngineState":
@@ -188,11 +184,7 @@ class EngineState:
                    sampling=SamplingParams(temperature=jnp.zeros((r,), jnp.float32), top_k=zi(),
                                            top_p=jnp.ones((r,), jnp.float32)),
                    keys=jnp.zeros((r, 2), jnp.uint32), rnd=zi(), surv_hist=jnp.zeros((2, r, g)),
-                   hist_valid=jnp.zeros((2, r), bool),
-                   pending=None if dcfg is None else jnp.zeros((r, PENDING_ROWS, spec.dcfg.context_dim),
-                                                                dtype_of(spec.config.dtype)),
-                   pending_pos=None if dcfg is None else jnp.zeros((r, PENDING_ROWS), jnp.int32),
-                   pending_n=None if dcfg is None else zi())
+                   hist_valid=jnp.zeros((2, r), bool))
 
 
 def _spec_loop(spec: EngineSpec) -> SpecLoop:
@@ -201,16 +193,33 @@ def _spec_loop(spec: EngineSpec) -> SpecLoop:
                     cache_len=spec.cache_len, share_lm_head=spec.share_lm_head)
 
 
+def _draft_models(spec: EngineSpec, draft_params, head: Array) -> SpecModels:
+    """The drafter's parameters as `SpecModels` (with the target's output kernel as its LM head when shared)."""
+    if spec.share_lm_head:  # the draft's frozen LM head is the target's output kernel
+        draft_params = {**draft_params, "lm_head": {"kernel": head}}
+    return SpecModels(target=None, draft=draft_params, head=head)
+
+
+def _commit_context(spec: EngineSpec, draft_params, head: Array, dcache: DraftCache, pending: Pending,
+                    start: Array) -> DraftCache:
+    """Commit context rows (target features of committed tokens) to the draft cache without drafting.
+
+    The draft backbone's block outputs are unused, so XLA drops them: what runs is the context
+    projection and each draft layer's key/value projection of the new rows.
+    """
+    n = start.shape[0]
+    _, _, dcache = draft_backbone(_spec_loop(spec), _draft_models(spec, draft_params, head), dcache, pending,
+                                  jnp.zeros((n,), jnp.int32), start)
+    return dcache
+
+
 def _propose(spec: EngineSpec, draft_params, head: Array, dcache: DraftCache, pending: Pending, anchor: Array,
              start: Array, keys: Array, sampling: SamplingParams):
     """Draft one block per row with per-row keys [N, 2] and sampling params [N] -> (tokens, probs|None, conf, dcache).
 
     Uses `infer.speculative.draft_backbone` / `sample_block` (no threshold truncation: the policy picks ℓ).
     """
-    loop = _spec_loop(spec)
-    if spec.share_lm_head:  # the draft's frozen LM head is the target's output kernel
-        draft_params = {**draft_params, "lm_head": {"kernel": head}}
-    models = SpecModels(target=None, draft=draft_params, head=head)
+    loop, models = _spec_loop(spec), _draft_models(spec, draft_params, head)
     n = anchor.shape[0]
     zeros = jnp.zeros((n,), jnp.float32)
     rows = RowParams(sampling=sampling, keys=keys, stop_ids=jnp.full((n, 1), -1, jnp.int32),
@@ -266,7 +275,7 @@ def prefill_chunk(params, draft_params, head, state: EngineState, slot: Array, t
     values go into the slot's target cache row (the cache is slot-contiguous: row `slot`, index =
     position), the target's tapped hidden states of the valid tokens into the slot's draft context
     cache. Other slots are untouched, so decode rounds of the other slots run between chunks.
-    The first chunk (chunk_start 0) resets the slot's draft context and held-back rows.
+    The first chunk (chunk_start 0) resets the slot's draft context.
     last=True (static): also sample the first token from the last valid position, set the slot's
     sampling values / keys / counters and draft its first block. sampling: the request's
     `SamplingParams` (scalars); seed_key [2] = PRNGKey(seed). Returns (state, first token scalar
@@ -312,14 +321,12 @@ def prefill_chunk(params, draft_params, head, state: EngineState, slot: Array, t
         state = state.replace(prop_tokens=_set_row(state.prop_tokens, slot, prop_tokens[0]),
                               prop_conf=_set_row(state.prop_conf, slot, conf[0]),
                               prop_probs=None if probs is None else _set_row(state.prop_probs, slot, probs[0]))
-    else:  # commit only: the block outputs of this draft pass are unused (and dead code to XLA)
-        models = SpecModels(target=None, draft=draft_params, head=head)
-        _, _, d_row = draft_backbone(_spec_loop(spec), models, d_row, pending, jnp.zeros((1,), jnp.int32), end[None])
+    else:
+        d_row = _commit_context(spec, draft_params, head, d_row, pending, end[None])
     dcache = dc.replace(k=tuple(_put_row(a, slot, b) for a, b in zip(dc.k, d_row.k)),
                         v=tuple(_put_row(a, slot, b) for a, b in zip(dc.v, d_row.v)),
                         lengths=_set_row(dc.lengths, slot, d_row.lengths[0]))
-    return state.replace(dcache=dcache, pending_n=_set_row(state.pending_n, slot,
-                                                           jnp.where(fresh, 0, state.pending_n[slot]))), first
+    return state.replace(dcache=dcache), first
 
 
 def _plan(state: EngineState, active: Array, has_proposal: Array, round_sps: Array, plain_sps: Array,
@@ -413,46 +420,31 @@ def _verify_commit(params, head, state: EngineState, ell: Array, active: Array, 
     return state, new_tokens, n_new, a, ctx
 
 
-def _draft_or_hold(draft_params, head, state: EngineState, ctx, active: Array, k_prop: Array, temperatures: Array, *,
-                   spec: EngineSpec, draft_pass: bool, flush: bool) -> EngineState:
-    """The draft half of a round: the next proposal of every slot (draft_pass), or hold the round's
-    draft-context rows `ctx` back in `pending` (see `engine_round`)."""
-    ctx, ctx_pos, ctx_valid = ctx
-    r, g = spec.slots, max(spec.gamma, 1)
-    col = jnp.arange(g + 1, dtype=jnp.int32)[None, :]
-    if draft_pass:
-        surv = survival_from_confidence(state.prop_conf, temperatures)
-        state = state.replace(surv_hist=jnp.stack([surv, state.surv_hist[0]]),
-                              hist_valid=jnp.stack([active, state.hist_valid[0]]))
-        # Rows held back by earlier rounds without a draft pass go first (older positions).
-        pending, pending_pos, pending_valid = ctx, ctx_pos, ctx_valid
-        if flush:
-            w = jnp.arange(PENDING_ROWS)[None, :]
-            pending = jnp.concatenate([state.pending, ctx.astype(state.pending.dtype)], axis=1)
-            pending_pos = jnp.concatenate([state.pending_pos, ctx_pos], axis=1)
-            pending_valid = jnp.concatenate([w < state.pending_n[:, None], ctx_valid], axis=1)
-        tokens, probs, conf, dcache = _propose(spec, draft_params, head, state.dcache,
-                                               Pending(features=pending, positions=pending_pos, valid=pending_valid),
-                                               state.anchor, state.start, k_prop, state.sampling)
-        return state.replace(dcache=dcache, prop_tokens=tokens, prop_probs=probs, prop_conf=conf,
-                             pending_n=jnp.zeros_like(state.pending_n))
-    # Hold this round's context rows back (the caller keeps pending_n + γ + 1 <= PENDING_ROWS).
-    idx = jnp.where(ctx_valid, state.pending_n[:, None] + col, PENDING_ROWS)  # [R, γ+1]
-    r_idx = jnp.arange(r)[:, None]
-    n_new = jnp.sum(ctx_valid, axis=1).astype(jnp.int32)
-    return state.replace(pending=state.pending.at[r_idx, idx].set(ctx.astype(state.pending.dtype), mode="drop"),
-                         pending_pos=state.pending_pos.at[r_idx, idx].set(ctx_pos, mode="drop"),
-                         pending_n=state.pending_n + n_new)
+def _draft_or_commit(draft_params, head, state: EngineState, ctx, active: Array, k_prop: Array,
+                     temperatures: Array, *, spec: EngineSpec, draft_pass: bool) -> EngineState:
+    """The draft half of a round: commit the round's draft-context rows `ctx` and draft every slot's next
+    proposal (draft_pass), or only commit the rows (a plain round: the proposal is left as it was)."""
+    features, positions, valid = ctx
+    pending = Pending(features=features, positions=positions, valid=valid)
+    if not draft_pass:
+        return state.replace(dcache=_commit_context(spec, draft_params, head, state.dcache, pending, state.start))
+    surv = survival_from_confidence(state.prop_conf, temperatures)
+    state = state.replace(surv_hist=jnp.stack([surv, state.surv_hist[0]]),
+                          hist_valid=jnp.stack([active, state.hist_valid[0]]))
+    tokens, probs, conf, dcache = _propose(spec, draft_params, head, state.dcache, pending, state.anchor,
+                                           state.start, k_prop, state.sampling)
+    return state.replace(dcache=dcache, prop_tokens=tokens, prop_probs=probs, prop_conf=conf)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "bucket", "draft_pass", "flush"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("spec", "bucket", "draft_pass", "anchors_only"),
+                   donate_argnames=("state",))
 def engine_round(params, draft_params, head, state: EngineState, ell: Array, active: Array, temperatures: Array, *,
-                 spec: EngineSpec, bucket: int, draft_pass: bool = True, flush: bool = False):
+                 spec: EngineSpec, bucket: int, draft_pass: bool = True, anchors_only: bool = False):
     """One packed verify round, then the next proposal.
 
-    draft_pass=False: no draft pass; this round's draft-context rows are held back in `pending`
-    (the caller keeps pending_n + γ + 1 <= PENDING_ROWS). flush=True: the draft pass also commits
-    the held-back rows (static, so rounds without held-back rows do not pay for them).
+    draft_pass=False: a plain round: no draft pass; the round's draft-context rows are committed to
+    the draft cache all the same, so a later draft pass sees every committed token.
+    anchors_only=True: the caller passes ℓ ≡ 0, so each slot commits one context row (not γ + 1).
 
     ell [R] drafts to verify per slot; active [R] slots holding a request. Returns (state,
     new_tokens [R, γ + 1] (-1 past each slot's count), n_new [R], accepted [R]).
@@ -460,9 +452,11 @@ def engine_round(params, draft_params, head, state: EngineState, ell: Array, act
     k_ver, k_prop, _ = _row_keys(state)
     state, new_tokens, n_new, a, ctx = _verify_commit(params, head, state, ell, active, k_ver, spec=spec,
                                                       bucket=bucket)
+    if ctx is not None and anchors_only:
+        ctx = tuple(x[:, :1] for x in ctx)
     if ctx is not None:
-        state = _draft_or_hold(draft_params, head, state, ctx, active, k_prop, temperatures, spec=spec,
-                               draft_pass=draft_pass, flush=flush)
+        state = _draft_or_commit(draft_params, head, state, ctx, active, k_prop, temperatures, spec=spec,
+                                 draft_pass=draft_pass)
     return state, new_tokens, n_new, a
 
 
@@ -495,14 +489,14 @@ def _device_loop(round_fn, state: EngineState, carry, active: Array, budget: Arr
     return state, toks, n_all, recs, i
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "bucket", "draft_pass", "flush", "max_rounds"),
+@functools.partial(jax.jit, static_argnames=("spec", "bucket", "draft_pass", "anchors_only", "max_rounds"),
                    donate_argnames=("state",))
 def engine_rounds(params, draft_params, head, state: EngineState, ell: Array, active: Array, temperatures: Array,
                   budget: Array, stop_ids: Array, num_rounds: Array, *, spec: EngineSpec, bucket: int,
-                  draft_pass: bool, flush: bool = False, max_rounds: int):
+                  draft_pass: bool, max_rounds: int, anchors_only: bool = False):
     """Up to num_rounds (<= max_rounds) `engine_round`s with the same ℓ [R] in one program (a device while-loop).
 
-    The program of the host-planned policies (ar, static, mtp1): several rounds per dispatch and
+    The program of `ar` and of `dspark`'s plain rounds (draft_pass=False): several rounds per dispatch and
     device-to-host copy while no request waits for a slot, else num_rounds is 1 (the same compiled
     program either way). The loop ends after the round in which an active slot commits one of its
     stop tokens (stop_ids [R, n], -1 pads) or reaches its token budget [R] (tokens it may still
@@ -513,7 +507,7 @@ def engine_rounds(params, draft_params, head, state: EngineState, ell: Array, ac
     """
     def one(st, carry):
         st, t, n, a = engine_round(params, draft_params, head, st, ell, active, temperatures, spec=spec,
-                                   bucket=bucket, draft_pass=draft_pass, flush=flush)
+                                   bucket=bucket, draft_pass=draft_pass, anchors_only=anchors_only)
         return st, carry, t, n, a
 
     return _device_loop(one, state, (), active, budget, stop_ids, num_rounds, max_rounds)
@@ -527,27 +521,23 @@ def scheduled_round(params, draft_params, head, state: EngineState, has_proposal
     The plan (`plan_round`: ℓ [R], Σ(1 + ℓ), draft_next) runs first; the smallest of the static
     `buckets` >= Σ(1 + ℓ) is chosen on device and the packed verify of that bucket runs through
     `lax.switch` (one branch per bucket, all compiled in this program); then the draft pass, or —
-    `dspark` with the cost gate when drafting does not pay and the held-back context has room — the
-    context rows are held back (a second `lax.switch`: hold / draft / draft + flush of held rows).
+    `dspark` with the cost gate when drafting does not pay — only the commit of the round's context
+    rows (`lax.cond`).
     The policy is traced (`PolicyArgs`), so static, mtp1, threshold, dspark and dspark-async engines
     of one shape share the compiled program. Same ℓ, keys and tokens as `plan_round` followed by
     `engine_round` at the host-picked bucket.
     Returns (state, new_tokens [R, γ + 1], n_new [R], (accepted [R], ℓ [R], Σ(1 + ℓ), drafted bool)).
     """
-    g = spec.gamma
     k_ver, k_prop, _ = _row_keys(state)
     ell, total, draft_next = _plan(state, active, has_proposal, round_sps, plain_sps, temperatures, spec, policy)
     sizes = jnp.asarray(buckets, jnp.int32)
     which = jnp.clip(jnp.searchsorted(sizes, total), 0, len(buckets) - 1)  # smallest bucket >= total
     branches = [functools.partial(_verify_commit, spec=spec, bucket=b) for b in buckets]
     state, new_tokens, n_new, a, ctx = jax.lax.switch(which, branches, params, head, state, ell, active, k_ver)
-    overflow = jnp.any(active & (state.pending_n + g + 1 > PENDING_ROWS))  # held-back context full: draft now
-    drafted = draft_next | overflow
-    mode = jnp.where(drafted, jnp.where(jnp.any(state.pending_n > 0), 2, 1), 0)  # only dspark's gate holds rows
-    modes = [functools.partial(_draft_or_hold, spec=spec, draft_pass=d, flush=f)
-             for d, f in ((False, False), (True, False), (True, True))]
-    state = jax.lax.switch(mode, modes, draft_params, head, state, ctx, active, k_prop, temperatures)
-    return state, new_tokens, n_new, (a, ell, total.astype(jnp.int32), drafted)
+    state = jax.lax.cond(draft_next, functools.partial(_draft_or_commit, spec=spec, draft_pass=True),
+                         functools.partial(_draft_or_commit, spec=spec, draft_pass=False),
+                         draft_params, head, state, ctx, active, k_prop, temperatures)
+    return state, new_tokens, n_new, (a, ell, total.astype(jnp.int32), draft_next)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "buckets", "max_rounds"), donate_argnames=("state",))

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
+import inspect
 import itertools
 import time
 from typing import Any, Iterator, Sequence
@@ -29,6 +31,7 @@ import numpy as np
 from dspark_jax import kernels
 from dspark_jax.sampling import SamplingConfig, SamplingMode
 from infer.cost_model import RoundCostModel, SPSProfile, profile_sps
+from infer.engine import core
 from infer.engine.core import (EngineSpec, EngineState, draft_pass_only, engine_rounds, parse_policy,
                                prefill_buckets, prefill_chunk, scheduled_rounds)
 from infer.ragged import pick_bucket
@@ -94,6 +97,10 @@ class _Live:
         return {"ttft_s": ttft, "tpot_s": tpot, "rounds": self.rounds, "drafts_verified": self.drafts_verified,
                 "accepted": self.accepted, "tau": (self.accepted + self.rounds) / self.rounds if self.rounds else None,
                 "mean_verify_budget": 1 + self.drafts_verified / self.rounds if self.rounds else None}
+
+
+# Fingerprint of the device programs the profile times (`infer/engine/core.py`), part of the profile's cache key.
+_ENGINE_PROGRAM = hashlib.sha256(inspect.getsource(core).encode()).hexdigest()[:12]
 
 
 def default_token_buckets(slots: int, gamma: int) -> tuple[int, ...]:
@@ -185,7 +192,7 @@ class Engine:
         self.set_profile(sps_profile or SPSProfile(buckets=self.buckets, verify_s=tuple(1.0 for _ in self.buckets),
                                                    draft_s=0.0))
         self.stats = {"rounds": 0, "verify_tokens": 0, "request_rounds": 0, "committed": 0, "round_s": 0.0,
-                      "plan_s": 0.0, "draft_passes": 0, "prefill_chunks": 0, "prefill_s": 0.0}
+                      "plan_s": 0.0, "draft_passes": 0, "plain_rounds": 0, "prefill_chunks": 0, "prefill_s": 0.0}
 
     # ------------------------------------------------------------------ scheduling tables
     def set_profile(self, profile: SPSProfile) -> None:
@@ -195,6 +202,7 @@ class Engine:
         # (the per-call overhead `call_s` shared by the rounds of a device loop), keyed by "several".
         model = RoundCostModel(profile)
         self._tables = {False: model.tables(1), True: model.tables(self.multi_round)}
+        self._declined = None  # (active slots, several) under which dspark's gate last declined (see `step`)
 
     def profile(self, *, cache_dir: str | None = None, repeats: int = 5, refresh: bool = False) -> SPSProfile:
         """Time the engine's verify round (its `engine_rounds` program, no draft pass) at every bucket, the
@@ -214,7 +222,8 @@ class Engine:
             def run():  # the state is donated: carry it, with positions reset so every call is alike
                 st, toks, _, _, _ = engine_rounds(self.target.params, self._dparams, self._head, holder[0], ell, act,
                                                   self._temps, budget, no_stops, jnp.int32(rounds), spec=self.spec,
-                                                  bucket=bucket, draft_pass=False, max_rounds=self.multi_round)
+                                                  bucket=bucket, draft_pass=False, anchors_only=extra == 0,
+                                                  max_rounds=self.multi_round)
                 holder[0] = st.replace(start=jnp.zeros_like(st.start))
                 return toks
 
@@ -228,7 +237,8 @@ class Engine:
             draft = lambda: draft_pass_only(self._dparams, self._head, scratch, spec=self.spec)  # noqa: E731
         fields = {"model": self.target.path or repr(self.spec.config), "draft": getattr(self.draft, "path", None),
                   "slots": r, "cache_len": self.spec.cache_len, "gamma": g, "mode": repr(self.spec.mode),
-                  "dtype": self.spec.config.dtype, "multi_round": self.multi_round}
+                  "dtype": self.spec.config.dtype, "multi_round": self.multi_round,
+                  "engine_program": _ENGINE_PROGRAM}  # a changed round program re-measures the cache
         prof = profile_sps(verify_at, self.buckets, fields=fields, draft=draft, rounds=rounds, repeats=repeats,
                            cache_dir=cache_dir, refresh=refresh)
         self.set_profile(prof)
@@ -398,17 +408,23 @@ class Engine:
         t0 = time.perf_counter()
         several = self.num_prefilling == 0 and not self._queue  # nobody waits: several rounds per dispatch
         n_rounds = jnp.int32(self.multi_round if several else 1)
-        if g == 0:  # ar: no drafter, one verify token per slot
+        # dspark's cost gate declined drafting in the last round, and nothing it decides from has changed
+        # since (no slot holds a proposal, same active slots, same SPS tables): it would decline again,
+        # so run plain rounds through the cheaper `engine_rounds` program (no plan, no bucket switch).
+        plain = (g == 0 or (self._declined is not None and self._declined[1] == several
+                            and np.array_equal(self._declined[0], self._active) and not self._has_prop.any()))
+        if plain:  # ar, or dspark's plain rounds: one verify token per slot, no draft pass
             ell_host = np.zeros(self.spec.slots, np.int32)
             total = int(self._active.sum())
             t1 = time.perf_counter()
             self.state, toks, n_new, acc, n_done = engine_rounds(
                 self.target.params, self._dparams, self._head, self.state, self._on_device(ell_host), active,
                 self._temps, *self._limits(), n_rounds, spec=self.spec, bucket=pick_bucket(total, self.buckets),
-                draft_pass=False, max_rounds=self.multi_round)
+                draft_pass=False, anchors_only=True, max_rounds=self.multi_round)
             toks, n_new, acc, n_done = jax.device_get((toks, n_new, acc, n_done))
             n_done = int(n_done)
             ells, totals, drafted = [ell_host] * n_done, [total] * n_done, [False] * n_done
+            self.stats["plain_rounds"] += n_done if g else 0
         else:  # plan, bucket and draft decision on device, inside the round: one dispatch, one read
             round_sps, plain_sps = self._tables[several]
             t1 = time.perf_counter()
@@ -420,6 +436,8 @@ class Engine:
                                                                               drafted))
             n_done = int(n_done)
             drafted = [bool(d) and g > 0 for d in drafted[:n_done]]
+            declined = self.policy.kind == "dspark" and n_done > 0 and not drafted[-1]
+            self._declined = (self._active.copy(), several) if declined else None
         t2 = time.perf_counter()
         if n_done:  # a slot holds a proposal iff the last round drafted (held-back context is tracked on device)
             self._has_prop[:] = drafted[n_done - 1] & self._active
