@@ -57,6 +57,39 @@ def default_target_layer_ids(num_target_layers: int, num_ctx_layers: int = 5) ->
     return tuple(int(round(lo + i * (hi - lo) / (n - 1))) for i in range(n))
 
 
+def target_shape_fields(t: TargetConfig) -> dict[str, Any]:
+    """The fields a Qwen3/Llama-style draft copies from its target: vocabulary, widths, attention
+    shapes, norm epsilon, RoPE, positions, init range, dtype and `num_target_layers`."""
+    return dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
+                head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta,
+                rope_scaling=t.rope_scaling, max_position_embeddings=t.max_position_embeddings,
+                initializer_range=t.initializer_range, num_target_layers=t.num_hidden_layers, dtype=t.dtype)
+
+
+def qwen3_layers_config(draft: Any, num_layers: int, **extra: Any) -> TargetConfig:
+    """A Qwen3-family `TargetConfig` of `num_layers` layers with `draft`'s shapes (the inverse of
+    `target_shape_fields`): what the draft's layers, RoPE and checks are built from."""
+    return TargetConfig(
+        family="qwen3", vocab_size=draft.vocab_size, hidden_size=draft.hidden_size,
+        intermediate_size=draft.intermediate_size, num_hidden_layers=num_layers,
+        num_attention_heads=draft.num_attention_heads, num_key_value_heads=draft.num_key_value_heads,
+        head_dim=draft.head_dim, rms_norm_eps=draft.rms_norm_eps, rope_theta=draft.rope_theta,
+        rope_scaling=draft.rope_scaling, max_position_embeddings=draft.max_position_embeddings,
+        initializer_range=draft.initializer_range, dtype=draft.dtype, **extra)
+
+
+def finish_from_target(cls, target: Any, fields: dict[str, Any], overrides: dict[str, Any]):
+    """`cls(**fields, **overrides)` with the default 5 tapped target layers, validated against `target`
+    (the common tail of every draft config's `from_target`)."""
+    fields = {**fields, **overrides}
+    if fields.get("target_layer_ids") is None:
+        fields["target_layer_ids"] = default_target_layer_ids(target.num_hidden_layers, 5)
+    cfg = cls(**fields)
+    cfg.validate_against_target(target)
+    return cfg
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DraftConfig:
     """Architecture of a Qwen3-style DSpark (or, with `markov_rank=0` and no confidence head, DFlash) draft.
@@ -148,14 +181,8 @@ class DraftConfig:
 
     def layer_config(self) -> TargetConfig:
         """A Qwen3-family `TargetConfig` with the draft's layer shapes (depth = draft layers)."""
-        return TargetConfig(
-            family="qwen3", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
-            rope_scaling=self.rope_scaling, max_position_embeddings=self.max_position_embeddings,
-            tie_word_embeddings=False, attention_bias=self.attention_bias, mlp_bias=False,
-            initializer_range=self.initializer_range, dtype=self.dtype)
+        return qwen3_layers_config(self, self.num_hidden_layers, tie_word_embeddings=False,
+                                   attention_bias=self.attention_bias, mlp_bias=False)
 
     def rope_inv_freq(self) -> np.ndarray:
         """Inverse RoPE frequencies [head_dim // 2] float32 (same as the target's)."""
@@ -177,22 +204,10 @@ class DraftConfig:
         t = target_config
         if "mask_token_id" not in draft_fields:
             raise DraftConfigError("from_target needs mask_token_id (an otherwise unused vocabulary row)")
-        fields = dict(
-            vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-            num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
-            head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta,
-            rope_scaling=t.rope_scaling, attention_bias=t.attention_bias,
-            max_position_embeddings=t.max_position_embeddings, initializer_range=t.initializer_range,
-            num_target_layers=t.num_hidden_layers, dtype=t.dtype)
         hf = t.to_hf_config()
-        fields["extra_fields"] = tuple(sorted(
-            (k, json.dumps(v)) for k, v in hf.items() if k not in _MODELLED_KEYS and v is not None))
-        fields.update(draft_fields)
-        if fields.get("target_layer_ids") is None:
-            fields["target_layer_ids"] = default_target_layer_ids(t.num_hidden_layers, 5)
-        cfg = cls(**fields)
-        cfg.validate_against_target(t)
-        return cfg
+        fields = dict(target_shape_fields(t), attention_bias=t.attention_bias, extra_fields=tuple(sorted(
+            (k, json.dumps(v)) for k, v in hf.items() if k not in _MODELLED_KEYS and v is not None)))
+        return finish_from_target(cls, t, fields, draft_fields)
 
     def validate_against_target(self, target_config: TargetConfig) -> None:
         """Raise DraftConfigError if this draft cannot run against `target_config`."""

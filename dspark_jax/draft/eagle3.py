@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dspark_jax.config import ConfigError, RopeScaling, TargetConfig, field_float, field_int, stored_dtype
-from dspark_jax.draft.config import DraftConfigError, default_target_layer_ids
+from dspark_jax.draft.config import (DraftConfigError, finish_from_target,
+                                     qwen3_layers_config, target_shape_fields)
 from dspark_jax.draft.heads import LinearParams
 from dspark_jax.layers import GatedMLP, Projection, RMSNorm, apply_rope, dtype_of, gqa_attention
 from dspark_jax.target.kv_cache import write_rows
@@ -103,13 +104,7 @@ class Eagle3Config:
 
     def layer_config(self) -> TargetConfig:
         """A one-layer Qwen3 TargetConfig with the draft's attention shapes (RoPE, checks)."""
-        return TargetConfig(
-            family="qwen3", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size, num_hidden_layers=1,
-            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
-            rope_scaling=self.rope_scaling, max_position_embeddings=self.max_position_embeddings,
-            initializer_range=self.initializer_range, dtype=self.dtype)
+        return qwen3_layers_config(self, 1)
 
     def kv_cache_layer_shapes(self) -> tuple[tuple[int, int], ...]:
         """One layer's (kv heads, head dim), so `KVCache.create(eagle3_config, ...)` builds the draft cache."""
@@ -128,19 +123,7 @@ class Eagle3Config:
         """An Eagle-3 draft for a Qwen3/Llama target (default: the DSpark 5 tapped layers, TTT 7)."""
         if target.family not in ("qwen3", "llama"):
             raise DraftConfigError(f"Eagle-3 drafts support Qwen3/Llama targets, got family {target.family!r}")
-        kw: dict[str, Any] = dict(
-            vocab_size=target.vocab_size, hidden_size=target.hidden_size, intermediate_size=target.intermediate_size,
-            num_attention_heads=target.num_attention_heads, num_key_value_heads=target.num_key_value_heads,
-            head_dim=target.head_dim, rms_norm_eps=target.rms_norm_eps, rope_theta=target.rope_theta,
-            rope_scaling=target.rope_scaling, max_position_embeddings=target.max_position_embeddings,
-            initializer_range=target.initializer_range, num_target_layers=target.num_hidden_layers,
-            dtype=target.dtype)
-        kw.update(fields)
-        if kw.get("target_layer_ids") is None:
-            kw["target_layer_ids"] = default_target_layer_ids(target.num_hidden_layers, 5)
-        cfg = cls(**kw)
-        cfg.validate_against_target(target)
-        return cfg
+        return finish_from_target(cls, target, target_shape_fields(target), fields)
 
     def validate_against_target(self, target: TargetConfig) -> None:
         """Raise DraftConfigError if the draft cannot run against `target` (names both values)."""

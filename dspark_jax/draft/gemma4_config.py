@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from dspark_jax.config import ConfigError, field_bool, field_int, stored_dtype
-from dspark_jax.draft.config import DraftConfig, DraftConfigError, default_target_layer_ids
+from dspark_jax.draft.config import DraftConfig, DraftConfigError, finish_from_target
 from dspark_jax.gemma4_config import FULL, Gemma4Config, RopeSpec, proportional_inv_freq
 
 __all__ = ["Gemma4DraftConfig", "GEMMA4_DRAFT_ARCHITECTURE"]
@@ -95,12 +95,7 @@ class Gemma4DraftConfig(DraftConfig):
             final_logit_softcapping=t.final_logit_softcapping, use_double_wide_mlp=t.use_double_wide_mlp,
             num_kv_shared_layers=t.num_kv_shared_layers, hidden_activation=t.hidden_activation,
             target_text_config=json.dumps(t.text_config_dict(), sort_keys=True))
-        fields.update(draft_fields)
-        if fields.get("target_layer_ids") is None:
-            fields["target_layer_ids"] = default_target_layer_ids(t.num_hidden_layers, 5)
-        cfg = cls(**fields)
-        cfg.validate_against_target(t)
-        return cfg
+        return finish_from_target(cls, t, fields, draft_fields)
 
     @classmethod
     def from_deepspec_config(cls, hf: dict[str, Any], *, dtype: str | None = None,
