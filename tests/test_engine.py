@@ -16,7 +16,7 @@ from dspark_jax.target.model import TargetModel
 from infer.api import Target, generate
 from infer.cost_model import SPSProfile
 from infer.engine import Engine, EngineError, Request
-from infer.engine.core import prefill_buckets, prefill_chunk
+from infer.engine.prefill import prefill_buckets, prefill_chunk
 from infer.speculative_api import Draft
 from tests.spec_helpers import oracle_draft, random_target
 

@@ -1,13 +1,9 @@
 """Device side of the continuous-batching engine: slot state, insert, plan (policy), packed round.
 
 R fixed slots share per-slot target and draft caches ``[R, S, ...]`` (slot-contiguous: slot r's
-row, index = position; not paged). The jitted programs:
+row, index = position; not paged). A request enters its slot through `infer.engine.prefill`. The
+jitted round programs:
 
-* `prefill_chunk`: prefill one fixed-size chunk of a prompt into slot `slot` of the target cache
-  (chunked prefill: a long prompt takes several engine steps, each also running a decode round of
-  the other slots) and commit the chunk's tapped target features to the slot's draft context. The
-  prompt's last chunk (padded to a `prefill_buckets` size) also samples the first token and drafts
-  the first block. Other slots are untouched, so a request joins while the others keep decoding.
 * `plan_round`: the policy's per-slot draft counts ℓ [R] (on device: Algorithm 1, async top-K,
   thresholds, static) and whether the round ends with a draft pass (dspark's cost gate).
 * `engine_round`: pack ``[anchor, drafts[:ℓ]]`` of the active slots into the bucket, one packed
@@ -40,16 +36,15 @@ from dspark_jax.config import TargetConfig
 from dspark_jax.draft.cache import DraftCache
 from dspark_jax.draft.config import DraftConfig
 from dspark_jax.layers import dtype_of
-from dspark_jax.sampling import SamplingMode, SamplingParams, next_token
+from dspark_jax.sampling import SamplingMode, SamplingParams
 from dspark_jax.scheduling import async_schedule, prefix_schedule, survival_from_confidence
 from dspark_jax.target.kv_cache import KVCache
-from dspark_jax.target.model import TargetModel
 from infer.cost_model import RoundCostModel
 from infer.ragged import pack_chunks, packed_rejection_sample, packed_target_forward
 from infer.speculative import Pending, draft_backbone, sample_block, truncate_proposal
 from infer.state import RowParams, SpecLoop, SpecModels
 
-__all__ = ["EngineSpec", "Policy", "EngineState", "prefill_chunk", "prefill_buckets", "plan_round", "engine_round",
+__all__ = ["EngineSpec", "Policy", "EngineState", "plan_round", "engine_round",
            "PolicyArgs", "PLAN_KINDS",
            "engine_rounds", "scheduled_round", "scheduled_rounds", "draft_pass_only", "parse_policy", "POLICIES"]
 
@@ -200,7 +195,7 @@ def _draft_models(spec: EngineSpec, draft_params, head: Array) -> SpecModels:
     return SpecModels(target=None, draft=draft_params, head=head)
 
 
-def _commit_context(spec: EngineSpec, draft_params, head: Array, dcache: DraftCache, pending: Pending,
+def commit_context(spec: EngineSpec, draft_params, head: Array, dcache: DraftCache, pending: Pending,
                     start: Array) -> DraftCache:
     """Commit context rows (target features of committed tokens) to the draft cache without drafting.
 
@@ -213,7 +208,7 @@ def _commit_context(spec: EngineSpec, draft_params, head: Array, dcache: DraftCa
     return dcache
 
 
-def _propose(spec: EngineSpec, draft_params, head: Array, dcache: DraftCache, pending: Pending, anchor: Array,
+def propose_block(spec: EngineSpec, draft_params, head: Array, dcache: DraftCache, pending: Pending, anchor: Array,
              start: Array, keys: Array, sampling: SamplingParams):
     """Draft one block per row with per-row keys [N, 2] and sampling params [N] -> (tokens, probs|None, conf, dcache).
 
@@ -235,98 +230,8 @@ def _row_keys(state: EngineState) -> tuple[Array, Array, Array]:
     return k[:, 0], k[:, 1], k[:, 2]
 
 
-def _set_row(buf: Array, slot: Array, row: Array) -> Array:
+def set_slot_row(buf: Array, slot: Array, row: Array) -> Array:
     return buf.at[slot].set(row.astype(buf.dtype))
-
-
-def prefill_buckets(chunk: int, minimum: int = 16) -> tuple[int, ...]:
-    """Padded sizes of a prompt's last prefill chunk: powers of two from `minimum` below `chunk`, then `chunk`.
-
-    Every other chunk is exactly `chunk` tokens, so prefill compiles at most
-    ``len(prefill_buckets(chunk)) + 1`` programs whatever the prompt lengths.
-    """
-    out, b = [], minimum
-    while b < chunk:
-        out.append(b)
-        b *= 2
-    return tuple(out) + (chunk,)
-
-
-def _slot_row(buf: Array, slot: Array, pad: int) -> Array:
-    """Row `slot` of a per-slot buffer [R, S, ...] as [1, S + pad, ...] (zeros appended)."""
-    row = jax.lax.dynamic_index_in_dim(buf, slot, 0, keepdims=True)
-    return jnp.concatenate([row, jnp.zeros((1, pad) + row.shape[2:], row.dtype)], axis=1)
-
-
-def _put_row(buf: Array, slot: Array, row: Array) -> Array:
-    """Write row [1, >= S, ...] (cut to S) into slot `slot` of buf [R, S, ...]."""
-    row = row[:, :buf.shape[1]].astype(buf.dtype)
-    return jax.lax.dynamic_update_slice(buf, row, (slot,) + (0,) * (buf.ndim - 1))
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "last"), donate_argnames=("state",))
-def prefill_chunk(params, draft_params, head, state: EngineState, slot: Array, tokens: Array, chunk_start: Array,
-                  chunk_valid: Array, sampling: SamplingParams, seed_key: Array, *, spec: EngineSpec,
-                  last: bool) -> tuple[EngineState, Array]:
-    """Prefill one chunk of a prompt into slot `slot`; on the prompt's last chunk, start the request.
-
-    tokens [1, C] (right-padded; C = the engine's chunk or, for the last chunk, a `prefill_buckets`
-    size) at positions chunk_start + 0..C-1, the first chunk_valid of them real. The chunk's keys and
-    values go into the slot's target cache row (the cache is slot-contiguous: row `slot`, index =
-    position), the target's tapped hidden states of the valid tokens into the slot's draft context
-    cache. Other slots are untouched, so decode rounds of the other slots run between chunks.
-    The first chunk (chunk_start 0) resets the slot's draft context.
-    last=True (static): also sample the first token from the last valid position, set the slot's
-    sampling values / keys / counters and draft its first block. sampling: the request's
-    `SamplingParams` (scalars); seed_key [2] = PRNGKey(seed). Returns (state, first token scalar
-    int32; -1 when not last).
-    """
-    cfg, dcfg = spec.config, spec.dcfg
-    c = tokens.shape[1]
-    taps_ids = tuple(dcfg.target_layer_ids) if dcfg is not None else ()
-    tc = state.tcache
-    # The slot's cache row with C spare rows, so a padded last chunk never writes past the capacity.
-    row_cache = KVCache(k=tuple(_slot_row(a, slot, c) for a in tc.k), v=tuple(_slot_row(a, slot, c) for a in tc.v),
-                        lengths=chunk_start[None])
-    pos = chunk_start + jnp.arange(c, dtype=jnp.int32)[None, :]  # [1, C]
-    out = TargetModel(cfg, attention_backend=spec.backend).apply(
-        {"params": params}, tokens, pos, row_cache, logits_indices=(chunk_valid - 1)[None, None],
-        compute_logits=last, lm_head_kernel=head, tap_layers=taps_ids)
-    end = chunk_start + chunk_valid  # [] tokens of the prompt in the cache after this chunk
-    state = state.replace(tcache=tc.replace(k=tuple(_put_row(a, slot, b) for a, b in zip(tc.k, out.cache.k)),
-                                            v=tuple(_put_row(a, slot, b) for a, b in zip(tc.v, out.cache.v)),
-                                            lengths=_set_row(tc.lengths, slot, end)))
-    first = jnp.int32(-1)
-    k0 = jax.random.split(jax.random.fold_in(seed_key, 0), 2)
-    one = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], sampling)  # [1] rows
-    if last:
-        first = next_token(k0[:1], out.logits[:, 0], one, spec.mode)[0]
-        state = state.replace(anchor=_set_row(state.anchor, slot, first), start=_set_row(state.start, slot, end),
-                              sampling=jax.tree_util.tree_map(lambda a, b: _set_row(a, slot, b), state.sampling,
-                                                              sampling),
-                              keys=_set_row(state.keys, slot, seed_key), rnd=_set_row(state.rnd, slot, jnp.int32(1)),
-                              hist_valid=state.hist_valid.at[:, slot].set(False))
-    if dcfg is None:
-        return state, first
-    # Draft context: commit the chunk's target features to the slot's draft cache row (reset on the first chunk).
-    dc = state.dcache
-    fresh = chunk_start == 0
-    d_row = DraftCache(k=tuple(_slot_row(a, slot, 0) for a in dc.k), v=tuple(_slot_row(a, slot, 0) for a in dc.v),
-                       lengths=jnp.where(fresh, 0, dc.lengths[slot])[None])
-    pending = Pending(features=jnp.concatenate(out.taps, axis=-1), positions=pos,
-                      valid=jnp.arange(c)[None, :] < chunk_valid)
-    if last:
-        prop_tokens, probs, conf, d_row = _propose(spec, draft_params, head, d_row, pending, first[None], end[None],
-                                                   k0[1:], one)
-        state = state.replace(prop_tokens=_set_row(state.prop_tokens, slot, prop_tokens[0]),
-                              prop_conf=_set_row(state.prop_conf, slot, conf[0]),
-                              prop_probs=None if probs is None else _set_row(state.prop_probs, slot, probs[0]))
-    else:
-        d_row = _commit_context(spec, draft_params, head, d_row, pending, end[None])
-    dcache = dc.replace(k=tuple(_put_row(a, slot, b) for a, b in zip(dc.k, d_row.k)),
-                        v=tuple(_put_row(a, slot, b) for a, b in zip(dc.v, d_row.v)),
-                        lengths=_set_row(dc.lengths, slot, d_row.lengths[0]))
-    return state.replace(dcache=dcache), first
 
 
 def _plan(state: EngineState, active: Array, has_proposal: Array, round_sps: Array, plain_sps: Array,
@@ -427,11 +332,11 @@ def _draft_or_commit(draft_params, head, state: EngineState, ctx, active: Array,
     features, positions, valid = ctx
     pending = Pending(features=features, positions=positions, valid=valid)
     if not draft_pass:
-        return state.replace(dcache=_commit_context(spec, draft_params, head, state.dcache, pending, state.start))
+        return state.replace(dcache=commit_context(spec, draft_params, head, state.dcache, pending, state.start))
     surv = survival_from_confidence(state.prop_conf, temperatures)
     state = state.replace(surv_hist=jnp.stack([surv, state.surv_hist[0]]),
                           hist_valid=jnp.stack([active, state.hist_valid[0]]))
-    tokens, probs, conf, dcache = _propose(spec, draft_params, head, state.dcache, pending, state.anchor,
+    tokens, probs, conf, dcache = propose_block(spec, draft_params, head, state.dcache, pending, state.anchor,
                                            state.start, k_prop, state.sampling)
     return state.replace(dcache=dcache, prop_tokens=tokens, prop_probs=probs, prop_conf=conf)
 
@@ -569,7 +474,7 @@ def draft_pass_only(draft_params, head, state: EngineState, *, spec: EngineSpec)
     width = spec.dcfg.num_context_layers * spec.config.hidden_size
     pending = jnp.zeros((r, g + 1, width), dtype_of(spec.config.dtype))
     pos = state.start[:, None] + jnp.arange(g + 1, dtype=jnp.int32)[None, :]
-    tokens, _, _, _ = _propose(spec, draft_params, head, state.dcache,
+    tokens, _, _, _ = propose_block(spec, draft_params, head, state.dcache,
                                Pending(features=pending, positions=pos, valid=jnp.ones((r, g + 1), bool)),
                                state.anchor, state.start, k_prop, state.sampling)
     return tokens

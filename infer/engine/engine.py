@@ -32,8 +32,8 @@ from dspark_jax import kernels
 from dspark_jax.sampling import SamplingConfig, SamplingMode
 from infer.cost_model import RoundCostModel, SPSProfile, profile_sps
 from infer.engine import core
-from infer.engine.core import (EngineSpec, EngineState, draft_pass_only, engine_rounds, parse_policy,
-                               prefill_buckets, prefill_chunk, scheduled_rounds)
+from infer.engine.core import EngineSpec, EngineState, draft_pass_only, engine_rounds, parse_policy, scheduled_rounds
+from infer.engine.prefill import prefill_buckets, prefill_chunk
 from infer.ragged import pick_bucket
 
 __all__ = ["Engine", "EngineError", "Request", "RequestOutput", "default_token_buckets"]
