@@ -32,7 +32,8 @@ from dspark_jax import kernels
 from dspark_jax.sampling import SamplingConfig, SamplingMode
 from infer.cost_model import RoundCostModel, SPSProfile, profile_sps
 from infer.engine import core
-from infer.engine.core import EngineSpec, EngineState, draft_pass_only, engine_rounds, parse_policy, scheduled_rounds
+from infer.engine.core import (EngineSpec, EngineState, draft_pass_only, engine_rounds, parse_policy, plan_round,
+                               scheduled_rounds)
 from infer.engine.prefill import prefill_buckets, prefill_chunk
 from infer.ragged import pick_bucket
 
@@ -413,6 +414,17 @@ class Engine:
         # so run plain rounds through the cheaper `engine_rounds` program (no plan, no bucket switch).
         plain = (g == 0 or (self._declined is not None and self._declined[1] == several
                             and np.array_equal(self._declined[0], self._active) and not self._has_prop.any()))
+        if not plain and self.policy.kind == "dspark" and self.policy.cost_gate:
+            # Something the gate decides from changed (a slot joined or left): ask the plan first (a small
+            # program and a read of ℓ [R]). When it verifies no drafts and declines drafting, every round
+            # of the call would be plain, so it runs through `engine_rounds` as above: the scheduled
+            # program's `lax.switch` over the token buckets costs more than the plan's round trip.
+            round_sps, plain_sps = self._tables[several]
+            ell, _, draft_next = jax.device_get(plan_round(
+                self.state, active, self._on_device(self._has_prop), round_sps, plain_sps, self._temps,
+                spec=self.spec, policy=self.policy))
+            if not ell.any() and not draft_next:
+                plain, self._declined = True, (self._active.copy(), several)
         if plain:  # ar, or dspark's plain rounds: one verify token per slot, no draft pass
             ell_host = np.zeros(self.spec.slots, np.int32)
             total = int(self._active.sum())
