@@ -374,18 +374,21 @@ class Engine:
         n = min(self.prefill_chunk, len(live.ids) - c0)
         last = c0 + n == len(live.ids)
         size = next(b for b in self._prefill_sizes if b >= n) if last else self.prefill_chunk
+        # While dspark's cost gate declines drafting, a joining request drafts no first block: the plan
+        # would not verify it, and the first round that drafts proposes for every slot.
+        propose = self.spec.gamma > 0 and self._declined is None
         chunk = np.zeros((1, size), np.int32)
         chunk[0, :n] = live.ids[c0:c0 + n]
         self.state, first = prefill_chunk(
             self.target.params, self._dparams, self._head, self.state, jnp.int32(slot), jnp.asarray(chunk),
             jnp.int32(c0), jnp.int32(n), live.sampling.params(), jax.random.PRNGKey(live.seed), spec=self.spec,
-            last=last)
+            last=last, propose=propose)
         live.prefilled = c0 + n
         self.stats["prefill_chunks"] += 1
         if not last:
             return size
         self._active[slot] = True
-        self._has_prop[slot] = self.spec.gamma > 0
+        self._has_prop[slot] = propose
         first = int(first)
         live.first_token_at = time.perf_counter()
         try:

@@ -51,10 +51,10 @@ def _put_row(buf: Array, slot: Array, row: Array) -> Array:
     return jax.lax.dynamic_update_slice(buf, row, (slot,) + (0,) * (buf.ndim - 1))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "last"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("spec", "last", "propose"), donate_argnames=("state",))
 def prefill_chunk(params, draft_params, head, state: EngineState, slot: Array, tokens: Array, chunk_start: Array,
                   chunk_valid: Array, sampling: SamplingParams, seed_key: Array, *, spec: EngineSpec,
-                  last: bool) -> tuple[EngineState, Array]:
+                  last: bool, propose: bool = True) -> tuple[EngineState, Array]:
     """Prefill one chunk of a prompt into slot `slot`; on the prompt's last chunk, start the request.
 
     tokens [1, C] (right-padded; C = the engine's chunk or, for the last chunk, a `prefill_buckets`
@@ -66,7 +66,8 @@ def prefill_chunk(params, draft_params, head, state: EngineState, slot: Array, t
     last=True (static): also sample the first token from the last valid position, set the slot's
     sampling values / keys / counters and draft its first block. sampling: the request's
     `SamplingParams` (scalars); seed_key [2] = PRNGKey(seed). Returns (state, first token scalar
-    int32; -1 when not last).
+    int32; -1 when not last). propose=False (static): the last chunk drafts no first block (the engine's
+    choice while dspark's cost gate declines drafting); the slot then holds no proposal.
     """
     cfg, dcfg = spec.config, spec.dcfg
     c = tokens.shape[1]
@@ -102,9 +103,9 @@ def prefill_chunk(params, draft_params, head, state: EngineState, slot: Array, t
                        lengths=jnp.where(fresh, 0, dc.lengths[slot])[None])
     pending = Pending(features=jnp.concatenate(out.taps, axis=-1), positions=pos,
                       valid=jnp.arange(c)[None, :] < chunk_valid)
-    if last:
-        prop_tokens, probs, conf, d_row = propose_block(spec, draft_params, head, d_row, pending, first[None], end[None],
-                                                   k0[1:], one)
+    if last and propose:
+        prop_tokens, probs, conf, d_row = propose_block(spec, draft_params, head, d_row, pending, first[None],
+                                                        end[None], k0[1:], one)
         state = state.replace(prop_tokens=set_slot_row(state.prop_tokens, slot, prop_tokens[0]),
                               prop_conf=set_slot_row(state.prop_conf, slot, conf[0]),
                               prop_probs=None if probs is None else set_slot_row(state.prop_probs, slot, probs[0]))
