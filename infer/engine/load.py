@@ -1,20 +1,23 @@
 """Open-loop Poisson load over the engine and its plots (shared by benchmarks/bench_serve.py and
 notebooks/serving.ipynb).
 
-`run_load` builds an engine for one (policy, concurrency), measures (or loads) its SPS(B) profile,
-warms every program variant up with the same requests, then replays them with exponential
-inter-arrival times and returns one result row. `plot_load` draws throughput vs per-user speed,
+`prepare_load` builds an engine for one (policy, concurrency), measures (or loads) its SPS(B)
+profile and warms every program variant up with the same requests; `timed_pass` replays them with
+exponential inter-arrival times and returns one result row (`run_load` = both, once). Repeated
+passes interleaved over the policies of one concurrency (`benchmarks/bench_serve.py --repeats`)
+spread a load burst from other processes over all policies. `plot_load` draws throughput vs per-user speed,
 verify budget vs concurrency and the SPS(B) curves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["run_load", "plot_load"]
+__all__ = ["LoadRun", "prepare_load", "timed_pass", "run_load", "plot_load"]
 
 
 def _pct(xs, q):
@@ -22,17 +25,24 @@ def _pct(xs, q):
     return float(np.percentile(xs, q)) * 1e3 if xs else None
 
 
-def run_load(target, draft, prompts: Sequence[Sequence[int]], policy: str, slots: int, *, requests: int,
-             max_new_tokens: int, max_len: int, rate: float = 0.0, temperature: float = 0.0, seed: int = 0,
-             profile_repeats: int = 3, sps_cache: str | None = None,
-             buckets: Sequence[int] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One (policy, concurrency = slots) run -> (result row, SPS profile JSON).
+@dataclasses.dataclass
+class LoadRun:
+    """One (policy, concurrency) load set up by `prepare_load`: the warmed engine, its requests and their
+    arrival offsets in seconds; `timed_pass` replays it (as often as wanted)."""
 
-    `requests` requests (prompt i mod len(prompts)) arrive at `rate` requests/s (Poisson; 0 = all at
-    t = 0). Row: tokens/s, mean per-user tokens/s (tokens over first-token-to-finish time), TTFT and
-    TPOT p50/p90 in ms, mean verify budget, τ, rounds, draft passes, scheduler share, wall time.
-    `buckets`: the engine's verify token buckets (default `default_token_buckets`; fewer = fewer compiles).
-    """
+    policy: str
+    slots: int
+    engine: Any
+    requests: list
+    arrivals: np.ndarray
+
+
+def prepare_load(target, draft, prompts: Sequence[Sequence[int]], policy: str, slots: int, *, requests: int,
+                 max_new_tokens: int, max_len: int, rate: float = 0.0, temperature: float = 0.0, seed: int = 0,
+                 profile_repeats: int = 3, sps_cache: str | None = None,
+                 buckets: Sequence[int] | None = None) -> tuple[LoadRun, dict[str, Any]]:
+    """Build the engine of one (policy, concurrency = slots), measure (or load) its SPS(B) profile and compile
+    every program variant the load needs with one untimed pass. Returns (run, SPS profile JSON)."""
     from dspark_jax.sampling import SamplingConfig
     from infer.engine import Engine, Request
 
@@ -41,12 +51,19 @@ def run_load(target, draft, prompts: Sequence[Sequence[int]], policy: str, slots
     prof = eng.profile(repeats=profile_repeats, cache_dir=sps_cache)
     rng = np.random.default_rng(seed)
     gaps = rng.exponential(1.0 / rate, requests) if rate > 0 else np.zeros(requests)
-    arrivals = np.cumsum(gaps)
     reqs = [Request(prompt=list(prompts[i % len(prompts)]), max_new_tokens=max_new_tokens, seed=seed + i,
                     sampling=SamplingConfig(temperature=temperature), stop_token_ids=()) for i in range(requests)]
     # Warm-up: the same requests once, untimed, so every program variant the timed run needs
     # (prompt buckets, token buckets, with / without a draft pass) is compiled.
     eng.generate(reqs)
+    return LoadRun(policy=policy, slots=slots, engine=eng, requests=reqs, arrivals=np.cumsum(gaps)), prof.to_json()
+
+
+def timed_pass(run: LoadRun) -> dict[str, Any]:
+    """Replay `run`'s requests at their arrival times on its engine (metrics reset first) -> one result row:
+    tokens/s, mean per-user tokens/s (tokens over first-token-to-finish time), TTFT and TPOT p50/p90 in ms,
+    mean verify budget, τ, rounds, draft passes, plain rounds, scheduler share, wall time."""
+    eng, reqs, arrivals = run.engine, run.requests, run.arrivals
     eng.stats = {k: type(v)(0) for k, v in eng.stats.items()}
     ids, nxt = [], 0
     t0 = time.perf_counter()
@@ -65,15 +82,29 @@ def run_load(target, draft, prompts: Sequence[Sequence[int]], policy: str, slots
     per_user = [len(o.token_ids) / (o.metrics["tpot_s"] * (len(o.token_ids) - 1))
                 for o in outs if o.metrics["tpot_s"] and len(o.token_ids) > 1]
     m = eng.metrics()
-    row = {"policy": policy, "concurrency": slots, "requests": len(outs), "tokens": tokens,
-           "throughput_tok_s": tokens / wall, "per_user_tok_s": float(np.mean(per_user)) if per_user else 0.0,
-           "ttft_ms_p50": _pct([o.metrics["ttft_s"] for o in outs], 50),
-           "ttft_ms_p90": _pct([o.metrics["ttft_s"] for o in outs], 90),
-           "tpot_ms_p50": _pct([o.metrics["tpot_s"] for o in outs], 50),
-           "tpot_ms_p90": _pct([o.metrics["tpot_s"] for o in outs], 90),
-           "mean_verify_budget": m["mean_verify_budget"], "tau": m["tau"], "rounds": m["rounds"],
-           "draft_passes": m["draft_passes"], "scheduler_share": m["scheduler_share"], "wall_s": wall}
-    return row, prof.to_json()
+    return {"policy": run.policy, "concurrency": run.slots, "requests": len(outs), "tokens": tokens,
+            "throughput_tok_s": tokens / wall, "per_user_tok_s": float(np.mean(per_user)) if per_user else 0.0,
+            "ttft_ms_p50": _pct([o.metrics["ttft_s"] for o in outs], 50),
+            "ttft_ms_p90": _pct([o.metrics["ttft_s"] for o in outs], 90),
+            "tpot_ms_p50": _pct([o.metrics["tpot_s"] for o in outs], 50),
+            "tpot_ms_p90": _pct([o.metrics["tpot_s"] for o in outs], 90),
+            "mean_verify_budget": m["mean_verify_budget"], "tau": m["tau"], "rounds": m["rounds"],
+            "draft_passes": m["draft_passes"], "plain_rounds": m["plain_rounds"],
+            "scheduler_share": m["scheduler_share"], "wall_s": wall}
+
+
+def run_load(target, draft, prompts: Sequence[Sequence[int]], policy: str, slots: int, *, requests: int,
+             max_new_tokens: int, max_len: int, rate: float = 0.0, temperature: float = 0.0, seed: int = 0,
+             profile_repeats: int = 3, sps_cache: str | None = None,
+             buckets: Sequence[int] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One (policy, concurrency = slots) run -> (result row, SPS profile JSON): `prepare_load` then one
+    `timed_pass`. `requests` requests (prompt i mod len(prompts)) arrive at `rate` requests/s (Poisson;
+    0 = all at t = 0). `buckets`: the engine's verify token buckets (default `default_token_buckets`;
+    fewer = fewer compiles)."""
+    run, prof = prepare_load(target, draft, prompts, policy, slots, requests=requests, max_new_tokens=max_new_tokens,
+                             max_len=max_len, rate=rate, temperature=temperature, seed=seed,
+                             profile_repeats=profile_repeats, sps_cache=sps_cache, buckets=buckets)
+    return timed_pass(run), prof
 
 
 def plot_load(results: list[dict], sps: dict, out_prefix: str) -> list[str]:
