@@ -276,7 +276,8 @@ def plan_round(state: EngineState, active: Array, has_proposal: Array, round_sps
     temperatures [γ] STS temperatures of the drafter (ones when uncalibrated). draft_next: whether
     this round should end with a draft pass — False only for `dspark` with the cost gate when the
     latest calibrated survivals say the best drafted round is slower than plain decoding.
-    The engine runs this decision inside `scheduled_rounds`; this standalone program is for inspection.
+    The engine runs this decision inside `scheduled_rounds`, and this standalone program after a slot
+    joins or leaves under `dspark` (a declined plan sends the call to `engine_rounds`).
     """
     if not policy.drafts or spec.gamma == 0:
         r = spec.slots
