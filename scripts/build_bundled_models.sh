@@ -63,5 +63,6 @@ for T in 1.0 0; do
   $D eval --target models/pystd-qwen3-target --draft dspark="$W/dspark_k7_400b/draft" \
     --draft dflash="$W/dflash_k7_400b/draft" --draft eagle3=models/pystd-eagle3-k7 --corpus "$W/corpus" \
     --datasets corpus:code corpus:prose ../shared/data/eval_prompts/humaneval.jsonl \
-    --block-sizes 7 --temperature $T --max-new-tokens 96 --max-prompts 16 --batch-size 8 --out "$W/eval_3way_t$T"
+    --block-sizes 7 --temperature $T --max-new-tokens 96 --max-prompts 16 --batch-size 8 --no-autoregressive \
+    --out "$W/eval_3way_t$T"
 done

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -99,8 +100,15 @@ def _export_drafts(work: str, runs: list[str], cmds: str) -> int:
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(ddir, out)
         summary = {}
-        if os.path.exists(os.path.join(ddir, "train_summary.json")):
-            summary = json.load(open(os.path.join(ddir, "train_summary.json")))
+        summary_path = os.path.join(out, "train_summary.json")
+        if os.path.exists(summary_path):
+            # Machine-local absolute paths (some trainers record them) become repository-relative, and the
+            # run's draft directory the bundled one.
+            text = open(summary_path).read().replace(ROOT.rstrip("/") + "/", "")
+            text = re.sub(r"runs/[^\s\"]*/draft\b", f"models/{name}", text)
+            with open(summary_path, "w") as f:
+                f.write(text)
+            summary = json.loads(text)
         with open(os.path.join(out, "MODEL_CARD.md"), "w") as f:
             f.write(_card(f"{name}: {KIND[kind]} drafter for {TARGET_NAME}", {
                 "What": WHAT["eagle3" if kind == "eagle3" else "block"],

@@ -308,3 +308,20 @@ def test_train_draft_cli_eagle3_preset(tmp_path, monkeypatch, capsys):
     (row,) = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
     assert row["drafter"] == "e3" and row["block_size"] == 2 and 1.0 <= row["acceptance_length"] <= 3.0
     assert row["speculative"]["tokens"] == row["autoregressive"]["tokens"] and "calibration" not in row
+
+
+def test_bundled_eagle3_drafter_is_lossless():
+    """The bundled Eagle-3 drafter (models/pystd-eagle3-k7, DeepSpec layout) loads against the bundled
+    target and, in float32, greedy speculative decoding equals greedy target decoding token for token,
+    with drafts accepted (τ > 1)."""
+    from infer.api import load_target_bundle
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    target = load_target_bundle(os.path.join(repo, "models", "pystd-qwen3-target"), dtype="float32")
+    draft = load_draft_bundle(os.path.join(repo, "models", "pystd-eagle3-k7"), target, dtype="float32")
+    assert isinstance(draft.config, Eagle3Config) and draft.config.block_size == 7
+    prompt = target.tokenizer.encode("def parse_args(argv):\n    parser = argparse.")
+    ref = generate(target, [prompt], max_new_tokens=32, stop_token_ids=[])
+    spec = generate(target, [prompt], draft=draft, max_new_tokens=32, stop_token_ids=[])
+    assert spec.token_ids == ref.token_ids
+    assert spec.metrics["acceptance_length"] > 1.0, spec.metrics
