@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the bundled model pair in models/ from local sources only (no downloads but the
 # python3.11-doc Debian package): corpus -> tokenizer -> target -> DSpark + DFlash drafts ->
-# STS calibration -> bf16 export into models/. Takes ~1.5-2 h on a 2-core CPU.
+# STS calibration -> bf16 export into models/. Takes ~3-4 h on a 2-core CPU (the Eagle-3 drafter alone ~40 min).
 #   bash scripts/build_bundled_models.sh [WORK_DIR]   (default runs/bundle)
 set -euo pipefail
 cd "$(dirname "$0")/.."
