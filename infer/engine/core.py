@@ -338,7 +338,7 @@ def _draft_or_commit(draft_params, head, state: EngineState, ctx, active: Array,
     state = state.replace(surv_hist=jnp.stack([surv, state.surv_hist[0]]),
                           hist_valid=jnp.stack([active, state.hist_valid[0]]))
     tokens, probs, conf, dcache = propose_block(spec, draft_params, head, state.dcache, pending, state.anchor,
-                                           state.start, k_prop, state.sampling)
+                                                state.start, k_prop, state.sampling)
     return state.replace(dcache=dcache, prop_tokens=tokens, prop_probs=probs, prop_conf=conf)
 
 
@@ -451,8 +451,9 @@ def scheduled_rounds(params, draft_params, head, state: EngineState, has_proposa
                      round_sps: Array, plain_sps: Array, temperatures: Array, policy: PolicyArgs, budget: Array,
                      stop_ids: Array, num_rounds: Array, *, spec: EngineSpec, buckets: tuple[int, ...],
                      max_rounds: int):
-    """Up to num_rounds (<= max_rounds) `scheduled_round`s in one program: the engine's only dispatch per
-    step for every drafting policy (one device-to-host copy per call).
+    """Up to num_rounds (<= max_rounds) `scheduled_round`s in one program: the engine's dispatch per step
+    for every drafting policy (one device-to-host copy per call), except `dspark`'s calls that its cost
+    gate declines, which go through `engine_rounds`.
 
     has_proposal [R] is carried on device (after a round: drafted & active); the loop ends as
     `engine_rounds`' does. Returns (state, new_tokens [max_rounds, R, γ + 1], n_new [max_rounds, R],

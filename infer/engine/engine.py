@@ -130,7 +130,7 @@ class Engine:
     prefill compiles one program per `prefill_buckets(prefill_chunk)` size, whatever the prompts);
     multi_round: with no request waiting for a slot, one `step()` runs up to this many rounds in one
     device loop (`core.scheduled_rounds`, which plans ℓ and picks the token bucket on device every
-    round; `core.engine_rounds` for ar; it stops at the first stop token / token limit of any slot),
+    round; `core.engine_rounds` for ar and for dspark's declined calls; it stops at the first stop token / token limit of any slot),
     cutting the per-round dispatch and copy; 1 = one round per step.
     """
 
@@ -415,6 +415,7 @@ class Engine:
         # dspark's cost gate declined drafting in the last round, and nothing it decides from has changed
         # since (no slot holds a proposal, same active slots, same SPS tables): it would decline again,
         # so run plain rounds through the cheaper `engine_rounds` program (no plan, no bucket switch).
+        round_sps, plain_sps = self._tables[several]
         plain = (g == 0 or (self._declined is not None and self._declined[1] == several
                             and np.array_equal(self._declined[0], self._active) and not self._has_prop.any()))
         if not plain and self.policy.kind == "dspark" and self.policy.cost_gate:
@@ -422,7 +423,6 @@ class Engine:
             # program and a read of ℓ [R]). When it verifies no drafts and declines drafting, every round
             # of the call would be plain, so it runs through `engine_rounds` as above: the scheduled
             # program's `lax.switch` over the token buckets costs more than the plan's round trip.
-            round_sps, plain_sps = self._tables[several]
             ell, _, draft_next = jax.device_get(plan_round(
                 self.state, active, self._on_device(self._has_prop), round_sps, plain_sps, self._temps,
                 spec=self.spec, policy=self.policy))
@@ -441,7 +441,6 @@ class Engine:
             ells, totals, drafted = [ell_host] * n_done, [total] * n_done, [False] * n_done
             self.stats["plain_rounds"] += n_done if g else 0
         else:  # plan, bucket and draft decision on device, inside the round: one dispatch, one read
-            round_sps, plain_sps = self._tables[several]
             t1 = time.perf_counter()
             self.state, toks, n_new, (acc, ells, totals, drafted), n_done = scheduled_rounds(
                 self.target.params, self._dparams, self._head, self.state, self._on_device(self._has_prop), active,
