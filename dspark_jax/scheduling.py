@@ -16,6 +16,10 @@ the objective is ``Θ(m) = τ(m) · SPS(B(m))``.
 * ``prefix_schedule(..., early_stop=False)`` is the unconstrained global search ``argmax_m Θ(m)``
   (smallest m on ties). It is optimal over every prefix-consistent length vector for ANY SPS, but
   not lossless on current-step data (Appendix A); the async variant uses it on stale data only.
+* ``fill_to_bucket`` admits the next-ranked candidates into the padding of the compiled token bucket
+  a schedule already pays for (verify cost follows the padded bucket, so they are verified for
+  free). Still non-anticipating: a candidate ranked i is admitted iff i <= bucket(R + m) − R, where m
+  depends only on the candidates ranked at or above m + 1 <= i.
 * ``global_capacity`` + ``top_k_schedule`` (and ``async_schedule`` combining them) are the
   asynchronous top-K variant of §7.4: the number of drafts to verify at step t comes from the
   t − 2 survivals by the global search, and the current survivals choose which drafts.
@@ -27,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["survival_from_confidence", "prefix_schedule", "global_capacity", "top_k_schedule", "async_schedule",
-           "schedule_objective"]
+           "schedule_objective", "fill_to_bucket"]
 
 Array = jax.Array
 
@@ -147,3 +151,19 @@ def async_schedule(survival: Array, stale_survival: Array, sps: Array, *, active
     stale_rows = stale_active if active is None or stale_active is None else stale_active & active
     capacity = global_capacity(stale_survival, sps, active=stale_rows, num_requests=n_now)
     return top_k_schedule(survival, capacity, active=active), capacity
+
+
+def fill_to_bucket(survival: Array, ell: Array, buckets, *, active: Array | None = None) -> Array:
+    """Extend a schedule ℓ into the padding of its token bucket with the next-ranked drafts -> int32 [R].
+
+    survival [R, γ] (the ranking `ell` was chosen on; ℓ must be a ranking prefix, as every schedule
+    here is); buckets: ascending compiled token-bucket sizes (static or traced int [n]). With
+    B = R + Σℓ padded to the smallest bucket >= B, the top ``bucket − R`` candidates are admitted
+    (all of them if fewer); B past the largest bucket keeps ℓ. Lossless with Algorithm 1 (see the
+    module docstring): the cost of the round is the bucket's whatever ℓ is, so the extra drafts are free.
+    """
+    n_req = survival.shape[0] if active is None else jnp.sum(active.astype(jnp.int32))
+    sizes = jnp.asarray(buckets, jnp.int32)
+    count = jnp.sum(ell.astype(jnp.int32))
+    bucket = sizes[jnp.clip(jnp.searchsorted(sizes, n_req + count), 0, sizes.shape[0] - 1)]
+    return top_k_schedule(survival, jnp.maximum(bucket - n_req, count), active=active)

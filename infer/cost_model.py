@@ -136,23 +136,33 @@ class SPSProfile:
         """The largest bucket (B_max)."""
         return self.buckets[-1]
 
-    def step_seconds(self, num_tokens: int) -> float:
-        """Seconds of a verify step over `num_tokens` (padded to its bucket); inf past the largest."""
+    def step_seconds(self, num_tokens: int, *, interpolate: bool = False) -> float:
+        """Seconds of a verify step over `num_tokens` (padded to its bucket); inf past the largest.
+
+        interpolate=True: linear in B between the measured buckets (exact at each bucket; B below the
+        smallest bucket takes its time): the cost per token of a round whose padding is filled with
+        drafts (`dspark_jax.scheduling.fill_to_bucket`), without a cliff at each bucket edge.
+        """
+        prev = None
         for b, t in zip(self.buckets, self.verify_s):
             if b >= num_tokens:
-                return t
+                if not interpolate or prev is None:
+                    return t
+                return prev[1] + (t - prev[1]) * (num_tokens - prev[0]) / (b - prev[0])
+            prev = (b, t)
         return float("inf")
 
-    def round_seconds(self, num_tokens: int, *, drafted: bool, rounds_per_call: int = 1) -> float:
+    def round_seconds(self, num_tokens: int, *, drafted: bool, rounds_per_call: int = 1,
+                      interpolate: bool = False) -> float:
         """Whole-round seconds at `num_tokens` verify tokens: verify compute, plus the draft pass's compute
         when `drafted`, plus the per-call overhead (`call_s`) shared by `rounds_per_call` rounds of one call.
 
         Every profiled time (verify_s, draft_s) was one call, so it includes one `call_s`; the engine
         runs the draft pass inside the round's program, so a drafted round pays the overhead once, not
-        twice. Without `call_s` (not measured): verify_s (+ draft_s).
+        twice. Without `call_s` (not measured): verify_s (+ draft_s). interpolate: see `step_seconds`.
         """
         call = self.call_s or 0.0
-        t = self.step_seconds(num_tokens) - call + call / max(int(rounds_per_call), 1)
+        t = self.step_seconds(num_tokens, interpolate=interpolate) - call + call / max(int(rounds_per_call), 1)
         return t + (max((self.draft_s or 0.0) - call, 0.0) if drafted else 0.0)
 
     def sps_table(self, rounds_per_call: int = 1) -> np.ndarray:
@@ -160,9 +170,11 @@ class SPSProfile:
         return np.asarray([0.0] + [1.0 / self.round_seconds(b, drafted=False, rounds_per_call=rounds_per_call)
                                    for b in range(1, self.max_tokens + 1)], np.float32)
 
-    def round_sps_table(self, rounds_per_call: int = 1) -> np.ndarray:
-        """Drafted whole-round SPS(B) = 1 / (draft pass + verify(B) + call overhead share), float32 [B_max + 1]."""
-        return np.asarray([0.0] + [1.0 / self.round_seconds(b, drafted=True, rounds_per_call=rounds_per_call)
+    def round_sps_table(self, rounds_per_call: int = 1, *, interpolate: bool = False) -> np.ndarray:
+        """Drafted whole-round SPS(B) = 1 / (draft pass + verify(B) + call overhead share), float32 [B_max + 1]
+        (interpolate: verify(B) linear between buckets, see `step_seconds`)."""
+        return np.asarray([0.0] + [1.0 / self.round_seconds(b, drafted=True, rounds_per_call=rounds_per_call,
+                                                            interpolate=interpolate)
                                    for b in range(1, self.max_tokens + 1)], np.float32)
 
     def to_json(self) -> dict[str, Any]:
@@ -251,8 +263,16 @@ class RoundCostModel:
 
     def tables(self, rounds_per_call: int = 1) -> tuple[jax.Array, jax.Array]:
         """(drafted whole-round SPS [B_max + 1], plain-round SPS [B_max + 1]) as float32 device arrays, with the
-        per-call overhead shared by `rounds_per_call` rounds per engine call."""
-        return (jnp.asarray(self.profile.round_sps_table(rounds_per_call)),
+        per-call overhead shared by `rounds_per_call` rounds per engine call.
+
+        The drafted table interpolates the verify time between buckets: the engine fills a drafted
+        round's padding with the next-ranked drafts (`dspark_jax.scheduling.fill_to_bucket`), so a
+        bucket's cost is spread over its tokens. On the padded step table Algorithm 1's break stops at
+        every bucket edge (a single draft past a full bucket pays the whole next bucket: spec §7.4's
+        "trapped" greedy), e.g. R = 4 slots with a bucket of 4 never drafted. A plain round verifies
+        exactly R tokens, so its table is the padded one.
+        """
+        return (jnp.asarray(self.profile.round_sps_table(rounds_per_call, interpolate=True)),
                 jnp.asarray(self.profile.sps_table(rounds_per_call)))
 
     @staticmethod

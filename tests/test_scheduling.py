@@ -11,8 +11,8 @@ import pytest
 
 from dspark_jax import prefix_schedule
 from dspark_jax.sampling import SamplingMode
-from dspark_jax.scheduling import (async_schedule, global_capacity, schedule_objective, survival_from_confidence,
-                                   top_k_schedule)
+from dspark_jax.scheduling import (async_schedule, fill_to_bucket, global_capacity, schedule_objective,
+                                   survival_from_confidence, top_k_schedule)
 from infer.verify import acceptance_probabilities, rejection_sample, residual_distribution
 
 # Appendix A (spec §7.3): R = 1, γ = 2, SPS(1) = 1.0, SPS(2) = 0.5, SPS(3) = 0.45.
@@ -24,6 +24,7 @@ P_D = jnp.asarray([0.5, 0.5], jnp.float32)
 _schedule = jax.jit(prefix_schedule, static_argnames="early_stop")
 _top_k = jax.jit(top_k_schedule)
 _async = jax.jit(async_schedule)
+_fill = jax.jit(fill_to_bucket, static_argnames="buckets")
 
 
 def _appendix_survival(x1: jax.Array) -> jax.Array:
@@ -163,3 +164,66 @@ def test_jit_and_survival_from_confidence():
         np.testing.assert_array_equal(eager, jitted)
         assert jitted.dtype == jnp.int32 and jitted.shape == (2,)
     _async(surv, surv, sps)
+
+
+def test_fill_to_bucket_admits_next_ranked_drafts_into_the_padding():
+    surv = jnp.asarray([[0.9, 0.5, 0.2], [0.8, 0.7, 0.6], [0.4, 0.0, 0.0]], jnp.float32)
+    buckets = (2, 4, 8, 16)
+    # R = 3 + 1 draft = 4 tokens: bucket 4 is full, nothing to add.
+    np.testing.assert_array_equal(_fill(surv, jnp.asarray([1, 0, 0]), buckets), [1, 0, 0])
+    # R = 3 + 2 drafts = 5 -> bucket 8: 3 more drafts in rank order (0.7, 0.6, 0.5).
+    np.testing.assert_array_equal(_fill(surv, jnp.asarray([1, 1, 0]), buckets), [2, 3, 0])
+    # No plan at all still fills the smallest bucket >= R (here 4: the best draft).
+    np.testing.assert_array_equal(_fill(surv, jnp.zeros(3, jnp.int32), buckets), [1, 0, 0])
+    # Fewer candidates than padding: all of them (6 of 12 padding slots); non-candidates never.
+    np.testing.assert_array_equal(_fill(surv, jnp.asarray([3, 3, 1]), (4, 32)), [3, 3, 1])
+    # Past the largest bucket: the plan is kept.
+    np.testing.assert_array_equal(_fill(surv, jnp.asarray([3, 3, 1]), (2, 4)), [3, 3, 1])
+    # Inactive rows neither count in R nor get drafts.
+    np.testing.assert_array_equal(_fill(surv, jnp.zeros(3, jnp.int32), (4, 8), active=jnp.asarray([0, 1, 1], bool)),
+                                  [0, 2, 0])
+
+
+def test_algorithm1_with_fill_never_anticipates():
+    """Admission of slot j of request r never depends on the survivals of its later slots (which depend on
+    the draft token x_{r,j}: spec §7.2's non-anticipation), for Algorithm 1 followed by `fill_to_bucket`,
+    on jagged bucketed SPS tables and on interpolated ones; the global search (no break) does anticipate."""
+    rng = np.random.default_rng(1)
+    n, r, g, buckets = 2000, 3, 4, (2, 4, 8, 16)
+    plan = jax.jit(jax.vmap(lambda s, t: fill_to_bucket(s, prefix_schedule(s, t), buckets)))
+    surv = np.minimum.accumulate(np.cumprod(rng.uniform(0.3, 1.0, (n, r, g)), axis=2), axis=2).astype(np.float32)
+    t_bucket = np.sort(rng.uniform(0.5, 3.0, (n, len(buckets))), axis=1)  # step times per bucket
+    b = np.arange(buckets[-1] + 1)
+    idx = np.searchsorted(np.asarray(buckets), b)
+    sps = np.where(b[None, :] > 0, 1.0 / t_bucket[:, np.minimum(idx, len(buckets) - 1)], 0.0).astype(np.float32)
+    # Half the trials: interpolated (smooth) tables, as the engine's drafted table.
+    lin = np.stack([np.interp(b, (0,) + buckets, np.concatenate([[t[0]], t])) for t in t_bucket])
+    sps[n // 2:] = np.where(b[None, :] > 0, 1.0 / lin, 0.0)[n // 2:]
+    rows, slots = rng.integers(0, r, n), rng.integers(0, g - 1, n)
+    changed = surv.copy()
+    for i in range(n):  # redraw the tail after slot j of row r (kept <= a[r, j], non-increasing)
+        tail = surv[i, rows[i], slots[i]] * np.cumprod(rng.uniform(0.0, 1.0, g - 1 - slots[i]))
+        changed[i, rows[i], slots[i] + 1:] = tail
+    before, after = np.asarray(plan(surv, sps)), np.asarray(plan(changed, sps))
+    admitted = lambda ell: ell[np.arange(n), rows] > slots  # noqa: E731 - was (r, j) admitted?
+    np.testing.assert_array_equal(admitted(before), admitted(after))
+    assert (before.sum(-1) >= 0).all() and (before != after).any()  # the tails did change later admissions
+    # Control: the same check catches the global search (Appendix A: slot 1's admission depends on c_2).
+    high, low = jnp.asarray([[0.8, 0.72]]), jnp.asarray([[0.8, 0.0]])
+    assert int(_schedule(high, SPS_A, early_stop=False)[0]) == 2 and int(_schedule(low, SPS_A, early_stop=False)[0]) == 0
+
+
+def test_interpolated_round_table_escapes_the_bucket_cliff():
+    """R = 4 slots fill bucket 4 exactly: one more draft pays bucket 8 for one token, so Algorithm 1 on the
+    padded table never drafts; on the engine's interpolated drafted table (+ fill) it verifies a full bucket."""
+    from infer.cost_model import RoundCostModel, SPSProfile
+
+    prof = SPSProfile(buckets=(1, 2, 4, 8, 16), verify_s=(10.0, 10.0, 10.0, 13.0, 21.0), draft_s=1.0)
+    surv = jnp.asarray(np.cumprod(np.full((4, 7), 0.8), axis=1), jnp.float32)
+    step_table = jnp.asarray(prof.round_sps_table())
+    assert int(_schedule(surv, step_table).sum()) == 0  # trapped at the edge of bucket 4
+    drafted, plain = RoundCostModel(prof).tables()
+    ell = _fill(surv, _schedule(surv, drafted), (1, 2, 4, 8, 16))
+    assert int(ell.sum()) + 4 in (8, 16)
+    ell_gate, pays = jax.jit(RoundCostModel.decide)(surv, drafted, plain)
+    assert bool(pays) and int(ell_gate.sum()) > 0

@@ -37,7 +37,7 @@ from dspark_jax.draft.cache import DraftCache
 from dspark_jax.draft.config import DraftConfig
 from dspark_jax.layers import dtype_of
 from dspark_jax.sampling import SamplingMode, SamplingParams
-from dspark_jax.scheduling import async_schedule, prefix_schedule, survival_from_confidence
+from dspark_jax.scheduling import async_schedule, fill_to_bucket, prefix_schedule, survival_from_confidence
 from dspark_jax.target.kv_cache import KVCache
 from infer.cost_model import RoundCostModel
 from infer.ragged import pack_chunks, packed_rejection_sample, packed_target_forward
@@ -235,8 +235,10 @@ def set_slot_row(buf: Array, slot: Array, row: Array) -> Array:
 
 
 def _plan(state: EngineState, active: Array, has_proposal: Array, round_sps: Array, plain_sps: Array,
-          temperatures: Array, spec: EngineSpec, policy: PolicyArgs) -> tuple[Array, Array, Array]:
-    """Traced body of `plan_round` (inlined into `scheduled_round`): one `lax.switch` branch per policy kind."""
+          temperatures: Array, spec: EngineSpec, policy: PolicyArgs,
+          buckets: tuple[int, ...]) -> tuple[Array, Array, Array]:
+    """Traced body of `plan_round` (inlined into `scheduled_round`): one `lax.switch` branch per policy kind;
+    the scheduled policies (dspark, dspark-async) then fill their token bucket's padding (`fill_to_bucket`)."""
     r, g = spec.slots, spec.gamma
     yes = jnp.asarray(True)
 
@@ -247,28 +249,32 @@ def _plan(state: EngineState, active: Array, has_proposal: Array, round_sps: Arr
         return truncate_proposal(state.prop_conf, policy.threshold, 0.0).astype(jnp.int32), yes
 
     def dspark(surv):
-        ell = prefix_schedule(jnp.where(has_proposal[:, None], surv, 0.0), round_sps, active=active)
+        ell = prefix_schedule(surv_now, round_sps, active=active)
         # The cost gate: would a drafted round pay, judging by the latest proposals?
         _, pays = RoundCostModel.decide(surv, round_sps, plain_sps, active=active)
         return ell.astype(jnp.int32), pays | ~policy.cost_gate
 
     def dspark_async(surv):  # capacity from the survivals verified two rounds ago, today's ranking
-        ell, _ = async_schedule(jnp.where(has_proposal[:, None], surv, 0.0), state.surv_hist[1], round_sps,
-                                active=active, stale_active=state.hist_valid[1])
+        ell, _ = async_schedule(surv_now, state.surv_hist[1], round_sps, active=active,
+                                stale_active=state.hist_valid[1])
         return ell.astype(jnp.int32), yes
 
     if g == 0:
         ell, draft_next = jnp.zeros((r,), jnp.int32), jnp.asarray(False)
     else:
         surv = survival_from_confidence(state.prop_conf, temperatures)
+        surv_now = jnp.where(has_proposal[:, None], surv, 0.0)  # [R, γ] candidates of this round
         ell, draft_next = jax.lax.switch(policy.kind, [static, threshold, dspark, dspark_async], surv)
+        scheduled = policy.kind >= PLAN_KINDS.index("dspark")  # dspark, dspark-async
+        ell = jnp.where(scheduled, fill_to_bucket(surv_now, ell, buckets, active=active), ell)
     ell = jnp.where(active & has_proposal, ell, 0).astype(jnp.int32)
     return ell, jnp.sum(jnp.where(active, 1 + ell, 0)), draft_next
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "policy"))
+@functools.partial(jax.jit, static_argnames=("spec", "policy", "buckets"))
 def plan_round(state: EngineState, active: Array, has_proposal: Array, round_sps: Array, plain_sps: Array,
-               temperatures: Array, *, spec: EngineSpec, policy: Policy) -> tuple[Array, Array, Array]:
+               temperatures: Array, *, spec: EngineSpec, policy: Policy,
+               buckets: tuple[int, ...]) -> tuple[Array, Array, Array]:
     """(ℓ [R] int32 drafts to verify per slot, total packed tokens Σ(1 + ℓ), draft_next bool).
 
     has_proposal [R]: the slot's proposal was drafted after its last commit (else ℓ = 0).
@@ -276,13 +282,15 @@ def plan_round(state: EngineState, active: Array, has_proposal: Array, round_sps
     temperatures [γ] STS temperatures of the drafter (ones when uncalibrated). draft_next: whether
     this round should end with a draft pass — False only for `dspark` with the cost gate when the
     latest calibrated survivals say the best drafted round is slower than plain decoding.
+    buckets: the engine's token buckets (dspark and dspark-async fill the padding of theirs).
     The engine runs this decision inside `scheduled_rounds`, and this standalone program after a slot
     joins or leaves under `dspark` (a declined plan sends the call to `engine_rounds`).
     """
     if not policy.drafts or spec.gamma == 0:
         r = spec.slots
         return jnp.zeros((r,), jnp.int32), jnp.sum(active.astype(jnp.int32)), jnp.asarray(False)
-    return _plan(state, active, has_proposal, round_sps, plain_sps, temperatures, spec, policy.device_args())
+    return _plan(state, active, has_proposal, round_sps, plain_sps, temperatures, spec, policy.device_args(),
+                 buckets)
 
 
 def _verify_commit(params, head, state: EngineState, ell: Array, active: Array, k_ver: Array, *, spec: EngineSpec,
@@ -435,7 +443,8 @@ def scheduled_round(params, draft_params, head, state: EngineState, has_proposal
     Returns (state, new_tokens [R, γ + 1], n_new [R], (accepted [R], ℓ [R], Σ(1 + ℓ), drafted bool)).
     """
     k_ver, k_prop, _ = _row_keys(state)
-    ell, total, draft_next = _plan(state, active, has_proposal, round_sps, plain_sps, temperatures, spec, policy)
+    ell, total, draft_next = _plan(state, active, has_proposal, round_sps, plain_sps, temperatures, spec, policy,
+                                   buckets)
     sizes = jnp.asarray(buckets, jnp.int32)
     which = jnp.clip(jnp.searchsorted(sizes, total), 0, len(buckets) - 1)  # smallest bucket >= total
     branches = [functools.partial(_verify_commit, spec=spec, bucket=b) for b in buckets]
