@@ -66,9 +66,9 @@ def main(argv=None) -> int:
         return carry(st, toks)
 
     def scheduled():
-        st, toks, *_ = scheduled_rounds(target.params, eng._dparams, eng._head, holder[0], no_prop, act, act,
-                                        round_sps, plain_sps, eng._temps, Policy("static", k=0).device_args(), budget,
-                                        stops, jnp.int32(m), spec=eng.spec, buckets=eng.buckets, max_rounds=m)
+        st, toks, *_ = scheduled_rounds(target.params, eng._dparams, eng._head, holder[0], no_prop, act, round_sps,
+                                        plain_sps, eng._temps, Policy("static", k=0).device_args(), budget, stops,
+                                        jnp.int32(m), spec=eng.spec, buckets=eng.buckets, max_rounds=m)
         return carry(st, toks)
 
     t_fixed, t_sched = time_round_robin([fixed, scheduled], warmup=2, repeats=args.repeats)

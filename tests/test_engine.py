@@ -76,7 +76,6 @@ def test_greedy_equals_solo_autoregressive(pair, policy, profile):
     if profile is CPU:
         assert met["draft_passes"] < met["rounds"] / 2 and met["mean_verify_budget"] < 1.3, met
         assert met["plain_rounds"] > 0, met  # declined rounds ran through the plain (`engine_rounds`) program
-        assert met["ar_rounds"] > 0, met  # ... most of them as the AR fallback (target-only program)
 
 
 def test_plain_rounds_keep_the_draft_context(pair):
@@ -88,8 +87,7 @@ def test_plain_rounds_keep_the_draft_context(pair):
     engines = {}
     for name, profile in (("drafting", FLAT), ("gated", CPU)):
         eng = engines[name] = Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, buckets=BUCKETS,
-                                     sps_profile=profile, sampling="temperature", prefill_chunk=CHUNK, multi_round=2,
-                                     ar_fallback=False)
+                                     sps_profile=profile, sampling="temperature", prefill_chunk=CHUNK, multi_round=2)
         rid = eng.submit(prompt, max_new_tokens=REF_NEW)
         if name == "gated":
             for _ in range(4):  # prefill, then declined rounds: the first scheduled, the rest plain
@@ -108,32 +106,6 @@ def test_plain_rounds_keep_the_draft_context(pair):
     for kd, kg in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
         np.testing.assert_allclose(np.asarray(kd[0, :n], np.float32), np.asarray(kg[0, :n], np.float32),
                                    rtol=1e-5, atol=1e-5)
-
-
-def test_ar_fallback_drops_the_draft_context_and_new_requests_draft_again(pair):
-    """Where drafting does not pay at this load, dspark falls back to the target-only (`ar`) program: the
-    slots decoding then keep no draft context and never draft again; when the profile changes to one where
-    drafting pays, a request that joins afterwards drafts. Every output equals solo greedy decoding."""
-    target, draft = pair
-    eng = Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, buckets=BUCKETS, sps_profile=CPU,
-                 sampling="temperature", prefill_chunk=CHUNK, multi_round=2)
-    first = eng.submit(PROMPTS[1], max_new_tokens=REF_NEW)
-    for _ in range(4):  # prefill, the declined first round, then the fallback
-        eng.step()
-    met, slot = eng.metrics(), eng._live[first].slot
-    assert eng._ar_mode and met["ar_rounds"] >= 2 and met["draft_passes"] == 0, met
-    assert not eng._has_ctx[slot]
-    verified_then = eng._live[first].drafts_verified
-    eng.set_profile(FLAT)  # drafting pays from now on
-    second = eng.submit(PROMPTS[3], max_new_tokens=MAX_NEW[3])
-    for _ in eng.run():
-        pass
-    assert not eng._ar_mode and eng.metrics()["draft_passes"] > 0
-    out1, out2 = eng.result(first), eng.result(second)
-    assert out1.token_ids == solo(target, PROMPTS[1], REF_NEW)
-    assert out2.token_ids == solo(target, PROMPTS[3], MAX_NEW[3])
-    assert out1.metrics["drafts_verified"] == verified_then  # decoded without context: never drafted again
-    assert out2.metrics["drafts_verified"] > 0
 
 
 def test_chunked_prefill_long_prompt_while_others_decode(pair):

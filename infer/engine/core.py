@@ -234,8 +234,8 @@ def set_slot_row(buf: Array, slot: Array, row: Array) -> Array:
     return buf.at[slot].set(row.astype(buf.dtype))
 
 
-def _plan(state: EngineState, active: Array, has_proposal: Array, can_draft: Array, round_sps: Array,
-          plain_sps: Array, temperatures: Array, spec: EngineSpec, policy: PolicyArgs,
+def _plan(state: EngineState, active: Array, has_proposal: Array, round_sps: Array, plain_sps: Array,
+          temperatures: Array, spec: EngineSpec, policy: PolicyArgs,
           buckets: tuple[int, ...]) -> tuple[Array, Array, Array]:
     """Traced body of `plan_round` (inlined into `scheduled_round`): one `lax.switch` branch per policy kind;
     the scheduled policies (dspark, dspark-async) then fill their token bucket's padding (`fill_to_bucket`)."""
@@ -251,7 +251,7 @@ def _plan(state: EngineState, active: Array, has_proposal: Array, can_draft: Arr
     def dspark(surv):
         ell = prefix_schedule(surv_now, round_sps, active=active)
         # The cost gate: would a drafted round pay, judging by the latest proposals?
-        _, pays = RoundCostModel.decide(jnp.where(can_draft[:, None], surv, 0.0), round_sps, plain_sps, active=active)
+        _, pays = RoundCostModel.decide(surv, round_sps, plain_sps, active=active)
         return ell.astype(jnp.int32), pays | ~policy.cost_gate
 
     def dspark_async(surv):  # capacity from the survivals verified two rounds ago, today's ranking
@@ -272,14 +272,12 @@ def _plan(state: EngineState, active: Array, has_proposal: Array, can_draft: Arr
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "policy", "buckets"))
-def plan_round(state: EngineState, active: Array, has_proposal: Array, can_draft: Array, round_sps: Array,
-               plain_sps: Array, temperatures: Array, *, spec: EngineSpec, policy: Policy,
+def plan_round(state: EngineState, active: Array, has_proposal: Array, round_sps: Array, plain_sps: Array,
+               temperatures: Array, *, spec: EngineSpec, policy: Policy,
                buckets: tuple[int, ...]) -> tuple[Array, Array, Array]:
     """(ℓ [R] int32 drafts to verify per slot, total packed tokens Σ(1 + ℓ), draft_next bool).
 
-    has_proposal [R]: the slot's proposal was drafted after its last commit (else ℓ = 0); can_draft [R]:
-    the slot's draft context is complete (slots the engine decoded without it never draft; the cost
-    gate counts them in R with no candidates).
+    has_proposal [R]: the slot's proposal was drafted after its last commit (else ℓ = 0).
     round_sps / plain_sps: whole-round and verify-only SPS tables [B_max + 1] (`infer.cost_model`);
     temperatures [γ] STS temperatures of the drafter (ones when uncalibrated). draft_next: whether
     this round should end with a draft pass — False only for `dspark` with the cost gate when the
@@ -291,8 +289,8 @@ def plan_round(state: EngineState, active: Array, has_proposal: Array, can_draft
     if not policy.drafts or spec.gamma == 0:
         r = spec.slots
         return jnp.zeros((r,), jnp.int32), jnp.sum(active.astype(jnp.int32)), jnp.asarray(False)
-    return _plan(state, active, has_proposal, can_draft, round_sps, plain_sps, temperatures, spec,
-                 policy.device_args(), buckets)
+    return _plan(state, active, has_proposal, round_sps, plain_sps, temperatures, spec, policy.device_args(),
+                 buckets)
 
 
 def _verify_commit(params, head, state: EngineState, ell: Array, active: Array, k_ver: Array, *, spec: EngineSpec,
@@ -430,8 +428,8 @@ def engine_rounds(params, draft_params, head, state: EngineState, ell: Array, ac
 
 
 def scheduled_round(params, draft_params, head, state: EngineState, has_proposal: Array, active: Array,
-                    can_draft: Array, round_sps: Array, plain_sps: Array, temperatures: Array, policy: PolicyArgs, *,
-                    spec: EngineSpec, buckets: tuple[int, ...]):
+                    round_sps: Array, plain_sps: Array, temperatures: Array, policy: PolicyArgs, *, spec: EngineSpec,
+                    buckets: tuple[int, ...]):
     """One round of a device-planned policy, with no host round trip between the decision and the verify.
 
     The plan (`plan_round`: ℓ [R], Σ(1 + ℓ), draft_next) runs first; the smallest of the static
@@ -445,8 +443,8 @@ def scheduled_round(params, draft_params, head, state: EngineState, has_proposal
     Returns (state, new_tokens [R, γ + 1], n_new [R], (accepted [R], ℓ [R], Σ(1 + ℓ), drafted bool)).
     """
     k_ver, k_prop, _ = _row_keys(state)
-    ell, total, draft_next = _plan(state, active, has_proposal, can_draft, round_sps, plain_sps, temperatures, spec,
-                                   policy, buckets)
+    ell, total, draft_next = _plan(state, active, has_proposal, round_sps, plain_sps, temperatures, spec, policy,
+                                   buckets)
     sizes = jnp.asarray(buckets, jnp.int32)
     which = jnp.clip(jnp.searchsorted(sizes, total), 0, len(buckets) - 1)  # smallest bucket >= total
     branches = [functools.partial(_verify_commit, spec=spec, bucket=b) for b in buckets]
@@ -459,22 +457,22 @@ def scheduled_round(params, draft_params, head, state: EngineState, has_proposal
 
 @functools.partial(jax.jit, static_argnames=("spec", "buckets", "max_rounds"), donate_argnames=("state",))
 def scheduled_rounds(params, draft_params, head, state: EngineState, has_proposal: Array, active: Array,
-                     can_draft: Array, round_sps: Array, plain_sps: Array, temperatures: Array, policy: PolicyArgs,
-                     budget: Array, stop_ids: Array, num_rounds: Array, *, spec: EngineSpec,
-                     buckets: tuple[int, ...], max_rounds: int):
+                     round_sps: Array, plain_sps: Array, temperatures: Array, policy: PolicyArgs, budget: Array,
+                     stop_ids: Array, num_rounds: Array, *, spec: EngineSpec, buckets: tuple[int, ...],
+                     max_rounds: int):
     """Up to num_rounds (<= max_rounds) `scheduled_round`s in one program: the engine's dispatch per step
     for every drafting policy (one device-to-host copy per call), except `dspark`'s calls that its cost
     gate declines, which go through `engine_rounds`.
 
-    has_proposal [R] is carried on device (after a round: drafted & active & can_draft); the loop ends as
+    has_proposal [R] is carried on device (after a round: drafted & active); the loop ends as
     `engine_rounds`' does. Returns (state, new_tokens [max_rounds, R, γ + 1], n_new [max_rounds, R],
     (accepted [max_rounds, R], ℓ [max_rounds, R], Σ(1 + ℓ) [max_rounds], drafted [max_rounds]),
     rounds run).
     """
     def one(st, has_prop):
-        st, t, n, rec = scheduled_round(params, draft_params, head, st, has_prop, active, can_draft, round_sps,
-                                        plain_sps, temperatures, policy, spec=spec, buckets=buckets)
-        return st, rec[3] & active & can_draft, t, n, rec
+        st, t, n, rec = scheduled_round(params, draft_params, head, st, has_prop, active, round_sps, plain_sps,
+                                        temperatures, policy, spec=spec, buckets=buckets)
+        return st, rec[3] & active, t, n, rec
 
     return _device_loop(one, state, has_proposal, active, budget, stop_ids, num_rounds, max_rounds)
 

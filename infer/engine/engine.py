@@ -30,7 +30,6 @@ import numpy as np
 
 from dspark_jax import kernels
 from dspark_jax.sampling import SamplingConfig, SamplingMode
-from dspark_jax.scheduling import survival_from_confidence
 from infer.cost_model import RoundCostModel, SPSProfile, profile_sps
 from infer.engine import core
 from infer.engine.core import (EngineSpec, EngineState, draft_pass_only, engine_rounds, parse_policy, plan_round,
@@ -82,7 +81,6 @@ class _Live:
     tokens: list[int] = dataclasses.field(default_factory=list)
     slot: int | None = None
     prefilled: int = 0  # prompt tokens already in the slot's cache (chunked prefill)
-    with_context: bool = True  # every prefill chunk so far also filled the slot's draft context
     first_token_at: float | None = None
     finished_at: float | None = None
     rounds: int = 0
@@ -101,9 +99,6 @@ class _Live:
                 "accepted": self.accepted, "tau": (self.accepted + self.rounds) / self.rounds if self.rounds else None,
                 "mean_verify_budget": 1 + self.drafts_verified / self.rounds if self.rounds else None}
 
-
-# The cost gate's decision on host for the AR fallback (one compiled program: [slots, γ] survivals, active mask).
-_decide = jax.jit(RoundCostModel.decide)
 
 # Fingerprint of the device programs the profile times (`infer/engine/core.py`), part of the profile's cache key.
 _ENGINE_PROGRAM = hashlib.sha256(inspect.getsource(core).encode()).hexdigest()[:12]
@@ -135,29 +130,21 @@ class Engine:
     prefill compiles one program per `prefill_buckets(prefill_chunk)` size, whatever the prompts);
     multi_round: with no request waiting for a slot, one `step()` runs up to this many rounds in one
     device loop (`core.scheduled_rounds`, which plans ℓ and picks the token bucket on device every
-    round; `core.engine_rounds` for ar and for dspark's declined calls; it stops at the first stop
-    token / token limit of any slot), cutting the per-round dispatch and copy; 1 = one round per step.
-    ar_fallback (dspark with the cost gate): when the gate declines and, judging by the survivals of
-    the declined proposals (their mean per slot position), drafting would not pay with as many
-    requests as slots in use either, the engine falls back to plain target decoding — the `ar`
-    program, with no target features tapped and no draft context kept (prefill too) — until the
-    number of slots in use changes to one where drafting would pay. Slots that decoded without
-    their draft context never draft again (they finish plainly); requests that join after the
-    fallback ends draft as usual. False: declined rounds keep every slot's draft context current
-    (`core.commit_context`), which costs a round ~10 % on this CPU at 16 slots.
+    round; `core.engine_rounds` for ar and for dspark's declined calls; it stops at the first stop token / token limit of any slot),
+    cutting the per-round dispatch and copy; 1 = one round per step.
     """
 
     def __init__(self, target, draft=None, *, policy: str = "dspark", slots: int = 4, max_len: int | None = None,
                  sampling: str = "temperature", buckets: Sequence[int] | None = None,
                  sps_profile: SPSProfile | None = None, max_queue: int = 256, cost_gate: bool = True,
-                 backend: str = "xla", prefill_chunk: int = 256, multi_round: int = 8, ar_fallback: bool = True):
+                 backend: str = "xla", prefill_chunk: int = 256, multi_round: int = 8):
         if slots < 1:
             raise EngineError(f"slots must be >= 1, got {slots}")
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise EngineError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
         if not isinstance(multi_round, int) or multi_round < 1:
             raise EngineError(f"multi_round must be a positive integer, got {multi_round!r}")
-        self.prefill_chunk, self.multi_round, self.ar_fallback = prefill_chunk, multi_round, bool(ar_fallback)
+        self.prefill_chunk, self.multi_round = prefill_chunk, multi_round
         self._prefill_sizes = prefill_buckets(prefill_chunk)
         gamma = 0 if draft is None else draft.config.block_size
         self.policy = dataclasses.replace(parse_policy(policy, gamma), cost_gate=cost_gate)
@@ -197,11 +184,6 @@ class Engine:
         self.state = EngineState.create(self.spec)
         self._active = np.zeros(slots, bool)  # slots decoding (prefill done)
         self._has_prop = np.zeros(slots, bool)  # proposal drafted after the slot's last commit
-        self._has_ctx = np.zeros(slots, bool)  # the slot's draft context holds every committed token
-        # The AR fallback (see the class docstring): on, the survival estimate [γ] it decides from,
-        # decisions per number of slots in use, and the spec of the target-only programs.
-        self._ar_mode, self._surv_est, self._pays_at = False, None, {}
-        self._plain_spec = dataclasses.replace(self.spec, dcfg=None) if gamma > 0 else self.spec
         self._slot_req: list[_Live | None] = [None] * slots  # the request holding each slot (prefilling or active)
         self._queue: collections.deque[_Live] = collections.deque()
         self._live: dict[str, _Live] = {}
@@ -211,8 +193,7 @@ class Engine:
         self.set_profile(sps_profile or SPSProfile(buckets=self.buckets, verify_s=tuple(1.0 for _ in self.buckets),
                                                    draft_s=0.0))
         self.stats = {"rounds": 0, "verify_tokens": 0, "request_rounds": 0, "committed": 0, "round_s": 0.0,
-                      "plan_s": 0.0, "draft_passes": 0, "plain_rounds": 0, "ar_rounds": 0, "prefill_chunks": 0,
-                      "prefill_s": 0.0}
+                      "plan_s": 0.0, "draft_passes": 0, "plain_rounds": 0, "prefill_chunks": 0, "prefill_s": 0.0}
 
     # ------------------------------------------------------------------ scheduling tables
     def set_profile(self, profile: SPSProfile) -> None:
@@ -223,7 +204,6 @@ class Engine:
         model = RoundCostModel(profile)
         self._tables = {False: model.tables(1), True: model.tables(self.multi_round)}
         self._declined = None  # (active slots, several) under which dspark's gate last declined (see `step`)
-        self._pays_at = {}  # the AR fallback's decisions depend on the tables
 
     def profile(self, *, cache_dir: str | None = None, repeats: int = 5, refresh: bool = False) -> SPSProfile:
         """Time the engine's verify round (its `engine_rounds` program, no draft pass) at every bucket, the
@@ -379,8 +359,6 @@ class Engine:
                 live = self._queue.popleft()
                 live.slot, live.prefilled = slot, 0
                 self._slot_req[slot] = live
-        if self._ar_mode and self._fallback_pays():  # the load changed to one where drafting pays
-            self._ar_mode, self._declined = False, None
         budget = self.prefill_chunk
         prefilling = sorted((r for r in self._slot_req if r is not None and not self._active[r.slot]),
                             key=lambda r: r.submitted)
@@ -397,23 +375,20 @@ class Engine:
         last = c0 + n == len(live.ids)
         size = next(b for b in self._prefill_sizes if b >= n) if last else self.prefill_chunk
         # While dspark's cost gate declines drafting, a joining request drafts no first block: the plan
-        # would not verify it, and the first round that drafts proposes for every slot. Under the AR
-        # fallback the chunk fills no draft context (target-only prefill); such a request never drafts.
-        live.with_context = live.with_context and not self._ar_mode
-        propose = self.spec.gamma > 0 and self._declined is None and live.with_context
+        # would not verify it, and the first round that drafts proposes for every slot.
+        propose = self.spec.gamma > 0 and self._declined is None
         chunk = np.zeros((1, size), np.int32)
         chunk[0, :n] = live.ids[c0:c0 + n]
         self.state, first = prefill_chunk(
             self.target.params, self._dparams, self._head, self.state, jnp.int32(slot), jnp.asarray(chunk),
-            jnp.int32(c0), jnp.int32(n), live.sampling.params(), jax.random.PRNGKey(live.seed),
-            spec=self.spec if live.with_context else self._plain_spec, last=last, propose=propose)
+            jnp.int32(c0), jnp.int32(n), live.sampling.params(), jax.random.PRNGKey(live.seed), spec=self.spec,
+            last=last, propose=propose)
         live.prefilled = c0 + n
         self.stats["prefill_chunks"] += 1
         if not last:
             return size
         self._active[slot] = True
         self._has_prop[slot] = propose
-        self._has_ctx[slot] = live.with_context and self.spec.gamma > 0
         first = int(first)
         live.first_token_at = time.perf_counter()
         try:
@@ -441,56 +416,45 @@ class Engine:
         # since (no slot holds a proposal, same active slots, same SPS tables): it would decline again,
         # so run plain rounds through the cheaper `engine_rounds` program (no plan, no bucket switch).
         round_sps, plain_sps = self._tables[several]
-        # No slot can draft (AR fallback, or only slots that decoded without their draft context):
-        # the target-only program, exactly `ar`'s.
-        target_only = g > 0 and (self._ar_mode or not (self._active & self._has_ctx).any())
-        plain = (g == 0 or target_only or (self._declined is not None and self._declined[1] == several
-                                           and np.array_equal(self._declined[0], self._active)
-                                           and not self._has_prop.any()))
+        plain = (g == 0 or (self._declined is not None and self._declined[1] == several
+                            and np.array_equal(self._declined[0], self._active) and not self._has_prop.any()))
         if not plain and self.policy.kind == "dspark" and self.policy.cost_gate:
             # Something the gate decides from changed (a slot joined or left): ask the plan first (a small
             # program and a read of ℓ [R]). When it verifies no drafts and declines drafting, every round
             # of the call would be plain, so it runs through `engine_rounds` as above: the scheduled
             # program's `lax.switch` over the token buckets costs more than the plan's round trip.
             ell, _, draft_next = jax.device_get(plan_round(
-                self.state, active, self._on_device(self._has_prop), self._on_device(self._has_ctx), round_sps,
-                plain_sps, self._temps, spec=self.spec, policy=self.policy, buckets=self.buckets))
+                self.state, active, self._on_device(self._has_prop), round_sps, plain_sps, self._temps,
+                spec=self.spec, policy=self.policy, buckets=self.buckets))
             if not ell.any() and not draft_next:
                 plain, self._declined = True, (self._active.copy(), several)
-                target_only = self._consider_ar_fallback()
         if plain:  # ar, or dspark's plain rounds: one verify token per slot, no draft pass
             ell_host = np.zeros(self.spec.slots, np.int32)
             total = int(self._active.sum())
             t1 = time.perf_counter()
             self.state, toks, n_new, acc, n_done = engine_rounds(
                 self.target.params, self._dparams, self._head, self.state, self._on_device(ell_host), active,
-                self._temps, *self._limits(), n_rounds, spec=self._plain_spec if target_only else self.spec,
-                bucket=pick_bucket(total, self.buckets), draft_pass=False, anchors_only=True,
-                max_rounds=self.multi_round)
+                self._temps, *self._limits(), n_rounds, spec=self.spec, bucket=pick_bucket(total, self.buckets),
+                draft_pass=False, anchors_only=True, max_rounds=self.multi_round)
             toks, n_new, acc, n_done = jax.device_get((toks, n_new, acc, n_done))
             n_done = int(n_done)
             ells, totals, drafted = [ell_host] * n_done, [total] * n_done, [False] * n_done
             self.stats["plain_rounds"] += n_done if g else 0
-            if target_only:  # these slots' draft contexts now miss tokens: they never draft
-                self.stats["ar_rounds"] += n_done
-                self._has_ctx[self._active] = False
         else:  # plan, bucket and draft decision on device, inside the round: one dispatch, one read
             t1 = time.perf_counter()
             self.state, toks, n_new, (acc, ells, totals, drafted), n_done = scheduled_rounds(
                 self.target.params, self._dparams, self._head, self.state, self._on_device(self._has_prop), active,
-                self._on_device(self._has_ctx), round_sps, plain_sps, self._temps, self._policy_args,
-                *self._limits(), n_rounds, spec=self.spec, buckets=self.buckets, max_rounds=self.multi_round)
+                round_sps, plain_sps, self._temps, self._policy_args, *self._limits(), n_rounds, spec=self.spec,
+                buckets=self.buckets, max_rounds=self.multi_round)
             toks, n_new, acc, n_done, ells, totals, drafted = jax.device_get((toks, n_new, acc, n_done, ells, totals,
                                                                               drafted))
             n_done = int(n_done)
             drafted = [bool(d) and g > 0 for d in drafted[:n_done]]
             declined = self.policy.kind == "dspark" and n_done > 0 and not drafted[-1]
             self._declined = (self._active.copy(), several) if declined else None
-            if declined:
-                self._consider_ar_fallback()
         t2 = time.perf_counter()
         if n_done:  # a slot holds a proposal iff the last round drafted (held-back context is tracked on device)
-            self._has_prop[:] = drafted[n_done - 1] & self._active & self._has_ctx
+            self._has_prop[:] = drafted[n_done - 1] & self._active
         self.stats["plan_s"] += t1 - t0
         self.stats["round_s"] += t2 - t1
         rounds = [(toks[j], n_new[j], acc[j], ells[j], totals[j], drafted[j]) for j in range(n_done)]
@@ -514,29 +478,6 @@ class Engine:
                 fresh.setdefault(int(slot), (live, []))[1].extend(new)
         outputs += [self._output(live, new) for live, new in fresh.values()]
         return outputs
-
-    def _fallback_pays(self) -> bool:
-        """Whether drafting would pay with as many requests as slots in use, each with the AR fallback's
-        survival estimate: the cost gate's rule on host, with the one-round-per-call tables (cached per count)."""
-        n, (round_sps, plain_sps) = sum(r is not None for r in self._slot_req), self._tables[False]
-        if n not in self._pays_at:
-            r = self.spec.slots
-            surv = np.zeros((r, self.spec.gamma), np.float32)
-            surv[:n] = self._surv_est
-            self._pays_at[n] = bool(_decide(jnp.asarray(surv), round_sps, plain_sps,
-                                            active=jnp.asarray(np.arange(r) < n))[1])
-        return self._pays_at[n]
-
-    def _consider_ar_fallback(self) -> bool:
-        """After dspark's gate declined: start the AR fallback when drafting would not pay at this load with
-        the declined proposals' mean survival per slot position either (one read of the survivals [R, γ]).
-        Returns whether the fallback is on."""
-        rows = self._active & self._has_ctx
-        if self.ar_fallback and not self._ar_mode and rows.any():
-            surv = np.asarray(survival_from_confidence(self.state.prop_conf, self._temps))
-            self._surv_est, self._pays_at = surv[rows].mean(axis=0), {}
-            self._ar_mode = not self._fallback_pays()
-        return self._ar_mode
 
     def _limits(self) -> tuple[jax.Array, jax.Array]:
         """(token budget [R] left per slot, stop ids [R, n] with -1 pads) of the decoding requests."""
