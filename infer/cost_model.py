@@ -41,7 +41,7 @@ __all__ = ["ESTIMATOR", "SPSProfile", "time_call", "time_round_robin", "monotone
 
 FORMAT = "dspark-sps/v1"
 # How step times are measured; cached profiles made otherwise are re-measured.
-ESTIMATOR = "round-robin-min/monotone/call"
+ESTIMATOR = "round-robin-min/monotone/call/draft-loop"
 
 
 def time_round_robin(fns: Sequence[Callable[[], Any]], *, warmup: int = 2, repeats: int = 7) -> list[float]:
@@ -206,7 +206,8 @@ def _write_json(path: str, obj: Any) -> None:
 
 def profile_sps(verify_at: Callable[[int], Callable[[], Any]], buckets: Sequence[int], *,
                 fields: Mapping[str, Any], draft: Callable[[], Any] | None = None,
-                rounds: tuple[Callable[[], Any], int] | None = None, warmup: int = 2,
+                rounds: tuple[Callable[[], Any], int] | None = None,
+                draft_rounds: Callable[[], Any] | None = None, warmup: int = 2,
                 repeats: int = 7, cache_dir: str | None = None, refresh: bool = False) -> SPSProfile:
     """Profile (or load from the disk cache) the verify step at every bucket and the draft pass.
 
@@ -214,14 +215,20 @@ def profile_sps(verify_at: Callable[[int], Callable[[], Any]], buckets: Sequence
     bucket; draft: a zero-argument callable running one draft pass (or None); rounds: (fn, n), fn
     running n verify rounds at the smallest bucket in ONE call (n >= 2), which measures the per-call
     overhead: call_s = t(1 round) - (t(n rounds) - t(1 round)) / (n - 1), clipped to [0, the
-    smallest measured call] (None: call_s not measured). fields: what
+    smallest measured call] (None: call_s not measured). draft_rounds (with `rounds`): the same
+    n-round program with the draft pass in every round: the draft pass's compute is measured inside
+    the round program it runs in, (t(draft_rounds) − t(rounds)) / n, and draft_s = call_s + that
+    (a separate draft-only program has its own, smaller call overhead, so subtracting call_s from its
+    time undercounts the draft pass; `draft` is then not timed). fields: what
     identifies the measured program (model fingerprint, slots, cache length, dtype, ...).
     cache_dir: None = `default_cache_dir()`; "" disables the cache. Timing: `time_round_robin` over
     the buckets and the draft pass together (minimum of `repeats` interleaved sweeps), then
     `monotone_step_times`. A cached profile taken with another estimator is re-measured.
     """
     buckets = tuple(sorted(int(b) for b in buckets))
-    key = profile_key({**fields, "buckets": buckets, "draft": draft is not None, "call": rounds is not None})
+    loop_draft = draft_rounds is not None and rounds is not None
+    key = profile_key({**fields, "buckets": buckets, "draft": draft is not None or loop_draft,
+                       "call": rounds is not None})
     path = os.path.join(cache_dir if cache_dir is not None else default_cache_dir(), f"{key}.json") \
         if cache_dir != "" else None
     if path and os.path.isfile(path) and not refresh:
@@ -229,18 +236,23 @@ def profile_sps(verify_at: Callable[[int], Callable[[], Any]], buckets: Sequence
             cached = SPSProfile.from_json(json.load(f), path)
         if cached.estimator == ESTIMATOR:
             return cached
-    fns = [verify_at(b) for b in buckets] + ([draft] if draft is not None else [])
+    fns = [verify_at(b) for b in buckets] + ([draft] if draft is not None and not loop_draft else [])
     if rounds is not None:
         if rounds[1] < 2:
             raise ValueError(f"profile_sps rounds=(fn, n) needs n >= 2, got {rounds[1]}")
         fns.append(rounds[0])
+        if loop_draft:
+            fns.append(draft_rounds)
     times = time_round_robin(fns, warmup=warmup, repeats=repeats)
     verify_s = monotone_step_times(times[:len(buckets)])
-    draft_s = times[len(buckets)] if draft is not None else None
+    draft_s = times[len(buckets)] if draft is not None and not loop_draft else None
     call_s = None
     if rounds is not None:  # t1 = c + o, tn = n c + o  ->  o = t1 - (tn - t1) / (n - 1)
-        t1, tn = times[0], times[-1]
-        call_s = min(max(t1 - (tn - t1) / (rounds[1] - 1), 0.0), verify_s[0], draft_s or verify_s[0])
+        n = rounds[1]
+        t1, tn = times[0], times[len(buckets) + (0 if draft_s is None else 1)]
+        call_s = min(max(t1 - (tn - t1) / (n - 1), 0.0), verify_s[0], draft_s or verify_s[0])
+        if loop_draft:  # the draft pass's compute inside the round program, plus one call overhead
+            draft_s = call_s + max(times[-1] - tn, 0.0) / n
     prof = SPSProfile(buckets=buckets, verify_s=verify_s, draft_s=draft_s, call_s=call_s, key=key, fields=dict(fields),
                       backend=jax.default_backend(), device_kind=_device_kind(), estimator=ESTIMATOR)
     if path:

@@ -58,6 +58,25 @@ def test_profile_cache_tables_and_plot(tmp_path):
     assert time_call(lambda: step(x, 1), warmup=1, repeats=1) > 0
 
 
+def test_draft_pass_measured_inside_the_round_program(tmp_path, monkeypatch):
+    """draft_rounds: the draft pass's cost is the difference between n rounds with and without it in one
+    call, plus one call overhead (so `round_seconds` charges a drafted round exactly that difference).
+    A fake clock makes the timings exact: each call advances it by its programmed cost."""
+    import infer.cost_model as cm
+
+    now = [0.0]
+    monkeypatch.setattr(cm.time, "perf_counter", lambda: now[0])
+    o, c, d, n = 0.012, 0.004, 0.006, 4  # call overhead, verify compute, draft compute per round
+    cost = lambda t: lambda: now.__setitem__(0, now[0] + t)  # noqa: E731 - a call taking t seconds
+
+    prof = profile_sps(lambda bucket: cost(o + c * bucket), [1, 2], fields={"model": "fake-clock"},
+                       rounds=(cost(o + n * c), n), draft_rounds=cost(o + n * (c + d)), warmup=1, repeats=2,
+                       cache_dir=str(tmp_path))
+    assert prof.call_s == pytest.approx(o) and prof.draft_s == pytest.approx(o + d)
+    assert prof.round_seconds(1, drafted=True) - prof.round_seconds(1, drafted=False) == pytest.approx(d)
+    assert prof.round_seconds(2, drafted=True, rounds_per_call=n) == pytest.approx(2 * c + d + o / n)
+
+
 def test_round_cost_model_decides_whether_drafting_pays():
     surv = jnp.asarray(np.cumprod(np.full((4, 5), 0.8), axis=1), jnp.float32)
     buckets = (4, 8, 16, 24)

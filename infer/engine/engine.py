@@ -207,7 +207,8 @@ class Engine:
 
     def profile(self, *, cache_dir: str | None = None, repeats: int = 5, refresh: bool = False) -> SPSProfile:
         """Time the engine's verify round (its `engine_rounds` program, no draft pass) at every bucket, the
-        draft pass, and the per-call overhead (one vs `multi_round` rounds in one call); use it.
+        per-call overhead (one vs `multi_round` rounds in one call) and the draft pass (the same
+        `multi_round`-round program with a draft pass in every round, minus the one without); use it.
 
         Cached on disk (`infer.cost_model.profile_sps`). Runs on scratch states: live requests are kept.
         """
@@ -215,7 +216,7 @@ class Engine:
         holder = [EngineState.create(self.spec)]  # one scratch state for every bucket (donated and carried)
         budget, no_stops = jnp.full((r,), 1 << 30, jnp.int32), jnp.full((r, 1), -1, jnp.int32)
 
-        def verify_at(bucket, rounds=1):
+        def verify_at(bucket, rounds=1, draft_pass=False):
             act = jnp.arange(r) < min(bucket, r)
             extra = max(bucket - r, 0)  # drafts spread over the slots to fill the bucket exactly
             ell = jnp.clip(extra // r + (jnp.arange(r) < extra % r), 0, g).astype(jnp.int32)
@@ -223,25 +224,28 @@ class Engine:
             def run():  # the state is donated: carry it, with positions reset so every call is alike
                 st, toks, _, _, _ = engine_rounds(self.target.params, self._dparams, self._head, holder[0], ell, act,
                                                   self._temps, budget, no_stops, jnp.int32(rounds), spec=self.spec,
-                                                  bucket=bucket, draft_pass=False, anchors_only=extra == 0,
+                                                  bucket=bucket, draft_pass=draft_pass, anchors_only=extra == 0,
                                                   max_rounds=self.multi_round)
                 holder[0] = st.replace(start=jnp.zeros_like(st.start))
                 return toks
 
             return run
 
-        # The same program running multi_round rounds in one call: measures the per-call overhead (call_s).
+        # The same program running multi_round rounds in one call: measures the per-call overhead (call_s);
+        # and with the draft pass in every round: the draft pass's cost inside the round program.
         rounds = (verify_at(self.buckets[0], self.multi_round), self.multi_round) if self.multi_round >= 2 else None
-        draft = None
-        if g > 0:
+        draft = draft_rounds = None
+        if g > 0 and rounds is not None:
+            draft_rounds = verify_at(self.buckets[0], self.multi_round, draft_pass=True)
+        elif g > 0:  # one round per call: the draft-only program
             scratch = EngineState.create(self.spec)
             draft = lambda: draft_pass_only(self._dparams, self._head, scratch, spec=self.spec)  # noqa: E731
         fields = {"model": self.target.path or repr(self.spec.config), "draft": getattr(self.draft, "path", None),
                   "slots": r, "cache_len": self.spec.cache_len, "gamma": g, "mode": repr(self.spec.mode),
                   "dtype": self.spec.config.dtype, "multi_round": self.multi_round,
                   "engine_program": _ENGINE_PROGRAM}  # a changed round program re-measures the cache
-        prof = profile_sps(verify_at, self.buckets, fields=fields, draft=draft, rounds=rounds, repeats=repeats,
-                           cache_dir=cache_dir, refresh=refresh)
+        prof = profile_sps(verify_at, self.buckets, fields=fields, draft=draft, rounds=rounds,
+                           draft_rounds=draft_rounds, repeats=repeats, cache_dir=cache_dir, refresh=refresh)
         self.set_profile(prof)
         return prof
 
