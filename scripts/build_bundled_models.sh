@@ -22,13 +22,14 @@ $D train-draft --target "$W/target" --corpus "$W/regen" --out "$W/dspark_k7" --p
 $D train-draft --target "$W/target" --corpus "$W/regen" --out "$W/dflash_k7" --preset dflash \
   --num-draft-layers 1 --block-size 7 --steps 1500 --ckpt-every 250 --no-progress &
 wait
-# The Eagle-3 baseline (spec §9.2, TTT length 7; issue 14), bundled as models/pystd-eagle3-k7: the short
-# recipe (400 steps on the source corpus, as the DSpark/DFlash pair of the three-way table below). An Eagle-3 step
-# costs ~7.5x a DSpark step here (soft CE over the full vocabulary at every position x 7 TTT steps), so the
-# 1500-step regen recipe of the bundled DSpark/DFlash drafters takes ~2.5 h on 2 idle cores:
-#   $D train-draft --target "$W/target" --corpus "$W/regen" --out "$W/eagle3_k7_regen" --preset eagle3 \
-#     --num-draft-layers 1 --block-size 7 --steps 1500 --ckpt-every 250 --no-progress   # resumable: --resume
-$D train-draft --target models/pystd-qwen3-target --corpus "$W/corpus" --out "$W/eagle3_k7" --preset eagle3 \
+# The Eagle-3 baseline (spec §9.2, TTT length 7; issue 14), bundled as models/pystd-eagle3-k7: the bundled
+# DSpark/DFlash recipe (1500 steps, batch 8 x 256, on the regenerated corpus). An Eagle-3 step costs ~7.5x a
+# DSpark step here (soft CE over the full vocabulary at every position x 7 TTT steps): ~2.5 h on 2 idle cores
+# (resumable with --resume). Then the short recipe (400 steps on the source corpus, not bundled), as the
+# DSpark/DFlash pair of the short-recipe three-way table below.
+$D train-draft --target models/pystd-qwen3-target --corpus "$W/regen" --out "$W/eagle3_k7" --preset eagle3 \
+  --num-draft-layers 1 --block-size 7 --steps 1500 --ckpt-every 250 --no-progress
+$D train-draft --target models/pystd-qwen3-target --corpus "$W/corpus" --out "$W/eagle3_k7_400b" --preset eagle3 \
   --num-draft-layers 1 --block-size 7 --steps 400 --ckpt-every 100 --no-progress
 $D calibrate --target "$W/target" --draft "$W/dspark_k7/draft" --corpus "$W/corpus" \
   --fit-data corpus:code corpus:prose --report-data corpus:code corpus:prose \
@@ -54,14 +55,20 @@ for P in dspark dflash; do
     --num-draft-layers 1 --block-size 7 --steps 400 --no-progress &
 done
 wait
-# The evaluations quoted in README.md / docs/results.md: the bundled DSpark vs DFlash drafters, and
-# DSpark vs DFlash vs Eagle-3 with one recipe (400 steps on the source corpus, K = 7).
+# The evaluations quoted in README.md / docs/results.md: the bundled DSpark vs DFlash drafters; the three
+# bundled drafters (DSpark vs DFlash vs Eagle-3, one recipe: 1500 steps on the regenerated corpus, K = 7);
+# and the three with the short recipe (400 steps on the source corpus, K = 7).
 for T in 1.0 0; do
   $D eval --target models/pystd-qwen3-target --draft dspark=models/pystd-dspark-k7 --draft dflash=models/pystd-dflash-k7 \
     --corpus "$W/corpus" --datasets corpus:code corpus:prose ../shared/data/eval_prompts/humaneval.jsonl \
     --block-sizes 3,7 --temperature $T --max-new-tokens 96 --max-prompts 16 --batch-size 8 --out "$W/eval_t$T"
+  $D eval --target models/pystd-qwen3-target --draft dspark=models/pystd-dspark-k7 \
+    --draft dflash=models/pystd-dflash-k7 --draft eagle3=models/pystd-eagle3-k7 --corpus "$W/corpus" \
+    --datasets corpus:code corpus:prose ../shared/data/eval_prompts/humaneval.jsonl \
+    --block-sizes 7 --temperature $T --max-new-tokens 96 --max-prompts 16 --batch-size 8 --no-autoregressive \
+    --out "$W/eval_bundled3_t$T"
   $D eval --target models/pystd-qwen3-target --draft dspark="$W/dspark_k7_400b/draft" \
-    --draft dflash="$W/dflash_k7_400b/draft" --draft eagle3=models/pystd-eagle3-k7 --corpus "$W/corpus" \
+    --draft dflash="$W/dflash_k7_400b/draft" --draft eagle3="$W/eagle3_k7_400b/draft" --corpus "$W/corpus" \
     --datasets corpus:code corpus:prose ../shared/data/eval_prompts/humaneval.jsonl \
     --block-sizes 7 --temperature $T --max-new-tokens 96 --max-prompts 16 --batch-size 8 --no-autoregressive \
     --out "$W/eval_3way_t$T"

@@ -26,9 +26,9 @@ WHAT = {
              "train-draft` on the corpus named under Final metrics (`regen`: the source corpus rewritten by the "
              "target with `dspark regenerate`, spec §4.1 step 2); frozen embedding / LM head copied from the target.",
     "eagle3": "DeepSpec eagle3-layout drafter (1 layer, TTT length 7, chain drafting of up to 7 tokens per round; "
-              "spec §9.2) trained with online target features by `dspark train-draft --preset eagle3` on the "
-              "corpus and for the steps given under Config (see Reproduce for why this is not the 1500-step regen "
-              "recipe of the bundled DSpark/DFlash drafters); frozen embedding / LM head copied from the target.",
+              "spec §9.2) trained with online target features by `dspark train-draft --preset eagle3` with the "
+              "bundled DSpark/DFlash drafters' recipe (1500 steps, batch 8 x 256, on the regenerated corpus named "
+              "under Final metrics); frozen embedding / LM head copied from the target.",
 }
 TARGET_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json", "tokenizer_meta.json", "train_config.json")
