@@ -203,7 +203,7 @@ class Engine:
         # (the per-call overhead `call_s` shared by the rounds of a device loop), keyed by "several".
         model = RoundCostModel(profile)
         self._tables = {False: model.tables(1), True: model.tables(self.multi_round)}
-        self._declined = None  # (active slots, several) under which dspark's gate last declined (see `step`)
+        self._declined = None  # (slots in use, several) under which dspark's gate last declined (see `step`)
 
     def profile(self, *, cache_dir: str | None = None, repeats: int = 5, refresh: bool = False) -> SPSProfile:
         """Time the engine's verify round (its `engine_rounds` program, no draft pass) at every bucket, the
@@ -416,22 +416,26 @@ class Engine:
         t0 = time.perf_counter()
         several = self.num_prefilling == 0 and not self._queue  # nobody waits: several rounds per dispatch
         n_rounds = jnp.int32(self.multi_round if several else 1)
-        # dspark's cost gate declined drafting in the last round, and nothing it decides from has changed
-        # since (no slot holds a proposal, same active slots, same SPS tables): it would decline again,
-        # so run plain rounds through the cheaper `engine_rounds` program (no plan, no bucket switch).
+        # dspark's cost gate declined drafting in the last round, and the load it decided at has not changed
+        # since (no slot holds a proposal, as many slots in use, same SPS tables): it would decline again,
+        # so run plain rounds through the cheaper `engine_rounds` program (no plan, no bucket switch). The
+        # key is the number of slots in use, not which: under load a finished request's slot is refilled in
+        # the same step, and re-asking the plan then cost a host round trip per step (~5 % of a round at
+        # 16 slots) for the same answer. A request joining while declined drafts no first block, so
+        # its survivals are not news the gate is missing.
         round_sps, plain_sps = self._tables[several]
-        plain = (g == 0 or (self._declined is not None and self._declined[1] == several
-                            and np.array_equal(self._declined[0], self._active) and not self._has_prop.any()))
+        n_active = int(self._active.sum())
+        plain = (g == 0 or (self._declined == (n_active, several) and not self._has_prop.any()))
         if not plain and self.policy.kind == "dspark" and self.policy.cost_gate:
-            # Something the gate decides from changed (a slot joined or left): ask the plan first (a small
-            # program and a read of ℓ [R]). When it verifies no drafts and declines drafting, every round
+            # The load changed (more or fewer slots in use) or a slot holds a proposal: ask the plan first
+            # (a small program and a read of ℓ [R]). When it verifies no drafts and declines drafting, every round
             # of the call would be plain, so it runs through `engine_rounds` as above: the scheduled
             # program's `lax.switch` over the token buckets costs more than the plan's round trip.
             ell, _, draft_next = jax.device_get(plan_round(
                 self.state, active, self._on_device(self._has_prop), round_sps, plain_sps, self._temps,
                 spec=self.spec, policy=self.policy, buckets=self.buckets))
             if not ell.any() and not draft_next:
-                plain, self._declined = True, (self._active.copy(), several)
+                plain, self._declined = True, (n_active, several)
         if plain:  # ar, or dspark's plain rounds: one verify token per slot, no draft pass
             ell_host = np.zeros(self.spec.slots, np.int32)
             total = int(self._active.sum())
@@ -455,7 +459,7 @@ class Engine:
             n_done = int(n_done)
             drafted = [bool(d) and g > 0 for d in drafted[:n_done]]
             declined = self.policy.kind == "dspark" and n_done > 0 and not drafted[-1]
-            self._declined = (self._active.copy(), several) if declined else None
+            self._declined = (n_active, several) if declined else None
         t2 = time.perf_counter()
         if n_done:  # a slot holds a proposal iff the last round drafted (held-back context is tracked on device)
             self._has_prop[:] = drafted[n_done - 1] & self._active
