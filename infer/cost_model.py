@@ -40,8 +40,9 @@ __all__ = ["ESTIMATOR", "SPSProfile", "time_call", "time_round_robin", "monotone
            "default_cache_dir", "profile_sps", "RoundCostModel", "plot_profile"]
 
 FORMAT = "dspark-sps/v1"
-# How step times are measured; cached profiles made otherwise are re-measured.
-ESTIMATOR = "round-robin-min/monotone/call/draft-loop"
+# How step times are measured; cached profiles made otherwise are re-measured. "device-params": taken
+# with the drafter's parameters on the device (before, every call also copied them from the host).
+ESTIMATOR = "round-robin-min/monotone/call/draft-loop/device-params"
 
 
 def time_round_robin(fns: Sequence[Callable[[], Any]], *, warmup: int = 2, repeats: int = 7) -> list[float]:
