@@ -78,6 +78,24 @@ def test_greedy_equals_solo_autoregressive(pair, policy, profile):
         assert met["plain_rounds"] > 0, met  # declined rounds ran through the plain (`engine_rounds`) program
 
 
+def test_drafts_capped_by_the_tokens_a_request_may_still_commit(pair):
+    """ℓ <= remaining − 1: a round commits at most ℓ + 1 tokens and those past max_new_tokens are discarded,
+    so verifying more drafts is waste (static:2 used to verify 2 drafts for a request with one token left)."""
+    target, draft = pair
+    eng = Engine(target, draft, policy="static:2", slots=SLOTS, max_len=MAX_LEN, buckets=BUCKETS, sps_profile=FLAT,
+                 prefill_chunk=CHUNK)
+    one_left, two_left, many = (eng.submit(PROMPTS[0], max_new_tokens=2), eng.submit(PROMPTS[1], max_new_tokens=3),
+                                eng.submit(PROMPTS[2], max_new_tokens=12))
+    for _ in eng.run():
+        pass
+    outs = {rid: eng.result(rid) for rid in (one_left, two_left, many)}
+    for rid, p, m in ((one_left, PROMPTS[0], 2), (two_left, PROMPTS[1], 3), (many, PROMPTS[2], 12)):
+        assert outs[rid].token_ids == solo(target, p, m)
+    assert outs[one_left].metrics["drafts_verified"] == 0, outs[one_left].metrics  # 1 token left after prefill
+    assert outs[two_left].metrics["drafts_verified"] <= 1, outs[two_left].metrics
+    assert outs[many].metrics["drafts_verified"] >= 2, outs[many].metrics  # the cap leaves other requests alone
+
+
 def test_plain_rounds_keep_the_draft_context(pair):
     """While dspark's cost gate declines drafting, plain rounds still commit each token's target features
     to the draft cache: when drafting resumes, the draft context equals that of an engine that drafted

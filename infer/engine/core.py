@@ -235,12 +235,20 @@ def set_slot_row(buf: Array, slot: Array, row: Array) -> Array:
 
 
 def _plan(state: EngineState, active: Array, has_proposal: Array, round_sps: Array, plain_sps: Array,
-          temperatures: Array, spec: EngineSpec, policy: PolicyArgs,
-          buckets: tuple[int, ...]) -> tuple[Array, Array, Array]:
+          temperatures: Array, spec: EngineSpec, policy: PolicyArgs, buckets: tuple[int, ...],
+          remaining: Array) -> tuple[Array, Array, Array]:
     """Traced body of `plan_round` (inlined into `scheduled_round`): one `lax.switch` branch per policy kind;
-    the scheduled policies (dspark, dspark-async) then fill their token bucket's padding (`fill_to_bucket`)."""
+    the scheduled policies (dspark, dspark-async) then fill their token bucket's padding (`fill_to_bucket`).
+
+    remaining [R]: tokens each slot may still commit (its max_new_tokens budget). A round commits at most
+    ℓ + 1 tokens, and those past the budget are discarded, so ℓ <= remaining − 1 for every policy, and the
+    survivals of the draft positions beyond it count as 0 in the scheduler and the cost gate (a
+    request near its end is not worth a big verify). The budget depends only on tokens already
+    committed, so this stays non-anticipating (lossless).
+    """
     r, g = spec.slots, spec.gamma
     yes = jnp.asarray(True)
+    cap = jnp.clip(remaining - 1, 0, g).astype(jnp.int32)  # [R] useful drafts per slot
 
     def static(_):
         return jnp.full((r,), jnp.minimum(policy.k, g), jnp.int32), yes
@@ -262,18 +270,19 @@ def _plan(state: EngineState, active: Array, has_proposal: Array, round_sps: Arr
     if g == 0:
         ell, draft_next = jnp.zeros((r,), jnp.int32), jnp.asarray(False)
     else:
-        surv = survival_from_confidence(state.prop_conf, temperatures)
+        useful = jnp.arange(g)[None, :] < cap[:, None]  # [R, γ] drafts that could still be committed
+        surv = jnp.where(useful, survival_from_confidence(state.prop_conf, temperatures), 0.0)
         surv_now = jnp.where(has_proposal[:, None], surv, 0.0)  # [R, γ] candidates of this round
         ell, draft_next = jax.lax.switch(policy.kind, [static, threshold, dspark, dspark_async], surv)
         scheduled = policy.kind >= PLAN_KINDS.index("dspark")  # dspark, dspark-async
         ell = jnp.where(scheduled, fill_to_bucket(surv_now, ell, buckets, active=active), ell)
-    ell = jnp.where(active & has_proposal, ell, 0).astype(jnp.int32)
+    ell = jnp.where(active & has_proposal, jnp.minimum(ell, cap), 0).astype(jnp.int32)
     return ell, jnp.sum(jnp.where(active, 1 + ell, 0)), draft_next
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "policy", "buckets"))
 def plan_round(state: EngineState, active: Array, has_proposal: Array, round_sps: Array, plain_sps: Array,
-               temperatures: Array, *, spec: EngineSpec, policy: Policy,
+               temperatures: Array, remaining: Array, *, spec: EngineSpec, policy: Policy,
                buckets: tuple[int, ...]) -> tuple[Array, Array, Array]:
     """(ℓ [R] int32 drafts to verify per slot, total packed tokens Σ(1 + ℓ), draft_next bool).
 
@@ -283,6 +292,7 @@ def plan_round(state: EngineState, active: Array, has_proposal: Array, round_sps
     this round should end with a draft pass — False only for `dspark` with the cost gate when the
     latest calibrated survivals say the best drafted round is slower than plain decoding.
     buckets: the engine's token buckets (dspark and dspark-async fill the padding of theirs).
+    remaining [R]: tokens each slot may still commit (ℓ <= remaining − 1; see `_plan`).
     The engine runs this decision inside `scheduled_rounds`, and this standalone program after a slot
     joins or leaves under `dspark` (a declined plan sends the call to `engine_rounds`).
     """
@@ -290,7 +300,7 @@ def plan_round(state: EngineState, active: Array, has_proposal: Array, round_sps
         r = spec.slots
         return jnp.zeros((r,), jnp.int32), jnp.sum(active.astype(jnp.int32)), jnp.asarray(False)
     return _plan(state, active, has_proposal, round_sps, plain_sps, temperatures, spec, policy.device_args(),
-                 buckets)
+                 buckets, remaining)
 
 
 def _verify_commit(params, head, state: EngineState, ell: Array, active: Array, k_ver: Array, *, spec: EngineSpec,
@@ -376,21 +386,22 @@ def engine_round(params, draft_params, head, state: EngineState, ell: Array, act
 
 def _device_loop(round_fn, state: EngineState, carry, active: Array, budget: Array, stop_ids: Array,
                  num_rounds: Array, max_rounds: int):
-    """Run ``round_fn(state, carry) -> (state, carry, new_tokens [R, γ+1], n_new [R], record)`` up to
+    """Run ``round_fn(state, carry, left) -> (state, carry, new_tokens [R, γ+1], n_new [R], record)`` (left [R]:
+    tokens each slot may still commit) up to
     num_rounds (<= max_rounds) times in a while-loop, ending after the round in which an active slot
     commits a stop token (stop_ids [R, n], -1 pads) or reaches its token budget [R].
 
     Returns (state, new_tokens [max_rounds, R, γ + 1], n_new [max_rounds, R], records stacked
     [max_rounds, ...], rounds run).
     """
-    _, _, t_shape, n_shape, rec_shape = jax.eval_shape(round_fn, state, carry)
+    _, _, t_shape, n_shape, rec_shape = jax.eval_shape(round_fn, state, carry, budget.astype(jnp.int32))
     toks = jnp.full((max_rounds,) + t_shape.shape, -1, jnp.int32)
     n_all = jnp.zeros((max_rounds,) + n_shape.shape, jnp.int32)
     recs = jax.tree_util.tree_map(lambda s: jnp.zeros((max_rounds,) + s.shape, s.dtype), rec_shape)
 
     def body(c):
         i, st, cr, toks, n_all, recs, left, _ = c
-        st, cr, t, n, rec = round_fn(st, cr)
+        st, cr, t, n, rec = round_fn(st, cr, left)
         left = left - n
         hit = jnp.any((t[:, :, None] == stop_ids[:, None, :]) & (t[:, :, None] >= 0), axis=(1, 2))  # [R]
         done = jnp.any(active & (hit | (left <= 0)))
@@ -419,7 +430,7 @@ def engine_rounds(params, draft_params, head, state: EngineState, ell: Array, ac
     Returns (state, new_tokens [max_rounds, R, γ + 1], n_new [max_rounds, R], accepted
     [max_rounds, R], rounds run).
     """
-    def one(st, carry):
+    def one(st, carry, _left):
         st, t, n, a = engine_round(params, draft_params, head, st, ell, active, temperatures, spec=spec,
                                    bucket=bucket, draft_pass=draft_pass, anchors_only=anchors_only)
         return st, carry, t, n, a
@@ -428,8 +439,8 @@ def engine_rounds(params, draft_params, head, state: EngineState, ell: Array, ac
 
 
 def scheduled_round(params, draft_params, head, state: EngineState, has_proposal: Array, active: Array,
-                    round_sps: Array, plain_sps: Array, temperatures: Array, policy: PolicyArgs, *, spec: EngineSpec,
-                    buckets: tuple[int, ...]):
+                    round_sps: Array, plain_sps: Array, temperatures: Array, policy: PolicyArgs, remaining: Array, *,
+                    spec: EngineSpec, buckets: tuple[int, ...]):
     """One round of a device-planned policy, with no host round trip between the decision and the verify.
 
     The plan (`plan_round`: ℓ [R], Σ(1 + ℓ), draft_next) runs first; the smallest of the static
@@ -444,7 +455,7 @@ def scheduled_round(params, draft_params, head, state: EngineState, has_proposal
     """
     k_ver, k_prop, _ = _row_keys(state)
     ell, total, draft_next = _plan(state, active, has_proposal, round_sps, plain_sps, temperatures, spec, policy,
-                                   buckets)
+                                   buckets, remaining)
     sizes = jnp.asarray(buckets, jnp.int32)
     which = jnp.clip(jnp.searchsorted(sizes, total), 0, len(buckets) - 1)  # smallest bucket >= total
     branches = [functools.partial(_verify_commit, spec=spec, bucket=b) for b in buckets]
@@ -469,9 +480,9 @@ def scheduled_rounds(params, draft_params, head, state: EngineState, has_proposa
     (accepted [max_rounds, R], ℓ [max_rounds, R], Σ(1 + ℓ) [max_rounds], drafted [max_rounds]),
     rounds run).
     """
-    def one(st, has_prop):
+    def one(st, has_prop, left):
         st, t, n, rec = scheduled_round(params, draft_params, head, st, has_prop, active, round_sps, plain_sps,
-                                        temperatures, policy, spec=spec, buckets=buckets)
+                                        temperatures, policy, left, spec=spec, buckets=buckets)
         return st, rec[3] & active, t, n, rec
 
     return _device_loop(one, state, has_proposal, active, budget, stop_ids, num_rounds, max_rounds)

@@ -433,7 +433,7 @@ class Engine:
             # program's `lax.switch` over the token buckets costs more than the plan's round trip.
             ell, _, draft_next = jax.device_get(plan_round(
                 self.state, active, self._on_device(self._has_prop), round_sps, plain_sps, self._temps,
-                spec=self.spec, policy=self.policy, buckets=self.buckets))
+                self._limits()[0], spec=self.spec, policy=self.policy, buckets=self.buckets))
             if not ell.any() and not draft_next:
                 plain, self._declined = True, (n_active, several)
         if plain:  # ar, or dspark's plain rounds: one verify token per slot, no draft pass
