@@ -96,6 +96,24 @@ def test_drafts_capped_by_the_tokens_a_request_may_still_commit(pair):
     assert outs[many].metrics["drafts_verified"] >= 2, outs[many].metrics  # the cap leaves other requests alone
 
 
+def test_gate_margin_declines_a_marginal_gain(pair):
+    """The cost gate drafts only when the drafted round is predicted (1 + gate_margin)x as fast as plain
+    decoding: on the accelerator-like FLAT profile drafting pays (see above) but not 6x, so a margin of
+    5 declines it; outputs stay the solo greedy ones. A negative margin is refused."""
+    target, draft = pair
+    eng = Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, buckets=BUCKETS, sps_profile=FLAT,
+                 prefill_chunk=CHUNK, gate_margin=5.0)
+    ids = [eng.submit(p, max_new_tokens=m) for p, m in zip(PROMPTS[:3], MAX_NEW[:3])]
+    for _ in eng.run():
+        pass
+    for rid, p, m in zip(ids, PROMPTS, MAX_NEW):
+        assert eng.result(rid).token_ids == solo(target, p, m)
+    met = eng.metrics()
+    assert met["mean_verify_budget"] < 1.3 and met["plain_rounds"] > 0, met
+    with pytest.raises(EngineError, match="gate_margin must be in"):
+        Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, gate_margin=-0.5)
+
+
 def test_plain_rounds_keep_the_draft_context(pair):
     """While dspark's cost gate declines drafting, plain rounds still commit each token's target features
     to the draft cache: when drafting resumes, the draft context equals that of an engine that drafted

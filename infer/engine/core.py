@@ -78,13 +78,16 @@ class Policy:
 
     k: drafts for `static` (mtp1 = static 1); threshold: reference confidence threshold;
     cost_gate: with dspark, verify no drafts when the whole-round cost model says drafting does
-    not pay this round.
+    not pay this round; gate_margin: drafting pays only when the best drafted round is predicted at
+    least this fraction faster than plain decoding (`RoundCostModel.decide`'s margin: the profile's
+    own run-to-run spread, so timing noise does not turn a tie into a loss).
     """
 
     kind: str
     k: int = 0
     threshold: float = 0.5
     cost_gate: bool = True
+    gate_margin: float = 0.1
 
     @property
     def drafts(self) -> bool:
@@ -94,7 +97,8 @@ class Policy:
     def device_args(self) -> "PolicyArgs":
         """This policy as traced values for `scheduled_rounds` (every drafting policy shares one program)."""
         return PolicyArgs(kind=jnp.int32(PLAN_KINDS.index(self.kind)), k=jnp.int32(self.k),
-                          threshold=jnp.float32(self.threshold), cost_gate=jnp.asarray(self.cost_gate))
+                          threshold=jnp.float32(self.threshold), cost_gate=jnp.asarray(self.cost_gate),
+                          gate_margin=jnp.float32(self.gate_margin))
 
 
 PLAN_KINDS = ("static", "threshold", "dspark", "dspark-async")  # `PolicyArgs.kind` indexes this
@@ -103,12 +107,13 @@ PLAN_KINDS = ("static", "threshold", "dspark", "dspark-async")  # `PolicyArgs.ki
 @flax.struct.dataclass
 class PolicyArgs:
     """A drafting `Policy` as traced scalars: kind (index into PLAN_KINDS) int32, k int32 (static drafts),
-    threshold float32, cost_gate bool."""
+    threshold float32, cost_gate bool, gate_margin float32."""
 
     kind: Array
     k: Array
     threshold: Array
     cost_gate: Array
+    gate_margin: Array
 
 
 def parse_policy(text: str, gamma: int) -> Policy:
@@ -259,7 +264,7 @@ def _plan(state: EngineState, active: Array, has_proposal: Array, round_sps: Arr
     def dspark(surv):
         ell = prefix_schedule(surv_now, round_sps, active=active)
         # The cost gate: would a drafted round pay, judging by the latest proposals?
-        _, pays = RoundCostModel.decide(surv, round_sps, plain_sps, active=active)
+        _, pays = RoundCostModel.decide(surv, round_sps, plain_sps, active=active, margin=policy.gate_margin)
         return ell.astype(jnp.int32), pays | ~policy.cost_gate
 
     def dspark_async(surv):  # capacity from the survivals verified two rounds ago, today's ranking

@@ -130,13 +130,17 @@ class Engine:
     prefill compiles one program per `prefill_buckets(prefill_chunk)` size, whatever the prompts);
     multi_round: with no request waiting for a slot, one `step()` runs up to this many rounds in one
     device loop (`core.scheduled_rounds`, which plans ℓ and picks the token bucket on device every
-    round; `core.engine_rounds` for ar and for dspark's declined calls; it stops at the first stop token / token limit of any slot),
-    cutting the per-round dispatch and copy; 1 = one round per step.
+    round; `core.engine_rounds` for ar and for dspark's declined calls; it stops at the first stop
+    token / token limit of any slot), cutting the per-round dispatch and copy; 1 = one round per step.
+    cost_gate / gate_margin (dspark): decline drafting unless the whole-round cost model predicts the
+    best drafted round at least (1 + gate_margin)× as fast as plain decoding (default 0.1: on this
+    CPU the profile's run-to-run spread is about ±10 %; 0 on a quiet accelerator if you trust it).
     """
 
     def __init__(self, target, draft=None, *, policy: str = "dspark", slots: int = 4, max_len: int | None = None,
                  sampling: str = "temperature", buckets: Sequence[int] | None = None,
                  sps_profile: SPSProfile | None = None, max_queue: int = 256, cost_gate: bool = True,
+                 gate_margin: float = 0.1,
                  backend: str = "xla", prefill_chunk: int = 256, multi_round: int = 8):
         if slots < 1:
             raise EngineError(f"slots must be >= 1, got {slots}")
@@ -147,7 +151,10 @@ class Engine:
         self.prefill_chunk, self.multi_round = prefill_chunk, multi_round
         self._prefill_sizes = prefill_buckets(prefill_chunk)
         gamma = 0 if draft is None else draft.config.block_size
-        self.policy = dataclasses.replace(parse_policy(policy, gamma), cost_gate=cost_gate)
+        if not 0.0 <= float(gate_margin) < 10.0:
+            raise EngineError(f"gate_margin must be in [0, 10), got {gate_margin!r}")
+        self.policy = dataclasses.replace(parse_policy(policy, gamma), cost_gate=cost_gate,
+                                          gate_margin=float(gate_margin))
         if self.policy.drafts and draft is None:
             raise EngineError(f"policy {policy!r} needs a draft model")
         if not self.policy.drafts:
