@@ -42,7 +42,7 @@ __all__ = ["ESTIMATOR", "SPSProfile", "time_call", "time_round_robin", "monotone
 FORMAT = "dspark-sps/v1"
 # How step times are measured; cached profiles made otherwise are re-measured. "device-params": taken
 # with the drafter's parameters on the device (before, every call also copied them from the host).
-ESTIMATOR = "round-robin-min/monotone/call/draft-loop/device-params"
+ESTIMATOR = "round-robin-min/monotone/call-from-monotone/draft-loop/device-params"
 
 
 def time_round_robin(fns: Sequence[Callable[[], Any]], *, warmup: int = 2, repeats: int = 7) -> list[float]:
@@ -250,7 +250,11 @@ def profile_sps(verify_at: Callable[[int], Callable[[], Any]], buckets: Sequence
     call_s = None
     if rounds is not None:  # t1 = c + o, tn = n c + o  ->  o = t1 - (tn - t1) / (n - 1)
         n = rounds[1]
-        t1, tn = times[0], times[len(buckets) + (0 if draft_s is None else 1)]
+        # t1: the smallest bucket's time as stored (made monotone), not its raw time: call_s is subtracted
+        # from verify_s, and a raw t1 disturbed upwards (one noisy minimum of a ~5 ms call) made call_s
+        # swallow nearly the whole stored call (at 1 slot: a plain round in a device loop came out 0.5 ms
+        # against 1.8 ms measured, and dspark's gate declined drafting at concurrency 1).
+        t1, tn = verify_s[0], times[len(buckets) + (0 if draft_s is None else 1)]
         call_s = min(max(t1 - (tn - t1) / (n - 1), 0.0), verify_s[0], draft_s or verify_s[0])
         if loop_draft:  # the draft pass's compute inside the round program, plus one call overhead
             draft_s = call_s + max(times[-1] - tn, 0.0) / n

@@ -77,6 +77,24 @@ def test_draft_pass_measured_inside_the_round_program(tmp_path, monkeypatch):
     assert prof.round_seconds(2, drafted=True, rounds_per_call=n) == pytest.approx(2 * c + d + o / n)
 
 
+def test_call_overhead_fit_uses_the_stored_smallest_bucket_time(tmp_path, monkeypatch):
+    """call_s is fitted from the time it is subtracted from: the smallest bucket's stored (monotone) time.
+    Here bucket 1's measurement is disturbed upwards (22 ms, above bucket 2's 20 ms); fitted from the raw
+    22 ms, call_s took the whole stored 20 ms and a plain round in an n-round call came out 5 ms."""
+    import infer.cost_model as cm
+
+    now = [0.0]
+    monkeypatch.setattr(cm.time, "perf_counter", lambda: now[0])
+    o, c, n = 0.012, 0.004, 4
+    cost = lambda t: lambda: now.__setitem__(0, now[0] + t)  # noqa: E731 - a call taking t seconds
+    times = {1: o + c + 0.006, 2: o + 2 * c}
+    prof = profile_sps(lambda bucket: cost(times[bucket]), [1, 2], fields={"model": "fake-clock-2"},
+                       rounds=(cost(o + n * c), n), warmup=1, repeats=2, cache_dir=str(tmp_path))
+    assert prof.verify_s == pytest.approx((o + 2 * c, o + 2 * c))
+    assert prof.call_s == pytest.approx(o + 2 * c - (n * c - 2 * c) / (n - 1)) and prof.call_s < prof.verify_s[0]
+    assert prof.round_seconds(1, drafted=False, rounds_per_call=n) == pytest.approx(c + o / n)
+
+
 def test_round_cost_model_decides_whether_drafting_pays():
     surv = jnp.asarray(np.cumprod(np.full((4, 5), 0.8), axis=1), jnp.float32)
     buckets = (4, 8, 16, 24)

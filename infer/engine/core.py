@@ -247,9 +247,9 @@ def _plan(state: EngineState, active: Array, has_proposal: Array, round_sps: Arr
 
     remaining [R]: tokens each slot may still commit (its max_new_tokens budget). A round commits at most
     ℓ + 1 tokens, and those past the budget are discarded, so ℓ <= remaining − 1 for every policy, and the
-    survivals of the draft positions beyond it count as 0 in the scheduler and the cost gate (a
-    request near its end is not worth a big verify). The budget depends only on tokens already
-    committed, so this stays non-anticipating (lossless).
+    survivals of the draft positions beyond it count as 0 in the scheduler (a request near its end is
+    not worth a big verify); the cost gate reads them uncapped (whether drafting pays at this load).
+    The budget depends only on tokens already committed, so this stays non-anticipating (lossless).
     """
     r, g = spec.slots, spec.gamma
     yes = jnp.asarray(True)
@@ -275,10 +275,14 @@ def _plan(state: EngineState, active: Array, has_proposal: Array, round_sps: Arr
     if g == 0:
         ell, draft_next = jnp.zeros((r,), jnp.int32), jnp.asarray(False)
     else:
+        # The gate asks whether drafting pays at this load, from every active slot's latest survivals
+        # uncapped; ℓ uses them capped to the drafts a slot could still commit. (A gate reading capped
+        # survivals declines whenever the requests near their ends, and a decline sticks until the
+        # number of slots in use changes: at concurrency 1 every request after the first ran plain.)
+        surv_all = survival_from_confidence(state.prop_conf, temperatures)
         useful = jnp.arange(g)[None, :] < cap[:, None]  # [R, γ] drafts that could still be committed
-        surv = jnp.where(useful, survival_from_confidence(state.prop_conf, temperatures), 0.0)
-        surv_now = jnp.where(has_proposal[:, None], surv, 0.0)  # [R, γ] candidates of this round
-        ell, draft_next = jax.lax.switch(policy.kind, [static, threshold, dspark, dspark_async], surv)
+        surv_now = jnp.where(has_proposal[:, None] & useful, surv_all, 0.0)  # [R, γ] candidates of this round
+        ell, draft_next = jax.lax.switch(policy.kind, [static, threshold, dspark, dspark_async], surv_all)
         scheduled = policy.kind >= PLAN_KINDS.index("dspark")  # dspark, dspark-async
         ell = jnp.where(scheduled, fill_to_bucket(surv_now, ell, buckets, active=active), ell)
     ell = jnp.where(active & has_proposal, jnp.minimum(ell, cap), 0).astype(jnp.int32)
