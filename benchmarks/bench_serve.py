@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--rate", type=float, default=0.0, help="Poisson arrival rate, requests/s (0: all at once)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile-repeats", type=int, default=3)
+    p.add_argument("--profile-repeats", type=int, default=7)
     p.add_argument("--repeats", type=int, default=1,
                    help="timed passes per (policy, concurrency), interleaved over the policies; the fastest is kept")
     p.add_argument("--sps-cache", default=None, help="SPS profile cache directory (default: user cache)")

@@ -5,6 +5,8 @@ the greedy, chunked-prefill, sampled and streaming tests; every engine prefills 
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,6 +114,32 @@ def test_gate_margin_declines_a_marginal_gain(pair):
     assert met["mean_verify_budget"] < 1.3 and met["plain_rounds"] > 0, met
     with pytest.raises(EngineError, match="gate_margin must be in"):
         Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, gate_margin=-0.5)
+
+
+def test_declined_gate_reconsiders_when_a_request_joins(pair, monkeypatch):
+    """After dspark's gate declines, plain rounds skip the plan until something changes; a request that
+    starts decoding is a change even when it takes a finished request's slot (same number of slots in
+    use). Counted: one plan per request that joins, under a profile where the gate always declines."""
+    import infer.engine.engine as engine_module
+
+    target, draft = pair
+    plans = []
+    real = engine_module.plan_round
+    monkeypatch.setattr(engine_module, "plan_round", lambda *a, **k: plans.append(1) or real(*a, **k))
+    eng = Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, buckets=BUCKETS, sps_profile=CPU,
+                 prefill_chunk=CHUNK)
+    ids = [eng.submit(p, max_new_tokens=m)  # the short ones free their slots for the queued ones
+           for p, m in zip(PROMPTS[2:] + [[5, 6], [8, 9, 10], [11, 3]], [2, 12, 3, 2, 12])]
+    windows, planned = [], []
+    while eng.has_work():
+        t0, n0 = time.perf_counter(), len(plans)
+        eng.step()
+        windows.append((t0, time.perf_counter()))
+        planned.append(len(plans) > n0)
+    starts = [eng.result(i).metrics["ttft_s"] + eng._done[i].submitted for i in ids]
+    join_steps = [k for k, (a, b) in enumerate(windows) if any(a <= t <= b for t in starts)]
+    assert eng.metrics()["plain_rounds"] > 0 and len(join_steps) >= 3
+    assert all(planned[k] for k in join_steps), (join_steps, planned)
 
 
 def test_plain_rounds_keep_the_draft_context(pair):

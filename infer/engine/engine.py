@@ -211,6 +211,7 @@ class Engine:
         model = RoundCostModel(profile)
         self._tables = {False: model.tables(1), True: model.tables(self.multi_round)}
         self._declined = None  # (slots in use, several) under which dspark's gate last declined (see `step`)
+        self._joined = False  # a request started decoding since the last round (see `step`)
 
     def profile(self, *, cache_dir: str | None = None, repeats: int = 5, refresh: bool = False) -> SPSProfile:
         """Time the engine's verify round (its `engine_rounds` program, no draft pass) at every bucket, the
@@ -400,6 +401,7 @@ class Engine:
             return size
         self._active[slot] = True
         self._has_prop[slot] = propose
+        self._joined = True
         first = int(first)
         live.first_token_at = time.perf_counter()
         try:
@@ -423,16 +425,17 @@ class Engine:
         t0 = time.perf_counter()
         several = self.num_prefilling == 0 and not self._queue  # nobody waits: several rounds per dispatch
         n_rounds = jnp.int32(self.multi_round if several else 1)
-        # dspark's cost gate declined drafting in the last round, and the load it decided at has not changed
-        # since (no slot holds a proposal, as many slots in use, same SPS tables): it would decline again,
-        # so run plain rounds through the cheaper `engine_rounds` program (no plan, no bucket switch). The
-        # key is the number of slots in use, not which: under load a finished request's slot is refilled in
-        # the same step, and re-asking the plan then cost a host round trip per step (~5 % of a round at
-        # 16 slots) for the same answer. A request joining while declined drafts no first block, so
-        # its survivals are not news the gate is missing.
+        # dspark's cost gate declined drafting in the last round, and nothing it decides from has changed
+        # since (no slot holds a proposal, as many slots in use, no request started decoding, same SPS
+        # tables): it would decline again, so run plain rounds through the cheaper `engine_rounds`
+        # program (no plan, no bucket switch). A request that started decoding re-opens the question
+        # even when it took a finished request's slot: otherwise one decline (say, on a hard stretch of
+        # one request at concurrency 1) held every later request in that slot to plain decoding.
         round_sps, plain_sps = self._tables[several]
         n_active = int(self._active.sum())
-        plain = (g == 0 or (self._declined == (n_active, several) and not self._has_prop.any()))
+        plain = (g == 0 or (self._declined == (n_active, several) and not self._has_prop.any()
+                            and not self._joined))
+        self._joined = False
         if not plain and self.policy.kind == "dspark" and self.policy.cost_gate:
             # The load changed (more or fewer slots in use) or a slot holds a proposal: ask the plan first
             # (a small program and a read of ℓ [R]). When it verifies no drafts and declines drafting, every round

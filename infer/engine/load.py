@@ -39,7 +39,7 @@ class LoadRun:
 
 def prepare_load(target, draft, prompts: Sequence[Sequence[int]], policy: str, slots: int, *, requests: int,
                  max_new_tokens: int, max_len: int, rate: float = 0.0, temperature: float = 0.0, seed: int = 0,
-                 profile_repeats: int = 3, sps_cache: str | None = None,
+                 profile_repeats: int = 7, sps_cache: str | None = None,
                  buckets: Sequence[int] | None = None) -> tuple[LoadRun, dict[str, Any]]:
     """Build the engine of one (policy, concurrency = slots), measure (or load) its SPS(B) profile and compile
     every program variant the load needs with one untimed pass. Returns (run, SPS profile JSON)."""
@@ -95,7 +95,7 @@ def timed_pass(run: LoadRun) -> dict[str, Any]:
 
 def run_load(target, draft, prompts: Sequence[Sequence[int]], policy: str, slots: int, *, requests: int,
              max_new_tokens: int, max_len: int, rate: float = 0.0, temperature: float = 0.0, seed: int = 0,
-             profile_repeats: int = 3, sps_cache: str | None = None,
+             profile_repeats: int = 7, sps_cache: str | None = None,
              buckets: Sequence[int] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """One (policy, concurrency = slots) run -> (result row, SPS profile JSON): `prepare_load` then one
     `timed_pass`. `requests` requests (prompt i mod len(prompts)) arrive at `rate` requests/s (Poisson;
