@@ -142,6 +142,32 @@ def test_declined_gate_reconsiders_when_a_request_joins(pair, monkeypatch):
     assert all(planned[k] for k in join_steps), (join_steps, planned)
 
 
+def test_gate_reads_the_running_mean_survival_not_the_latest_proposals(pair):
+    """dspark's gate decides from the engine's running mean survival (`EngineState.surv_mean`): the latest
+    proposals may be stale (no slot drafts while the gate declines, so a gate reading them never changed
+    its mind) or one request's hard stretch. Here every slot's latest proposal is made hopeless (survival
+    ~0): the gate still says drafting pays on the FLAT profile, and declines when the mean is hopeless."""
+    from infer.engine.core import plan_round
+
+    target, draft = pair
+    eng = Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, buckets=BUCKETS, sps_profile=FLAT,
+                 prefill_chunk=CHUNK)
+    ids = [eng.submit(p, max_new_tokens=m) for p, m in zip(PROMPTS[:3], MAX_NEW[:3])]
+    for _ in range(3):
+        eng.step()
+    st = eng.state
+    assert int(st.surv_seen) > 0 and float(st.surv_mean[0]) > 0.2, st.surv_mean
+    hopeless = st.replace(prop_conf=jnp.full_like(st.prop_conf, -30.0))
+    args = (jnp.ones((SLOTS,), bool), jnp.zeros((SLOTS,), bool), *eng._tables[False], eng._temps,
+            jnp.full((SLOTS,), 10, jnp.int32))
+    kw = dict(spec=eng.spec, policy=eng.policy, buckets=eng.buckets)
+    assert bool(plan_round(hopeless, *args, **kw)[2])  # draft_next: the mean says drafting pays
+    assert not bool(plan_round(hopeless.replace(surv_mean=jnp.zeros_like(st.surv_mean)), *args, **kw)[2])
+    for _ in eng.run():
+        pass
+    assert [eng.result(i).token_ids for i in ids] == [solo(target, p, m) for p, m in zip(PROMPTS, MAX_NEW[:3])]
+
+
 def test_plain_rounds_keep_the_draft_context(pair):
     """While dspark's cost gate declines drafting, plain rounds still commit each token's target features
     to the draft cache: when drafting resumes, the draft context equals that of an engine that drafted

@@ -153,8 +153,11 @@ class EngineState:
     `SamplingParams` [R] (temperature 0 = greedy); keys [R, 2] per-request base keys, rnd [R]
     rounds done; surv_hist [2, R, γ] with
     hist_valid [2, R]: calibrated survivals of the proposals verified one and two rounds ago
-    (for dspark-async). The draft cache holds the context of every committed token after every
-    round, drafted or not (a round without a draft pass commits its rows without drafting).
+    (for dspark-async); surv_mean [γ] the running mean (weight ≥ 0.1 per draft pass) of the calibrated
+    survivals of every proposal the engine drafted, over its active slots, and surv_seen the draft
+    passes folded into it (the load-level survival dspark's cost gate reads). The draft cache holds
+    the context of every committed token after every round, drafted or not (a round without a
+    draft pass commits its rows without drafting).
     """
 
     tcache: KVCache
@@ -169,6 +172,8 @@ class EngineState:
     rnd: Array
     surv_hist: Array
     hist_valid: Array
+    surv_mean: Array
+    surv_seen: Array
 
     @classmethod
     def create(cls, spec: EngineSpec) -> "EngineState":
@@ -184,7 +189,8 @@ class EngineState:
                    sampling=SamplingParams(temperature=jnp.zeros((r,), jnp.float32), top_k=zi(),
                                            top_p=jnp.ones((r,), jnp.float32)),
                    keys=jnp.zeros((r, 2), jnp.uint32), rnd=zi(), surv_hist=jnp.zeros((2, r, g)),
-                   hist_valid=jnp.zeros((2, r), bool))
+                   hist_valid=jnp.zeros((2, r), bool), surv_mean=jnp.zeros((g,), jnp.float32),
+                   surv_seen=jnp.zeros((), jnp.int32))
 
 
 def _spec_loop(spec: EngineSpec) -> SpecLoop:
@@ -275,14 +281,18 @@ def _plan(state: EngineState, active: Array, has_proposal: Array, round_sps: Arr
     if g == 0:
         ell, draft_next = jnp.zeros((r,), jnp.int32), jnp.asarray(False)
     else:
-        # The gate asks whether drafting pays at this load, from every active slot's latest survivals
-        # uncapped; ℓ uses them capped to the drafts a slot could still commit. (A gate reading capped
-        # survivals declines whenever the requests near their ends, and a decline sticks until the
-        # number of slots in use changes: at concurrency 1 every request after the first ran plain.)
+        # The gate asks whether drafting pays at this load: as if every active slot's proposal had the
+        # running mean survival of the engine's proposals so far (`EngineState.surv_mean`; the slots'
+        # latest survivals before the first draft pass), uncapped. ℓ uses this round's survivals capped
+        # to the drafts a slot could still commit. (A gate reading the latest proposals froze: once it
+        # declined, no slot drafted again, so its input never changed, and one hard stretch of one
+        # request at concurrency 1 kept every later request plain; reading them capped, it declined
+        # whenever the requests neared their ends.)
         surv_all = survival_from_confidence(state.prop_conf, temperatures)
+        gate_surv = jnp.where(state.surv_seen > 0, jnp.broadcast_to(state.surv_mean, (r, g)), surv_all)
         useful = jnp.arange(g)[None, :] < cap[:, None]  # [R, γ] drafts that could still be committed
         surv_now = jnp.where(has_proposal[:, None] & useful, surv_all, 0.0)  # [R, γ] candidates of this round
-        ell, draft_next = jax.lax.switch(policy.kind, [static, threshold, dspark, dspark_async], surv_all)
+        ell, draft_next = jax.lax.switch(policy.kind, [static, threshold, dspark, dspark_async], gate_surv)
         scheduled = policy.kind >= PLAN_KINDS.index("dspark")  # dspark, dspark-async
         ell = jnp.where(scheduled, fill_to_bucket(surv_now, ell, buckets, active=active), ell)
     ell = jnp.where(active & has_proposal, jnp.minimum(ell, cap), 0).astype(jnp.int32)
@@ -366,7 +376,14 @@ def _draft_or_commit(draft_params, head, state: EngineState, ctx, active: Array,
                           hist_valid=jnp.stack([active, state.hist_valid[0]]))
     tokens, probs, conf, dcache = propose_block(spec, draft_params, head, state.dcache, pending, state.anchor,
                                                 state.start, k_prop, state.sampling)
-    return state.replace(dcache=dcache, prop_tokens=tokens, prop_probs=probs, prop_conf=conf)
+    # Running mean of the new proposals' survivals over the active slots (dspark's gate reads it).
+    n_act = jnp.sum(active.astype(jnp.float32))
+    new = jnp.sum(jnp.where(active[:, None], survival_from_confidence(conf, temperatures), 0.0), 0) / jnp.maximum(
+        n_act, 1.0)  # [γ]
+    w = jnp.where(n_act > 0, jnp.maximum(1.0 / (state.surv_seen + 1.0), 0.1), 0.0)
+    return state.replace(dcache=dcache, prop_tokens=tokens, prop_probs=probs, prop_conf=conf,
+                         surv_mean=(1.0 - w) * state.surv_mean + w * new,
+                         surv_seen=state.surv_seen + (n_act > 0).astype(jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "bucket", "draft_pass", "anchors_only"),
