@@ -40,8 +40,9 @@ __all__ = ["ESTIMATOR", "SPSProfile", "time_call", "time_round_robin", "monotone
            "default_cache_dir", "profile_sps", "RoundCostModel", "plot_profile"]
 
 FORMAT = "dspark-sps/v1"
-# How step times are measured; cached profiles made otherwise are re-measured. "device-params": taken
-# with the drafter's parameters on the device (before, every call also copied them from the host).
+# How step times are measured; cached profiles made otherwise are re-measured. "call-from-monotone": call_s
+# fitted from the stored smallest-bucket time; "device-params": taken with the drafter's parameters on the
+# device (before, every call also copied them from the host).
 ESTIMATOR = "round-robin-min/monotone/call-from-monotone/draft-loop/device-params"
 
 

@@ -254,7 +254,8 @@ def _plan(state: EngineState, active: Array, has_proposal: Array, round_sps: Arr
     remaining [R]: tokens each slot may still commit (its max_new_tokens budget). A round commits at most
     ℓ + 1 tokens, and those past the budget are discarded, so ℓ <= remaining − 1 for every policy, and the
     survivals of the draft positions beyond it count as 0 in the scheduler (a request near its end is
-    not worth a big verify); the cost gate reads them uncapped (whether drafting pays at this load).
+    not worth a big verify); the cost gate reads the running mean survival instead (whether drafting
+    pays at this load, see below).
     The budget depends only on tokens already committed, so this stays non-anticipating (lossless).
     """
     r, g = spec.slots, spec.gamma
@@ -269,7 +270,7 @@ def _plan(state: EngineState, active: Array, has_proposal: Array, round_sps: Arr
 
     def dspark(surv):
         ell = prefix_schedule(surv_now, round_sps, active=active)
-        # The cost gate: would a drafted round pay, judging by the latest proposals?
+        # The cost gate: would a drafted round pay at this load (`surv`: the running mean survival)?
         _, pays = RoundCostModel.decide(surv, round_sps, plain_sps, active=active, margin=policy.gate_margin)
         return ell.astype(jnp.int32), pays | ~policy.cost_gate
 

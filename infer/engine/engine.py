@@ -32,8 +32,8 @@ from dspark_jax import kernels
 from dspark_jax.sampling import SamplingConfig, SamplingMode
 from infer.cost_model import RoundCostModel, SPSProfile, profile_sps
 from infer.engine import core
-from infer.engine.core import (EngineSpec, EngineState, draft_pass_only, engine_rounds, parse_policy, plan_round,
-                               scheduled_rounds)
+from infer.engine.core import (EngineSpec, EngineState, Policy, draft_pass_only, engine_rounds, parse_policy,
+                               plan_round, scheduled_rounds)
 from infer.engine.prefill import prefill_buckets, prefill_chunk
 from infer.ragged import pick_bucket
 
@@ -140,7 +140,7 @@ class Engine:
     def __init__(self, target, draft=None, *, policy: str = "dspark", slots: int = 4, max_len: int | None = None,
                  sampling: str = "temperature", buckets: Sequence[int] | None = None,
                  sps_profile: SPSProfile | None = None, max_queue: int = 256, cost_gate: bool = True,
-                 gate_margin: float = 0.1,
+                 gate_margin: float = Policy.gate_margin,
                  backend: str = "xla", prefill_chunk: int = 256, multi_round: int = 8):
         if slots < 1:
             raise EngineError(f"slots must be >= 1, got {slots}")
@@ -432,18 +432,19 @@ class Engine:
         # even when it took a finished request's slot: otherwise one decline (say, on a hard stretch of
         # one request at concurrency 1) held every later request in that slot to plain decoding.
         round_sps, plain_sps = self._tables[several]
+        limits = self._limits()  # (token budget left [R], stop ids [R, n]) for the plan and the round
         n_active = int(self._active.sum())
         plain = (g == 0 or (self._declined == (n_active, several) and not self._has_prop.any()
                             and not self._joined))
         self._joined = False
         if not plain and self.policy.kind == "dspark" and self.policy.cost_gate:
-            # The load changed (more or fewer slots in use) or a slot holds a proposal: ask the plan first
+            # The load changed, a request started decoding or a slot holds a proposal: ask the plan first
             # (a small program and a read of ℓ [R]). When it verifies no drafts and declines drafting, every round
             # of the call would be plain, so it runs through `engine_rounds` as above: the scheduled
             # program's `lax.switch` over the token buckets costs more than the plan's round trip.
             ell, _, draft_next = jax.device_get(plan_round(
                 self.state, active, self._on_device(self._has_prop), round_sps, plain_sps, self._temps,
-                self._limits()[0], spec=self.spec, policy=self.policy, buckets=self.buckets))
+                limits[0], spec=self.spec, policy=self.policy, buckets=self.buckets))
             if not ell.any() and not draft_next:
                 plain, self._declined = True, (n_active, several)
         if plain:  # ar, or dspark's plain rounds: one verify token per slot, no draft pass
@@ -452,7 +453,7 @@ class Engine:
             t1 = time.perf_counter()
             self.state, toks, n_new, acc, n_done = engine_rounds(
                 self.target.params, self._dparams, self._head, self.state, self._on_device(ell_host), active,
-                self._temps, *self._limits(), n_rounds, spec=self.spec, bucket=pick_bucket(total, self.buckets),
+                self._temps, *limits, n_rounds, spec=self.spec, bucket=pick_bucket(total, self.buckets),
                 draft_pass=False, anchors_only=True, max_rounds=self.multi_round)
             toks, n_new, acc, n_done = jax.device_get((toks, n_new, acc, n_done))
             n_done = int(n_done)
@@ -462,7 +463,7 @@ class Engine:
             t1 = time.perf_counter()
             self.state, toks, n_new, (acc, ells, totals, drafted), n_done = scheduled_rounds(
                 self.target.params, self._dparams, self._head, self.state, self._on_device(self._has_prop), active,
-                round_sps, plain_sps, self._temps, self._policy_args, *self._limits(), n_rounds, spec=self.spec,
+                round_sps, plain_sps, self._temps, self._policy_args, *limits, n_rounds, spec=self.spec,
                 buckets=self.buckets, max_rounds=self.multi_round)
             toks, n_new, acc, n_done, ells, totals, drafted = jax.device_get((toks, n_new, acc, n_done, ells, totals,
                                                                               drafted))
