@@ -42,8 +42,9 @@ __all__ = ["ESTIMATOR", "SPSProfile", "time_call", "time_round_robin", "monotone
 FORMAT = "dspark-sps/v1"
 # How step times are measured; cached profiles made otherwise are re-measured. "call-from-monotone": call_s
 # fitted from the stored smallest-bucket time; "device-params": taken with the drafter's parameters on the
-# device (before, every call also copied them from the host).
-ESTIMATOR = "round-robin-min/monotone/call-from-monotone/draft-loop/device-params"
+# device (before, every call also copied them from the host); "draft-loop-or-round": the draft pass's compute is the
+# smaller of the in-loop and the one-round estimate.
+ESTIMATOR = "round-robin-min/monotone/call-from-monotone/draft-loop-or-round/device-params"
 
 
 def time_round_robin(fns: Sequence[Callable[[], Any]], *, warmup: int = 2, repeats: int = 7) -> list[float]:
@@ -209,7 +210,8 @@ def _write_json(path: str, obj: Any) -> None:
 def profile_sps(verify_at: Callable[[int], Callable[[], Any]], buckets: Sequence[int], *,
                 fields: Mapping[str, Any], draft: Callable[[], Any] | None = None,
                 rounds: tuple[Callable[[], Any], int] | None = None,
-                draft_rounds: Callable[[], Any] | None = None, warmup: int = 2,
+                draft_rounds: Callable[[], Any] | None = None,
+                draft_at: tuple[Callable[[], Any], int] | None = None, warmup: int = 2,
                 repeats: int = 7, cache_dir: str | None = None, refresh: bool = False) -> SPSProfile:
     """Profile (or load from the disk cache) the verify step at every bucket and the draft pass.
 
@@ -221,7 +223,12 @@ def profile_sps(verify_at: Callable[[int], Callable[[], Any]], buckets: Sequence
     n-round program with the draft pass in every round: the draft pass's compute is measured inside
     the round program it runs in, (t(draft_rounds) − t(rounds)) / n, and draft_s = call_s + that
     (a separate draft-only program has its own, smaller call overhead, so subtracting call_s from its
-    time undercounts the draft pass; `draft` is then not timed). fields: what
+    time undercounts the draft pass; `draft` is then not timed). draft_at (with draft_rounds): (fn, b),
+    fn running ONE round at bucket b (one of `buckets`) with the draft pass: a second estimate of the
+    draft pass's compute, t(fn) − t(bucket b); the smaller of the two is kept. Each is a difference of
+    two minima, and a burst of load that every repeat of the longer program met inflates it (on this
+    CPU the 8-round estimate at 4 slots came out 5.1 ms in one profile against 3.4–3.8 ms re-measured;
+    the gate then declined drafting that paid 1.14x). fields: what
     identifies the measured program (model fingerprint, slots, cache length, dtype, ...).
     cache_dir: None = `default_cache_dir()`; "" disables the cache. Timing: `time_round_robin` over
     the buckets and the draft pass together (minimum of `repeats` interleaved sweeps), then
@@ -245,6 +252,8 @@ def profile_sps(verify_at: Callable[[int], Callable[[], Any]], buckets: Sequence
         fns.append(rounds[0])
         if loop_draft:
             fns.append(draft_rounds)
+            if draft_at is not None:
+                fns.append(draft_at[0])
     times = time_round_robin(fns, warmup=warmup, repeats=repeats)
     verify_s = monotone_step_times(times[:len(buckets)])
     draft_s = times[len(buckets)] if draft is not None and not loop_draft else None
@@ -258,7 +267,11 @@ def profile_sps(verify_at: Callable[[int], Callable[[], Any]], buckets: Sequence
         t1, tn = verify_s[0], times[len(buckets) + (0 if draft_s is None else 1)]
         call_s = min(max(t1 - (tn - t1) / (n - 1), 0.0), verify_s[0], draft_s or verify_s[0])
         if loop_draft:  # the draft pass's compute inside the round program, plus one call overhead
-            draft_s = call_s + max(times[-1] - tn, 0.0) / n
+            t_loop = times[len(buckets) + 1]
+            compute = max(t_loop - tn, 0.0) / n
+            if draft_at is not None:  # one drafted round at bucket b minus the plain round at b (raw time)
+                compute = min(compute, max(times[-1] - times[buckets.index(int(draft_at[1]))], 0.0))
+            draft_s = call_s + compute
     prof = SPSProfile(buckets=buckets, verify_s=verify_s, draft_s=draft_s, call_s=call_s, key=key, fields=dict(fields),
                       backend=jax.default_backend(), device_kind=_device_kind(), estimator=ESTIMATOR)
     if path:
@@ -295,15 +308,22 @@ class RoundCostModel:
 
     @staticmethod
     def decide(survival: jax.Array, round_sps: jax.Array, plain_sps: jax.Array, *, active: jax.Array | None = None,
-               early_stop: bool = True, margin: float = 0.0) -> tuple[jax.Array, jax.Array]:
+               early_stop: bool = True, margin: float = 0.0,
+               plain_requests: jax.Array | int | None = None) -> tuple[jax.Array, jax.Array]:
         """Jittable: (ℓ [R] int32 — zeros when drafting does not pay —, drafting_pays bool scalar).
 
         survival [R, γ] (estimated before drafting: e.g. the previous round's calibrated survivals);
-        round_sps / plain_sps from `tables()`.
+        round_sps / plain_sps from `tables()`. plain_requests: how many requests plain decoding would
+        be serving instead (int scalar, at least the active ones; None: the active ones). An engine with
+        requests waiting for a slot or in prefill passes the load it reaches once they are admitted:
+        the time a drafted round spends delays their admission, so the drafted round at today's load
+        must beat plain decoding at that load (see `infer.engine.core._plan`).
         """
         ell = prefix_schedule(survival, round_sps, early_stop=early_stop, active=active)
         theta_draft = schedule_objective(survival, round_sps, active=active)[jnp.sum(ell)]  # Θ at the chosen m
         n_req = survival.shape[0] if active is None else jnp.sum(active.astype(jnp.int32))
+        if plain_requests is not None:
+            n_req = jnp.maximum(n_req, plain_requests)
         theta_plain = n_req * plain_sps[jnp.clip(n_req, 0, plain_sps.shape[0] - 1)]
         pays = theta_draft > (1.0 + margin) * theta_plain
         return jnp.where(pays, ell, 0), pays

@@ -77,6 +77,24 @@ def test_draft_pass_measured_inside_the_round_program(tmp_path, monkeypatch):
     assert prof.round_seconds(2, drafted=True, rounds_per_call=n) == pytest.approx(2 * c + d + o / n)
 
 
+def test_draft_pass_estimate_is_the_smaller_of_loop_and_one_round(tmp_path, monkeypatch):
+    """draft_at=(fn, b): one drafted round at bucket b minus the plain round at b is a second estimate of the
+    draft pass; the smaller one is kept. Fake clock: the n-round drafted loop is disturbed (+8 ms per call,
+    as when every repeat of the longest program meets a load burst), the one-round estimate is exact."""
+    import infer.cost_model as cm
+
+    now = [0.0]
+    monkeypatch.setattr(cm.time, "perf_counter", lambda: now[0])
+    o, c, d, n = 0.012, 0.004, 0.006, 4
+    cost = lambda t: lambda: now.__setitem__(0, now[0] + t)  # noqa: E731 - a call taking t seconds
+    common = dict(fields={"model": "fake-clock-2"}, rounds=(cost(o + n * c), n),
+                  draft_rounds=cost(o + n * (c + d) + 0.008), warmup=1, repeats=2, cache_dir="")
+    loop_only = profile_sps(lambda bucket: cost(o + c * bucket), [1, 2], **common)
+    assert loop_only.draft_s == pytest.approx(o + d + 0.002)
+    both = profile_sps(lambda bucket: cost(o + c * bucket), [1, 2], draft_at=(cost(o + 2 * c + d), 2), **common)
+    assert both.draft_s == pytest.approx(o + d) and both.call_s == pytest.approx(o)
+
+
 def test_call_overhead_fit_uses_the_stored_smallest_bucket_time(tmp_path, monkeypatch):
     """call_s is fitted from the time it is subtracted from: the smallest bucket's stored (monotone) time.
     Here bucket 1's measurement is disturbed upwards (22 ms, above bucket 2's 20 ms); fitted from the raw

@@ -77,7 +77,7 @@ class Policy:
     """How many drafts each slot verifies: kind in ar | static | threshold | dspark | dspark-async.
 
     k: drafts for `static` (mtp1 = static 1); threshold: reference confidence threshold;
-    cost_gate: with dspark, verify no drafts when the whole-round cost model says drafting does
+    cost_gate: with dspark and dspark-async, verify no drafts when the whole-round cost model says drafting does
     not pay this round; gate_margin: drafting pays only when the best drafted round is predicted at
     least this fraction faster than plain decoding (`RoundCostModel.decide`'s margin: the profile's
     own run-to-run spread, so timing noise does not turn a tie into a loss).
@@ -93,6 +93,11 @@ class Policy:
     def drafts(self) -> bool:
         """Whether this policy needs a drafter."""
         return self.kind != "ar"
+
+    @property
+    def gated(self) -> bool:
+        """Whether the whole-round cost gate may skip drafting (dspark and dspark-async with cost_gate)."""
+        return self.cost_gate and self.kind in ("dspark", "dspark-async")
 
     def device_args(self) -> "PolicyArgs":
         """This policy as traced values for `scheduled_rounds` (every drafting policy shares one program)."""
@@ -247,7 +252,7 @@ def set_slot_row(buf: Array, slot: Array, row: Array) -> Array:
 
 def _plan(state: EngineState, active: Array, has_proposal: Array, round_sps: Array, plain_sps: Array,
           temperatures: Array, spec: EngineSpec, policy: PolicyArgs, buckets: tuple[int, ...],
-          remaining: Array) -> tuple[Array, Array, Array]:
+          remaining: Array, waiting: Array) -> tuple[Array, Array, Array]:
     """Traced body of `plan_round` (inlined into `scheduled_round`): one `lax.switch` branch per policy kind;
     the scheduled policies (dspark, dspark-async) then fill their token bucket's padding (`fill_to_bucket`).
 
@@ -257,6 +262,13 @@ def _plan(state: EngineState, active: Array, has_proposal: Array, round_sps: Arr
     not worth a big verify); the cost gate reads the running mean survival instead (whether drafting
     pays at this load, see below).
     The budget depends only on tokens already committed, so this stays non-anticipating (lossless).
+
+    waiting (int scalar): requests waiting for a slot or still in prefill. dspark's cost gate compares
+    a drafted round at the current load with plain decoding at the load the engine reaches once they
+    are admitted, min(R, active + waiting): each step prefills a bounded chunk, so a drafted round's
+    extra time delays their admission. (Compared at today's load, the gate drafted during the ramp-up
+    of a full queue at concurrency 64, at 9–42 of 64 slots, 85–90 ms rounds against 25–40 ms plain
+    ones; those rounds cost 10 % of the load's throughput.)
     """
     r, g = spec.slots, spec.gamma
     yes = jnp.asarray(True)
@@ -268,16 +280,21 @@ def _plan(state: EngineState, active: Array, has_proposal: Array, round_sps: Arr
     def threshold(_):  # the reference rule: stop at the first raw confidence below c
         return truncate_proposal(state.prop_conf, policy.threshold, 0.0).astype(jnp.int32), yes
 
+    def gate(surv):
+        """The cost gate of dspark and dspark-async: would a drafted round pay at this load (`surv`: the running
+        mean survival) against plain decoding at the load once the waiting requests are admitted?"""
+        load = jnp.minimum(jnp.sum(active.astype(jnp.int32)) + waiting, r)  # plain decoding's requests
+        _, pays = RoundCostModel.decide(surv, round_sps, plain_sps, active=active, margin=policy.gate_margin,
+                                        plain_requests=load)
+        return pays | ~policy.cost_gate
+
     def dspark(surv):
-        ell = prefix_schedule(surv_now, round_sps, active=active)
-        # The cost gate: would a drafted round pay at this load (`surv`: the running mean survival)?
-        _, pays = RoundCostModel.decide(surv, round_sps, plain_sps, active=active, margin=policy.gate_margin)
-        return ell.astype(jnp.int32), pays | ~policy.cost_gate
+        return prefix_schedule(surv_now, round_sps, active=active).astype(jnp.int32), gate(surv)
 
     def dspark_async(surv):  # capacity from the survivals verified two rounds ago, today's ranking
         ell, _ = async_schedule(surv_now, state.surv_hist[1], round_sps, active=active,
                                 stale_active=state.hist_valid[1])
-        return ell.astype(jnp.int32), yes
+        return ell.astype(jnp.int32), gate(surv)
 
     if g == 0:
         ell, draft_next = jnp.zeros((r,), jnp.int32), jnp.asarray(False)
@@ -302,7 +319,7 @@ def _plan(state: EngineState, active: Array, has_proposal: Array, round_sps: Arr
 
 @functools.partial(jax.jit, static_argnames=("spec", "policy", "buckets"))
 def plan_round(state: EngineState, active: Array, has_proposal: Array, round_sps: Array, plain_sps: Array,
-               temperatures: Array, remaining: Array, *, spec: EngineSpec, policy: Policy,
+               temperatures: Array, remaining: Array, waiting: Array | int = 0, *, spec: EngineSpec, policy: Policy,
                buckets: tuple[int, ...]) -> tuple[Array, Array, Array]:
     """(ℓ [R] int32 drafts to verify per slot, total packed tokens Σ(1 + ℓ), draft_next bool).
 
@@ -312,7 +329,8 @@ def plan_round(state: EngineState, active: Array, has_proposal: Array, round_sps
     this round should end with a draft pass — False only for `dspark` with the cost gate when the
     latest calibrated survivals say the best drafted round is slower than plain decoding.
     buckets: the engine's token buckets (dspark and dspark-async fill the padding of theirs).
-    remaining [R]: tokens each slot may still commit (ℓ <= remaining − 1; see `_plan`).
+    remaining [R]: tokens each slot may still commit (ℓ <= remaining − 1; see `_plan`). waiting: requests
+    waiting for a slot or in prefill (dspark's gate compares with plain decoding at their load; `_plan`).
     The engine runs this decision inside `scheduled_rounds`, and this standalone program after a slot
     joins or leaves under `dspark` (a declined plan sends the call to `engine_rounds`).
     """
@@ -320,7 +338,7 @@ def plan_round(state: EngineState, active: Array, has_proposal: Array, round_sps
         r = spec.slots
         return jnp.zeros((r,), jnp.int32), jnp.sum(active.astype(jnp.int32)), jnp.asarray(False)
     return _plan(state, active, has_proposal, round_sps, plain_sps, temperatures, spec, policy.device_args(),
-                 buckets, remaining)
+                 buckets, remaining, jnp.asarray(waiting, jnp.int32))
 
 
 def _verify_commit(params, head, state: EngineState, ell: Array, active: Array, k_ver: Array, *, spec: EngineSpec,
@@ -387,14 +405,18 @@ def _draft_or_commit(draft_params, head, state: EngineState, ctx, active: Array,
                          surv_seen=state.surv_seen + (n_act > 0).astype(jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "bucket", "draft_pass", "anchors_only"),
+@functools.partial(jax.jit, static_argnames=("spec", "bucket", "draft_pass", "anchors_only", "keep_context"),
                    donate_argnames=("state",))
 def engine_round(params, draft_params, head, state: EngineState, ell: Array, active: Array, temperatures: Array, *,
-                 spec: EngineSpec, bucket: int, draft_pass: bool = True, anchors_only: bool = False):
+                 spec: EngineSpec, bucket: int, draft_pass: bool = True, anchors_only: bool = False,
+                 keep_context: bool = True):
     """One packed verify round, then the next proposal.
 
     draft_pass=False: a plain round: no draft pass; the round's draft-context rows are committed to
-    the draft cache all the same, so a later draft pass sees every committed token.
+    the draft cache all the same (keep_context), so a later draft pass sees every committed token.
+    keep_context=False (with draft_pass=False): not even that: the round is `ar`'s, and the draft
+    cache falls behind the committed tokens (the engine rebuilds the missing rows with
+    `infer.engine.prefill.prefill_chunk(context_only=True)` before the slot drafts again).
     anchors_only=True: the caller passes ℓ ≡ 0, so each slot commits one context row (not γ + 1).
 
     ell [R] drafts to verify per slot; active [R] slots holding a request. Returns (state,
@@ -405,7 +427,7 @@ def engine_round(params, draft_params, head, state: EngineState, ell: Array, act
                                                       bucket=bucket)
     if ctx is not None and anchors_only:
         ctx = tuple(x[:, :1] for x in ctx)
-    if ctx is not None:
+    if ctx is not None and (draft_pass or keep_context):
         state = _draft_or_commit(draft_params, head, state, ctx, active, k_prop, temperatures, spec=spec,
                                  draft_pass=draft_pass)
     return state, new_tokens, n_new, a
@@ -441,11 +463,11 @@ def _device_loop(round_fn, state: EngineState, carry, active: Array, budget: Arr
     return state, toks, n_all, recs, i
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "bucket", "draft_pass", "anchors_only", "max_rounds"),
-                   donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("spec", "bucket", "draft_pass", "anchors_only", "max_rounds",
+                                             "keep_context"), donate_argnames=("state",))
 def engine_rounds(params, draft_params, head, state: EngineState, ell: Array, active: Array, temperatures: Array,
                   budget: Array, stop_ids: Array, num_rounds: Array, *, spec: EngineSpec, bucket: int,
-                  draft_pass: bool, max_rounds: int, anchors_only: bool = False):
+                  draft_pass: bool, max_rounds: int, anchors_only: bool = False, keep_context: bool = True):
     """Up to num_rounds (<= max_rounds) `engine_round`s with the same ℓ [R] in one program (a device while-loop).
 
     The program of `ar` and of `dspark`'s plain rounds (draft_pass=False): several rounds per dispatch and
@@ -454,20 +476,22 @@ def engine_rounds(params, draft_params, head, state: EngineState, ell: Array, ac
     stop tokens (stop_ids [R, n], -1 pads) or reaches its token budget [R] (tokens it may still
     commit), so the host sees every finish at once and no slot decodes past its end. Round n of a
     request uses the same keys as with one round per call.
+    keep_context: see `engine_round` (dspark's declined rounds run with False).
     Returns (state, new_tokens [max_rounds, R, γ + 1], n_new [max_rounds, R], accepted
     [max_rounds, R], rounds run).
     """
     def one(st, carry, _left):
         st, t, n, a = engine_round(params, draft_params, head, st, ell, active, temperatures, spec=spec,
-                                   bucket=bucket, draft_pass=draft_pass, anchors_only=anchors_only)
+                                   bucket=bucket, draft_pass=draft_pass, anchors_only=anchors_only,
+                                   keep_context=keep_context)
         return st, carry, t, n, a
 
     return _device_loop(one, state, (), active, budget, stop_ids, num_rounds, max_rounds)
 
 
 def scheduled_round(params, draft_params, head, state: EngineState, has_proposal: Array, active: Array,
-                    round_sps: Array, plain_sps: Array, temperatures: Array, policy: PolicyArgs, remaining: Array, *,
-                    spec: EngineSpec, buckets: tuple[int, ...]):
+                    round_sps: Array, plain_sps: Array, temperatures: Array, policy: PolicyArgs, remaining: Array,
+                    waiting: Array, *, spec: EngineSpec, buckets: tuple[int, ...]):
     """One round of a device-planned policy, with no host round trip between the decision and the verify.
 
     The plan (`plan_round`: ℓ [R], Σ(1 + ℓ), draft_next) runs first; the smallest of the static
@@ -482,7 +506,7 @@ def scheduled_round(params, draft_params, head, state: EngineState, has_proposal
     """
     k_ver, k_prop, _ = _row_keys(state)
     ell, total, draft_next = _plan(state, active, has_proposal, round_sps, plain_sps, temperatures, spec, policy,
-                                   buckets, remaining)
+                                   buckets, remaining, waiting)
     sizes = jnp.asarray(buckets, jnp.int32)
     which = jnp.clip(jnp.searchsorted(sizes, total), 0, len(buckets) - 1)  # smallest bucket >= total
     branches = [functools.partial(_verify_commit, spec=spec, bucket=b) for b in buckets]
@@ -496,8 +520,8 @@ def scheduled_round(params, draft_params, head, state: EngineState, has_proposal
 @functools.partial(jax.jit, static_argnames=("spec", "buckets", "max_rounds"), donate_argnames=("state",))
 def scheduled_rounds(params, draft_params, head, state: EngineState, has_proposal: Array, active: Array,
                      round_sps: Array, plain_sps: Array, temperatures: Array, policy: PolicyArgs, budget: Array,
-                     stop_ids: Array, num_rounds: Array, *, spec: EngineSpec, buckets: tuple[int, ...],
-                     max_rounds: int):
+                     stop_ids: Array, num_rounds: Array, waiting: Array | int = 0, *, spec: EngineSpec,
+                     buckets: tuple[int, ...], max_rounds: int):
     """Up to num_rounds (<= max_rounds) `scheduled_round`s in one program: the engine's dispatch per step
     for every drafting policy (one device-to-host copy per call), except `dspark`'s calls that its cost
     gate declines, which go through `engine_rounds`.
@@ -505,11 +529,13 @@ def scheduled_rounds(params, draft_params, head, state: EngineState, has_proposa
     has_proposal [R] is carried on device (after a round: drafted & active); the loop ends as
     `engine_rounds`' does. Returns (state, new_tokens [max_rounds, R, γ + 1], n_new [max_rounds, R],
     (accepted [max_rounds, R], ℓ [max_rounds, R], Σ(1 + ℓ) [max_rounds], drafted [max_rounds]),
-    rounds run).
+    rounds run). waiting: requests waiting for a slot or in prefill (see `_plan`).
     """
+    waiting = jnp.asarray(waiting, jnp.int32)
+
     def one(st, has_prop, left):
         st, t, n, rec = scheduled_round(params, draft_params, head, st, has_prop, active, round_sps, plain_sps,
-                                        temperatures, policy, left, spec=spec, buckets=buckets)
+                                        temperatures, policy, left, waiting, spec=spec, buckets=buckets)
         return st, rec[3] & active, t, n, rec
 
     return _device_loop(one, state, has_proposal, active, budget, stop_ids, num_rounds, max_rounds)

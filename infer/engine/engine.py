@@ -130,11 +130,14 @@ class Engine:
     prefill compiles one program per `prefill_buckets(prefill_chunk)` size, whatever the prompts);
     multi_round: with no request waiting for a slot, one `step()` runs up to this many rounds in one
     device loop (`core.scheduled_rounds`, which plans ℓ and picks the token bucket on device every
-    round; `core.engine_rounds` for ar and for dspark's declined calls; it stops at the first stop
+    round; `core.engine_rounds` for ar and for the gate's declined calls; it stops at the first stop
     token / token limit of any slot), cutting the per-round dispatch and copy; 1 = one round per step.
-    cost_gate / gate_margin (dspark): decline drafting unless the whole-round cost model predicts the
-    best drafted round at least (1 + gate_margin)× as fast as plain decoding (default 0.1: on this
-    CPU the profile's run-to-run spread is about ±10 %; 0 on a quiet accelerator if you trust it).
+    cost_gate / gate_margin (dspark, dspark-async): decline drafting unless the whole-round cost model
+    predicts the best drafted round at least (1 + gate_margin)× as fast as plain decoding — at the load
+    once the requests waiting for a slot or in prefill are admitted — (default 0.1: on this CPU the
+    profile's run-to-run spread is about ±10 %; 0 on a quiet accelerator if you trust it). Declined
+    rounds are `ar`'s rounds (no draft-context upkeep); the skipped context is rebuilt before a slot
+    drafts again.
     """
 
     def __init__(self, target, draft=None, *, policy: str = "dspark", slots: int = 4, max_len: int | None = None,
@@ -191,6 +194,9 @@ class Engine:
         self.state = EngineState.create(self.spec)
         self._active = np.zeros(slots, bool)  # slots decoding (prefill done)
         self._has_prop = np.zeros(slots, bool)  # proposal drafted after the slot's last commit
+        # Position from which the slot's draft context is missing (-1: complete): dspark's declined rounds
+        # skip the context commit, and `_rebuild_context` fills it in before the slot drafts again.
+        self._ctx_from = np.full(slots, -1, np.int64)
         self._slot_req: list[_Live | None] = [None] * slots  # the request holding each slot (prefilling or active)
         self._queue: collections.deque[_Live] = collections.deque()
         self._live: dict[str, _Live] = {}
@@ -200,7 +206,8 @@ class Engine:
         self.set_profile(sps_profile or SPSProfile(buckets=self.buckets, verify_s=tuple(1.0 for _ in self.buckets),
                                                    draft_s=0.0))
         self.stats = {"rounds": 0, "verify_tokens": 0, "request_rounds": 0, "committed": 0, "round_s": 0.0,
-                      "plan_s": 0.0, "draft_passes": 0, "plain_rounds": 0, "prefill_chunks": 0, "prefill_s": 0.0}
+                      "plan_s": 0.0, "draft_passes": 0, "plain_rounds": 0, "prefill_chunks": 0, "prefill_s": 0.0,
+                      "context_rebuilt": 0, "rebuild_s": 0.0}
 
     # ------------------------------------------------------------------ scheduling tables
     def set_profile(self, profile: SPSProfile) -> None:
@@ -210,13 +217,14 @@ class Engine:
         # (the per-call overhead `call_s` shared by the rounds of a device loop), keyed by "several".
         model = RoundCostModel(profile)
         self._tables = {False: model.tables(1), True: model.tables(self.multi_round)}
-        self._declined = None  # (slots in use, several) under which dspark's gate last declined (see `step`)
+        self._declined = None  # (slots in use, several, plain-decoding load) under which dspark's gate last declined (see `step`)
         self._joined = False  # a request started decoding since the last round (see `step`)
 
     def profile(self, *, cache_dir: str | None = None, repeats: int = 5, refresh: bool = False) -> SPSProfile:
         """Time the engine's verify round (its `engine_rounds` program, no draft pass) at every bucket, the
         per-call overhead (one vs `multi_round` rounds in one call) and the draft pass (the same
-        `multi_round`-round program with a draft pass in every round, minus the one without); use it.
+        `multi_round`-round program with a draft pass in every round, minus the one without, or one drafted
+        round with every slot active minus the plain one, whichever is smaller); use it.
 
         Cached on disk (`infer.cost_model.profile_sps`). Runs on scratch states: live requests are kept.
         """
@@ -233,7 +241,7 @@ class Engine:
                 st, toks, _, _, _ = engine_rounds(self.target.params, self._dparams, self._head, holder[0], ell, act,
                                                   self._temps, budget, no_stops, jnp.int32(rounds), spec=self.spec,
                                                   bucket=bucket, draft_pass=draft_pass, anchors_only=extra == 0,
-                                                  max_rounds=self.multi_round)
+                                                  max_rounds=self.multi_round, keep_context=draft_pass)
                 holder[0] = st.replace(start=jnp.zeros_like(st.start))
                 return toks
 
@@ -242,9 +250,11 @@ class Engine:
         # The same program running multi_round rounds in one call: measures the per-call overhead (call_s);
         # and with the draft pass in every round: the draft pass's cost inside the round program.
         rounds = (verify_at(self.buckets[0], self.multi_round), self.multi_round) if self.multi_round >= 2 else None
-        draft = draft_rounds = None
+        draft = draft_rounds = draft_at = None
         if g > 0 and rounds is not None:
             draft_rounds = verify_at(self.buckets[0], self.multi_round, draft_pass=True)
+            full = pick_bucket(r, self.buckets)  # every slot active: one drafted round vs the plain one
+            draft_at = (verify_at(full, 1, draft_pass=True), full)
         elif g > 0:  # one round per call: the draft-only program
             scratch = EngineState.create(self.spec)
             draft = lambda: draft_pass_only(self._dparams, self._head, scratch, spec=self.spec)  # noqa: E731
@@ -253,7 +263,8 @@ class Engine:
                   "dtype": self.spec.config.dtype, "multi_round": self.multi_round,
                   "engine_program": _ENGINE_PROGRAM}  # a changed round program re-measures the cache
         prof = profile_sps(verify_at, self.buckets, fields=fields, draft=draft, rounds=rounds,
-                           draft_rounds=draft_rounds, repeats=repeats, cache_dir=cache_dir, refresh=refresh)
+                           draft_rounds=draft_rounds, draft_at=draft_at, repeats=repeats, cache_dir=cache_dir,
+                           refresh=refresh)
         self.set_profile(prof)
         return prof
 
@@ -401,6 +412,7 @@ class Engine:
             return size
         self._active[slot] = True
         self._has_prop[slot] = propose
+        self._ctx_from[slot] = -1  # the prompt's context is committed
         self._joined = True
         first = int(first)
         live.first_token_at = time.perf_counter()
@@ -434,43 +446,53 @@ class Engine:
         round_sps, plain_sps = self._tables[several]
         limits = self._limits()  # (token budget left [R], stop ids [R, n]) for the plan and the round
         n_active = int(self._active.sum())
-        plain = (g == 0 or (self._declined == (n_active, several) and not self._has_prop.any()
-                            and not self._joined))
+        # Requests waiting for a slot or in prefill: dspark's gate weighs a drafted round against plain
+        # decoding at the load they bring (`core._plan`), so the decline is keyed by it too.
+        waiting = min(self.num_prefilling + len(self._queue), self.spec.slots)
+        load = (n_active, several, min(n_active + waiting, self.spec.slots))
+        plain = (g == 0 or (self._declined == load and not self._has_prop.any() and not self._joined))
         self._joined = False
-        if not plain and self.policy.kind == "dspark" and self.policy.cost_gate:
+        if not plain and self.policy.gated:
             # The load changed, a request started decoding or a slot holds a proposal: ask the plan first
             # (a small program and a read of ℓ [R]). When it verifies no drafts and declines drafting, every round
             # of the call would be plain, so it runs through `engine_rounds` as above: the scheduled
             # program's `lax.switch` over the token buckets costs more than the plan's round trip.
             ell, _, draft_next = jax.device_get(plan_round(
                 self.state, active, self._on_device(self._has_prop), round_sps, plain_sps, self._temps,
-                limits[0], spec=self.spec, policy=self.policy, buckets=self.buckets))
+                limits[0], self._on_device(np.int32(waiting)), spec=self.spec, policy=self.policy,
+                buckets=self.buckets))
             if not ell.any() and not draft_next:
-                plain, self._declined = True, (n_active, several)
+                plain, self._declined = True, load
         if plain:  # ar, or dspark's plain rounds: one verify token per slot, no draft pass
             ell_host = np.zeros(self.spec.slots, np.int32)
             total = int(self._active.sum())
+            # dspark's declined rounds are ar's rounds: not even the draft context is committed (on this CPU that
+            # upkeep cost 5 % of a plain round at 64 slots). The slots' context is rebuilt when they draft again.
+            for slot in np.flatnonzero(self._active & (self._ctx_from < 0)) if g else ():
+                live = self._slot_req[slot]
+                self._ctx_from[slot] = len(live.ids) + len(live.tokens) - 1  # the anchor's position
             t1 = time.perf_counter()
             self.state, toks, n_new, acc, n_done = engine_rounds(
                 self.target.params, self._dparams, self._head, self.state, self._on_device(ell_host), active,
                 self._temps, *limits, n_rounds, spec=self.spec, bucket=pick_bucket(total, self.buckets),
-                draft_pass=False, anchors_only=True, max_rounds=self.multi_round)
+                draft_pass=False, anchors_only=True, max_rounds=self.multi_round, keep_context=False)
             toks, n_new, acc, n_done = jax.device_get((toks, n_new, acc, n_done))
             n_done = int(n_done)
             ells, totals, drafted = [ell_host] * n_done, [total] * n_done, [False] * n_done
             self.stats["plain_rounds"] += n_done if g else 0
         else:  # plan, bucket and draft decision on device, inside the round: one dispatch, one read
+            self._rebuild_context()
             t1 = time.perf_counter()
             self.state, toks, n_new, (acc, ells, totals, drafted), n_done = scheduled_rounds(
                 self.target.params, self._dparams, self._head, self.state, self._on_device(self._has_prop), active,
-                round_sps, plain_sps, self._temps, self._policy_args, *limits, n_rounds, spec=self.spec,
-                buckets=self.buckets, max_rounds=self.multi_round)
+                round_sps, plain_sps, self._temps, self._policy_args, *limits, n_rounds,
+                self._on_device(np.int32(waiting)), spec=self.spec, buckets=self.buckets, max_rounds=self.multi_round)
             toks, n_new, acc, n_done, ells, totals, drafted = jax.device_get((toks, n_new, acc, n_done, ells, totals,
                                                                               drafted))
             n_done = int(n_done)
             drafted = [bool(d) and g > 0 for d in drafted[:n_done]]
-            declined = self.policy.kind == "dspark" and n_done > 0 and not drafted[-1]
-            self._declined = (n_active, several) if declined else None
+            declined = self.policy.gated and n_done > 0 and not drafted[-1]
+            self._declined = load if declined else None
         t2 = time.perf_counter()
         if n_done:  # a slot holds a proposal iff the last round drafted (held-back context is tracked on device)
             self._has_prop[:] = drafted[n_done - 1] & self._active
@@ -498,6 +520,33 @@ class Engine:
         outputs += [self._output(live, new) for live, new in fresh.values()]
         return outputs
 
+    def _rebuild_context(self) -> None:
+        """Commit the draft context that dspark's declined rounds skipped, for every active slot missing some.
+
+        The tokens from `_ctx_from[slot]` to the anchor are in the target cache; their target features are
+        recomputed in prefill-sized chunks (`prefill_chunk(context_only=True)`) and committed to the slot's
+        draft cache, so the draft pass sees every committed token (as if the context had been committed
+        round by round; equal up to float rounding).
+        """
+        t0 = time.perf_counter()
+        for slot in np.flatnonzero(self._active & (self._ctx_from >= 0)):
+            live = self._slot_req[slot]
+            seq = list(live.ids) + live.tokens
+            c0, end = int(self._ctx_from[slot]), len(seq) - 1  # the anchor (seq[-1]) is not in the cache yet
+            while c0 < end:
+                n = min(self.prefill_chunk, end - c0)
+                size = next(b for b in self._prefill_sizes if b >= n)
+                chunk = np.zeros((1, size), np.int32)
+                chunk[0, :n] = seq[c0:c0 + n]
+                self.state, _ = prefill_chunk(
+                    self.target.params, self._dparams, self._head, self.state, jnp.int32(slot), jnp.asarray(chunk),
+                    jnp.int32(c0), jnp.int32(n), live.sampling.params(), jax.random.PRNGKey(live.seed),
+                    spec=self.spec, last=False, context_only=True)
+                self.stats["context_rebuilt"] += n
+                c0 += n
+            self._ctx_from[slot] = -1
+        self.stats["rebuild_s"] += time.perf_counter() - t0
+
     def _limits(self) -> tuple[jax.Array, jax.Array]:
         """(token budget [R] left per slot, stop ids [R, n] with -1 pads) of the decoding requests."""
         r = self.spec.slots
@@ -514,7 +563,7 @@ class Engine:
 
     def _on_device(self, host: np.ndarray) -> jax.Array:
         """A device copy of a small per-slot mask / count array, reused while its value repeats (no transfer)."""
-        key = (host.dtype.str, host.tobytes())
+        key = (host.dtype.str, host.shape, host.tobytes())
         arr = self._device_arrays.get(key)
         if arr is None:
             if len(self._device_arrays) > 256:

@@ -51,10 +51,10 @@ def _put_row(buf: Array, slot: Array, row: Array) -> Array:
     return jax.lax.dynamic_update_slice(buf, row, (slot,) + (0,) * (buf.ndim - 1))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "last", "propose"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("spec", "last", "propose", "context_only"), donate_argnames=("state",))
 def prefill_chunk(params, draft_params, head, state: EngineState, slot: Array, tokens: Array, chunk_start: Array,
                   chunk_valid: Array, sampling: SamplingParams, seed_key: Array, *, spec: EngineSpec,
-                  last: bool, propose: bool = True) -> tuple[EngineState, Array]:
+                  last: bool, propose: bool = True, context_only: bool = False) -> tuple[EngineState, Array]:
     """Prefill one chunk of a prompt into slot `slot`; on the prompt's last chunk, start the request.
 
     tokens [1, C] (right-padded; C = the engine's chunk or, for the last chunk, a `prefill_buckets`
@@ -68,7 +68,13 @@ def prefill_chunk(params, draft_params, head, state: EngineState, slot: Array, t
     `SamplingParams` (scalars); seed_key [2] = PRNGKey(seed). Returns (state, first token scalar
     int32; -1 when not last). propose=False (static): the last chunk drafts no first block (the engine's
     choice while dspark's cost gate declines drafting); the slot then holds no proposal.
+    context_only=True (static, with last=False): rebuild draft context only. The tokens are already
+    in the target cache (decoded in rounds that did not commit their draft context, `engine_round`'s
+    keep_context=False), the draft cache holds the rows before chunk_start; the chunk's target
+    features are recomputed and committed, and the target cache is left as it is.
     """
+    if context_only and (last or spec.dcfg is None):
+        raise ValueError("prefill_chunk(context_only=True) needs last=False and a drafter")
     cfg, dcfg = spec.config, spec.dcfg
     c = tokens.shape[1]
     taps_ids = tuple(dcfg.target_layer_ids) if dcfg is not None else ()
@@ -81,9 +87,10 @@ def prefill_chunk(params, draft_params, head, state: EngineState, slot: Array, t
         {"params": params}, tokens, pos, row_cache, logits_indices=(chunk_valid - 1)[None, None],
         compute_logits=last, lm_head_kernel=head, tap_layers=taps_ids)
     end = chunk_start + chunk_valid  # [] tokens of the prompt in the cache after this chunk
-    state = state.replace(tcache=tc.replace(k=tuple(_put_row(a, slot, b) for a, b in zip(tc.k, out.cache.k)),
-                                            v=tuple(_put_row(a, slot, b) for a, b in zip(tc.v, out.cache.v)),
-                                            lengths=set_slot_row(tc.lengths, slot, end)))
+    if not context_only:
+        state = state.replace(tcache=tc.replace(k=tuple(_put_row(a, slot, b) for a, b in zip(tc.k, out.cache.k)),
+                                                v=tuple(_put_row(a, slot, b) for a, b in zip(tc.v, out.cache.v)),
+                                                lengths=set_slot_row(tc.lengths, slot, end)))
     first = jnp.int32(-1)
     k0 = jax.random.split(jax.random.fold_in(seed_key, 0), 2)
     one = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], sampling)  # [1] rows
