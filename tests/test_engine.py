@@ -179,6 +179,40 @@ def test_gate_weighs_drafting_against_plain_decoding_at_the_waiting_load(pair, m
     assert eng.result(ids[0]).token_ids == solo(target, PROMPTS[2], 12)
 
 
+@pytest.mark.parametrize("probe_every", [1, 0])
+def test_declined_gate_probes_joining_requests(pair, probe_every):
+    """A decline under an unchanged load would last for good: nothing drafts, so the running mean survival
+    the gate reads never moves. Every `probe_every`-th request that starts decoding while the gate declines
+    drafts its first block and folds its survivals into the mean. Here a hard stretch is forced (every
+    survival hopeless) under the FLAT profile, where drafting pays: with probes, later requests draft
+    again; with probe_every=0 the engine stays plain. Outputs equal solo greedy decoding either way."""
+    target, draft = pair
+    eng = Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, buckets=BUCKETS, sps_profile=FLAT,
+                 prefill_chunk=CHUNK, probe_every=probe_every)
+    first = eng.submit(PROMPTS[1], max_new_tokens=REF_NEW)
+    eng.step()
+    st = eng.state
+    eng.state = st.replace(surv_mean=jnp.zeros_like(st.surv_mean), surv_seen=jnp.int32(1),
+                           prop_conf=jnp.full_like(st.prop_conf, -30.0))
+    eng.step()  # the gate declines: nothing verified, no draft pass
+    assert eng._declined is not None, eng.metrics()
+    passes = eng.metrics()["draft_passes"]
+    ids = []
+    for p in PROMPTS[2:]:  # one at a time, each joining a declined engine
+        ids.append(eng.submit(p, max_new_tokens=6))
+        for _ in eng.run():
+            pass
+    met = eng.metrics()
+    if probe_every:
+        assert met["probes"] >= 1 and met["draft_passes"] > passes, met
+    else:
+        assert met["probes"] == 0 and met["draft_passes"] == passes, met
+    assert eng.result(first).token_ids == solo(target, PROMPTS[1], REF_NEW)
+    assert [eng.result(i).token_ids for i in ids] == [solo(target, p, 6) for p in PROMPTS[2:]]
+    with pytest.raises(EngineError, match="probe_every must be"):
+        Engine(target, draft, policy="dspark", slots=SLOTS, max_len=MAX_LEN, probe_every=-1)
+
+
 def test_gate_reads_the_running_mean_survival_not_the_latest_proposals(pair):
     """dspark's gate decides from the engine's running mean survival (`EngineState.surv_mean`): the latest
     proposals may be stale (no slot drafts while the gate declines, so a gate reading them never changed

@@ -44,7 +44,7 @@ from infer.ragged import pack_chunks, packed_rejection_sample, packed_target_for
 from infer.speculative import Pending, draft_backbone, sample_block, truncate_proposal
 from infer.state import RowParams, SpecLoop, SpecModels
 
-__all__ = ["EngineSpec", "Policy", "EngineState", "plan_round", "engine_round",
+__all__ = ["EngineSpec", "Policy", "EngineState", "plan_round", "engine_round", "fold_survival",
            "PolicyArgs", "PLAN_KINDS",
            "engine_rounds", "scheduled_round", "scheduled_rounds", "draft_pass_only", "parse_policy", "POLICIES"]
 
@@ -159,8 +159,9 @@ class EngineState:
     rounds done; surv_hist [2, R, γ] with
     hist_valid [2, R]: calibrated survivals of the proposals verified one and two rounds ago
     (for dspark-async); surv_mean [γ] the running mean (weight ≥ 0.1 per draft pass) of the calibrated
-    survivals of every proposal the engine drafted, over its active slots, and surv_seen the draft
-    passes folded into it (the load-level survival dspark's cost gate reads). The draft cache holds
+    survivals of every proposal the engine drafted, over its active slots (and of the probes: a joining
+    request's first block while the gate declines, `fold_survival`), and surv_seen the draft
+    passes and probes folded into it (the load-level survival dspark's cost gate reads). The draft cache holds
     the context of every committed token after every round, drafted or not (a round without a
     draft pass commits its rows without drafting).
     """
@@ -395,14 +396,27 @@ def _draft_or_commit(draft_params, head, state: EngineState, ctx, active: Array,
                           hist_valid=jnp.stack([active, state.hist_valid[0]]))
     tokens, probs, conf, dcache = propose_block(spec, draft_params, head, state.dcache, pending, state.anchor,
                                                 state.start, k_prop, state.sampling)
-    # Running mean of the new proposals' survivals over the active slots (dspark's gate reads it).
-    n_act = jnp.sum(active.astype(jnp.float32))
-    new = jnp.sum(jnp.where(active[:, None], survival_from_confidence(conf, temperatures), 0.0), 0) / jnp.maximum(
-        n_act, 1.0)  # [γ]
-    w = jnp.where(n_act > 0, jnp.maximum(1.0 / (state.surv_seen + 1.0), 0.1), 0.0)
-    return state.replace(dcache=dcache, prop_tokens=tokens, prop_probs=probs, prop_conf=conf,
-                         surv_mean=(1.0 - w) * state.surv_mean + w * new,
-                         surv_seen=state.surv_seen + (n_act > 0).astype(jnp.int32))
+    state = state.replace(dcache=dcache, prop_tokens=tokens, prop_probs=probs, prop_conf=conf)
+    return fold_survival(state, conf, active, temperatures)
+
+
+def fold_survival(state: EngineState, conf: Array, rows: Array, temperatures: Array,
+                  weight_scale: float = 1.0) -> EngineState:
+    """Fold new proposals' calibrated survivals into the running mean the cost gate reads.
+
+    conf [N, γ] confidence logits of the new proposals, rows [N] which of them count (the active slots
+    of a draft pass; the one row of a joining request's probe). Their mean survival [γ] enters
+    `EngineState.surv_mean` with weight max(1 / (surv_seen + 1), 0.1) · weight_scale; surv_seen counts
+    the folds. A probe (one request of R slots) folds with weight_scale 1 / R: one lucky first block
+    must not reopen drafting for a full engine (at 64 slots it did, and the resumed round first
+    rebuilt 725 tokens of draft context: 0.74x ar).
+    """
+    n = jnp.sum(rows.astype(jnp.float32))
+    new = jnp.sum(jnp.where(rows[:, None], survival_from_confidence(conf, temperatures), 0.0), 0) / jnp.maximum(
+        n, 1.0)  # [γ]
+    w = jnp.where(n > 0, jnp.maximum(1.0 / (state.surv_seen + 1.0), 0.1) * weight_scale, 0.0)
+    return state.replace(surv_mean=(1.0 - w) * state.surv_mean + w * new,
+                         surv_seen=state.surv_seen + (n > 0).astype(jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "bucket", "draft_pass", "anchors_only", "keep_context"),

@@ -137,21 +137,25 @@ class Engine:
     once the requests waiting for a slot or in prefill are admitted — (default 0.1: on this CPU the
     profile's run-to-run spread is about ±10 %; 0 on a quiet accelerator if you trust it). Declined
     rounds are `ar`'s rounds (no draft-context upkeep); the skipped context is rebuilt before a slot
-    drafts again.
+    drafts again. probe_every: while the gate declines, every probe_every-th request that starts decoding
+    drafts its first block anyway and folds its survivals into the gate's running mean (0: never), so
+    a decline can end without a change of load.
     """
 
     def __init__(self, target, draft=None, *, policy: str = "dspark", slots: int = 4, max_len: int | None = None,
                  sampling: str = "temperature", buckets: Sequence[int] | None = None,
                  sps_profile: SPSProfile | None = None, max_queue: int = 256, cost_gate: bool = True,
                  gate_margin: float = Policy.gate_margin,
-                 backend: str = "xla", prefill_chunk: int = 256, multi_round: int = 8):
+                 backend: str = "xla", prefill_chunk: int = 256, multi_round: int = 8, probe_every: int = 8):
         if slots < 1:
             raise EngineError(f"slots must be >= 1, got {slots}")
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise EngineError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
         if not isinstance(multi_round, int) or multi_round < 1:
             raise EngineError(f"multi_round must be a positive integer, got {multi_round!r}")
-        self.prefill_chunk, self.multi_round = prefill_chunk, multi_round
+        if not isinstance(probe_every, int) or probe_every < 0:
+            raise EngineError(f"probe_every must be a non-negative integer, got {probe_every!r}")
+        self.prefill_chunk, self.multi_round, self.probe_every = prefill_chunk, multi_round, probe_every
         self._prefill_sizes = prefill_buckets(prefill_chunk)
         gamma = 0 if draft is None else draft.config.block_size
         if not 0.0 <= float(gate_margin) < 10.0:
@@ -207,7 +211,7 @@ class Engine:
                                                    draft_s=0.0))
         self.stats = {"rounds": 0, "verify_tokens": 0, "request_rounds": 0, "committed": 0, "round_s": 0.0,
                       "plan_s": 0.0, "draft_passes": 0, "plain_rounds": 0, "prefill_chunks": 0, "prefill_s": 0.0,
-                      "context_rebuilt": 0, "rebuild_s": 0.0}
+                      "context_rebuilt": 0, "rebuild_s": 0.0, "probes": 0}
 
     # ------------------------------------------------------------------ scheduling tables
     def set_profile(self, profile: SPSProfile) -> None:
@@ -217,7 +221,8 @@ class Engine:
         # (the per-call overhead `call_s` shared by the rounds of a device loop), keyed by "several".
         model = RoundCostModel(profile)
         self._tables = {False: model.tables(1), True: model.tables(self.multi_round)}
-        self._declined = None  # (slots in use, several, plain-decoding load) under which dspark's gate last declined (see `step`)
+        self._declined = None  # (slots in use, several, plain-decoding load) of the gate's last decline (`step`)
+        self._declined_joins = 0  # requests that started decoding while the gate declined (`_prefill_next_chunk`)
         self._joined = False  # a request started decoding since the last round (see `step`)
 
     def profile(self, *, cache_dir: str | None = None, repeats: int = 5, refresh: bool = False) -> SPSProfile:
@@ -397,15 +402,24 @@ class Engine:
         n = min(self.prefill_chunk, len(live.ids) - c0)
         last = c0 + n == len(live.ids)
         size = next(b for b in self._prefill_sizes if b >= n) if last else self.prefill_chunk
-        # While dspark's cost gate declines drafting, a joining request drafts no first block: the plan
-        # would not verify it, and the first round that drafts proposes for every slot.
+        # While the cost gate declines drafting, a joining request drafts no first block (the plan would not
+        # verify it, and the first round that drafts proposes for every slot), except every `probe_every`-th:
+        # its first block is a probe of the workload, folded into the running mean survival the gate reads.
+        # Nothing else drafts while the gate declines, so without probes a decline under an unchanged load
+        # (say, one hard stretch at concurrency 1) would last for good.
         propose = self.spec.gamma > 0 and self._declined is None
+        probe = False
+        if last and self.spec.gamma > 0 and self._declined is not None and self.probe_every:
+            self._declined_joins += 1
+            probe = propose = self._declined_joins % self.probe_every == 0
         chunk = np.zeros((1, size), np.int32)
         chunk[0, :n] = live.ids[c0:c0 + n]
         self.state, first = prefill_chunk(
             self.target.params, self._dparams, self._head, self.state, jnp.int32(slot), jnp.asarray(chunk),
-            jnp.int32(c0), jnp.int32(n), live.sampling.params(), jax.random.PRNGKey(live.seed), spec=self.spec,
+            jnp.int32(c0), jnp.int32(n), live.sampling.params(), jax.random.PRNGKey(live.seed),
+            self._temps if self.spec.gamma > 0 else None, self._on_device(np.bool_(probe)), spec=self.spec,
             last=last, propose=propose)
+        self.stats["probes"] += int(probe)
         live.prefilled = c0 + n
         self.stats["prefill_chunks"] += 1
         if not last:
@@ -461,7 +475,9 @@ class Engine:
                 self.state, active, self._on_device(self._has_prop), round_sps, plain_sps, self._temps,
                 limits[0], self._on_device(np.int32(waiting)), spec=self.spec, policy=self.policy,
                 buckets=self.buckets))
-            if not ell.any() and not draft_next:
+            # Declined with drafts to verify (held proposals, e.g. a probe's): verify them only when no slot's
+            # draft context needs rebuilding first (that costs a target pass over every gap); else drop them.
+            if not draft_next and (not ell.any() or (self._ctx_from[self._active] >= 0).any()):
                 plain, self._declined = True, load
         if plain:  # ar, or dspark's plain rounds: one verify token per slot, no draft pass
             ell_host = np.zeros(self.spec.slots, np.int32)
@@ -481,7 +497,9 @@ class Engine:
             ells, totals, drafted = [ell_host] * n_done, [total] * n_done, [False] * n_done
             self.stats["plain_rounds"] += n_done if g else 0
         else:  # plan, bucket and draft decision on device, inside the round: one dispatch, one read
-            self._rebuild_context()
+            t_rebuild = time.perf_counter()
+            self._rebuild_context()  # timed in stats["rebuild_s"], not in the scheduler's plan_s
+            t0 += time.perf_counter() - t_rebuild
             t1 = time.perf_counter()
             self.state, toks, n_new, (acc, ells, totals, drafted), n_done = scheduled_rounds(
                 self.target.params, self._dparams, self._head, self.state, self._on_device(self._has_prop), active,

@@ -18,7 +18,7 @@ from dspark_jax.draft.cache import DraftCache
 from dspark_jax.sampling import SamplingParams, next_token
 from dspark_jax.target.kv_cache import KVCache
 from dspark_jax.target.model import TargetModel
-from infer.engine.core import EngineSpec, EngineState, commit_context, propose_block, set_slot_row
+from infer.engine.core import EngineSpec, EngineState, commit_context, fold_survival, propose_block, set_slot_row
 from infer.state import Pending
 
 __all__ = ["prefill_buckets", "prefill_chunk"]
@@ -53,8 +53,9 @@ def _put_row(buf: Array, slot: Array, row: Array) -> Array:
 
 @functools.partial(jax.jit, static_argnames=("spec", "last", "propose", "context_only"), donate_argnames=("state",))
 def prefill_chunk(params, draft_params, head, state: EngineState, slot: Array, tokens: Array, chunk_start: Array,
-                  chunk_valid: Array, sampling: SamplingParams, seed_key: Array, *, spec: EngineSpec,
-                  last: bool, propose: bool = True, context_only: bool = False) -> tuple[EngineState, Array]:
+                  chunk_valid: Array, sampling: SamplingParams, seed_key: Array, temperatures: Array | None = None,
+                  probe: Array | bool = False, *, spec: EngineSpec, last: bool, propose: bool = True,
+                  context_only: bool = False) -> tuple[EngineState, Array]:
     """Prefill one chunk of a prompt into slot `slot`; on the prompt's last chunk, start the request.
 
     tokens [1, C] (right-padded; C = the engine's chunk or, for the last chunk, a `prefill_buckets`
@@ -68,6 +69,9 @@ def prefill_chunk(params, draft_params, head, state: EngineState, slot: Array, t
     `SamplingParams` (scalars); seed_key [2] = PRNGKey(seed). Returns (state, first token scalar
     int32; -1 when not last). propose=False (static): the last chunk drafts no first block (the engine's
     choice while dspark's cost gate declines drafting); the slot then holds no proposal.
+    probe (bool, traced; with last, propose and the drafter's STS temperatures [γ]): the first block's
+    calibrated survivals are folded into the running mean the cost gate reads (`core.fold_survival`):
+    the engine's probe of the workload while its gate declines drafting (nobody else drafts then).
     context_only=True (static, with last=False): rebuild draft context only. The tokens are already
     in the target cache (decoded in rounds that did not commit their draft context, `engine_round`'s
     keep_context=False), the draft cache holds the rows before chunk_start; the chunk's target
@@ -116,6 +120,9 @@ def prefill_chunk(params, draft_params, head, state: EngineState, slot: Array, t
         state = state.replace(prop_tokens=set_slot_row(state.prop_tokens, slot, prop_tokens[0]),
                               prop_conf=set_slot_row(state.prop_conf, slot, conf[0]),
                               prop_probs=None if probs is None else set_slot_row(state.prop_probs, slot, probs[0]))
+        if temperatures is not None:
+            state = fold_survival(state, conf, jnp.asarray(probe, bool).reshape(1), temperatures,
+                                  weight_scale=1.0 / spec.slots)  # one request of R slots
     else:
         d_row = commit_context(spec, draft_params, head, d_row, pending, end[None])
     dcache = dc.replace(k=tuple(_put_row(a, slot, b) for a, b in zip(dc.k, d_row.k)),
