@@ -5,15 +5,17 @@ row, index = position; not paged). A request enters its slot through `infer.engi
 jitted round programs:
 
 * `plan_round`: the policy's per-slot draft counts ℓ [R] (on device: Algorithm 1, async top-K,
-  thresholds, static) and whether the round ends with a draft pass (dspark's cost gate).
+  thresholds, static) and whether the round ends with a draft pass (the cost gate of dspark and
+  dspark-async).
 * `engine_round`: pack ``[anchor, drafts[:ℓ]]`` of the active slots into the bucket, one packed
   target forward (`infer.ragged`), packed rejection sampling with per-slot keys and sampling
   values, commit, and the next draft block for every slot. Returns the committed tokens per slot;
   the host applies stop tokens and max-token limits (extra tokens after a stop are discarded).
 * `engine_rounds`: one round at a static ℓ and bucket, or several in one device loop, ending at the
-  first stop token or token limit of any slot: the engine's program for `ar` (no drafter), for
-  `dspark`'s plain rounds while its cost gate declines drafting (no plan, no bucket switch, no draft
-  pass: the round's target features are only committed to the draft context), and the profiler's.
+  first stop token or token limit of any slot: the engine's program for `ar` (no drafter), for the
+  plain rounds while the cost gate declines drafting (no plan, no bucket switch, no draft pass, no
+  draft-context commit: `keep_context=False`, the engine rebuilds the context when a slot drafts
+  again), and the profiler's.
 * `scheduled_rounds`: the same device loop for the drafting policies (static, mtp1, threshold,
   dspark, dspark-async; the policy is traced, so they share one program): each round plans ℓ,
   picks the token bucket on device and runs that bucket's packed verify through `lax.switch`
@@ -161,9 +163,10 @@ class EngineState:
     (for dspark-async); surv_mean [γ] the running mean (weight ≥ 0.1 per draft pass) of the calibrated
     survivals of every proposal the engine drafted, over its active slots (and of the probes: a joining
     request's first block while the gate declines, `fold_survival`), and surv_seen the draft
-    passes and probes folded into it (the load-level survival dspark's cost gate reads). The draft cache holds
-    the context of every committed token after every round, drafted or not (a round without a
-    draft pass commits its rows without drafting).
+    passes and probes folded into it (the load-level survival the cost gate reads). The draft cache holds
+    the context of every committed token after every round of `scheduled_rounds` (a round without a
+    draft pass commits its rows without drafting); `engine_rounds(keep_context=False)` leaves it behind
+    (the engine's declined rounds, see `engine_round`).
     """
 
     tcache: KVCache
@@ -327,8 +330,9 @@ def plan_round(state: EngineState, active: Array, has_proposal: Array, round_sps
     has_proposal [R]: the slot's proposal was drafted after its last commit (else ℓ = 0).
     round_sps / plain_sps: whole-round and verify-only SPS tables [B_max + 1] (`infer.cost_model`);
     temperatures [γ] STS temperatures of the drafter (ones when uncalibrated). draft_next: whether
-    this round should end with a draft pass — False only for `dspark` with the cost gate when the
-    latest calibrated survivals say the best drafted round is slower than plain decoding.
+    this round should end with a draft pass — False only for dspark / dspark-async with the cost gate
+    when, at the engine's running mean survival, the best drafted round is not predicted (1 + margin)×
+    as fast as plain decoding.
     buckets: the engine's token buckets (dspark and dspark-async fill the padding of theirs).
     remaining [R]: tokens each slot may still commit (ℓ <= remaining − 1; see `_plan`). waiting: requests
     waiting for a slot or in prefill (dspark's gate compares with plain decoding at their load; `_plan`).
@@ -537,8 +541,8 @@ def scheduled_rounds(params, draft_params, head, state: EngineState, has_proposa
                      stop_ids: Array, num_rounds: Array, waiting: Array | int = 0, *, spec: EngineSpec,
                      buckets: tuple[int, ...], max_rounds: int):
     """Up to num_rounds (<= max_rounds) `scheduled_round`s in one program: the engine's dispatch per step
-    for every drafting policy (one device-to-host copy per call), except `dspark`'s calls that its cost
-    gate declines, which go through `engine_rounds`.
+    for every drafting policy (one device-to-host copy per call), except the calls the cost gate
+    declines, which go through `engine_rounds`.
 
     has_proposal [R] is carried on device (after a round: drafted & active); the loop ends as
     `engine_rounds`' does. Returns (state, new_tokens [max_rounds, R, γ + 1], n_new [max_rounds, R],

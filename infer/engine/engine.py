@@ -198,7 +198,7 @@ class Engine:
         self.state = EngineState.create(self.spec)
         self._active = np.zeros(slots, bool)  # slots decoding (prefill done)
         self._has_prop = np.zeros(slots, bool)  # proposal drafted after the slot's last commit
-        # Position from which the slot's draft context is missing (-1: complete): dspark's declined rounds
+        # Position from which the slot's draft context is missing (-1: complete): the gate's declined rounds
         # skip the context commit, and `_rebuild_context` fills it in before the slot drafts again.
         self._ctx_from = np.full(slots, -1, np.int64)
         self._slot_req: list[_Live | None] = [None] * slots  # the request holding each slot (prefilling or active)
@@ -412,13 +412,8 @@ class Engine:
         if last and self.spec.gamma > 0 and self._declined is not None and self.probe_every:
             self._declined_joins += 1
             probe = propose = self._declined_joins % self.probe_every == 0
-        chunk = np.zeros((1, size), np.int32)
-        chunk[0, :n] = live.ids[c0:c0 + n]
-        self.state, first = prefill_chunk(
-            self.target.params, self._dparams, self._head, self.state, jnp.int32(slot), jnp.asarray(chunk),
-            jnp.int32(c0), jnp.int32(n), live.sampling.params(), jax.random.PRNGKey(live.seed),
-            self._temps if self.spec.gamma > 0 else None, self._on_device(np.bool_(probe)), spec=self.spec,
-            last=last, propose=propose)
+        first = self._run_prefill_chunk(live, live.ids, c0, n, size, self._on_device(np.bool_(probe)), last=last,
+                                        propose=propose)
         self.stats["probes"] += int(probe)
         live.prefilled = c0 + n
         self.stats["prefill_chunks"] += 1
@@ -451,7 +446,7 @@ class Engine:
         t0 = time.perf_counter()
         several = self.num_prefilling == 0 and not self._queue  # nobody waits: several rounds per dispatch
         n_rounds = jnp.int32(self.multi_round if several else 1)
-        # dspark's cost gate declined drafting in the last round, and nothing it decides from has changed
+        # The cost gate declined drafting in the last round, and nothing it decides from has changed
         # since (no slot holds a proposal, as many slots in use, no request started decoding, same SPS
         # tables): it would decline again, so run plain rounds through the cheaper `engine_rounds`
         # program (no plan, no bucket switch). A request that started decoding re-opens the question
@@ -460,7 +455,7 @@ class Engine:
         round_sps, plain_sps = self._tables[several]
         limits = self._limits()  # (token budget left [R], stop ids [R, n]) for the plan and the round
         n_active = int(self._active.sum())
-        # Requests waiting for a slot or in prefill: dspark's gate weighs a drafted round against plain
+        # Requests waiting for a slot or in prefill: the gate weighs a drafted round against plain
         # decoding at the load they bring (`core._plan`), so the decline is keyed by it too.
         waiting = min(self.num_prefilling + len(self._queue), self.spec.slots)
         load = (n_active, several, min(n_active + waiting, self.spec.slots))
@@ -479,10 +474,10 @@ class Engine:
             # draft context needs rebuilding first (that costs a target pass over every gap); else drop them.
             if not draft_next and (not ell.any() or (self._ctx_from[self._active] >= 0).any()):
                 plain, self._declined = True, load
-        if plain:  # ar, or dspark's plain rounds: one verify token per slot, no draft pass
+        if plain:  # ar, or the gate's plain rounds: one verify token per slot, no draft pass
             ell_host = np.zeros(self.spec.slots, np.int32)
             total = int(self._active.sum())
-            # dspark's declined rounds are ar's rounds: not even the draft context is committed (on this CPU that
+            # The gate's declined rounds are ar's rounds: not even the draft context is committed (on this CPU that
             # upkeep cost 5 % of a plain round at 64 slots). The slots' context is rebuilt when they draft again.
             for slot in np.flatnonzero(self._active & (self._ctx_from < 0)) if g else ():
                 live = self._slot_req[slot]
@@ -538,8 +533,20 @@ class Engine:
         outputs += [self._output(live, new) for live, new in fresh.values()]
         return outputs
 
+    def _run_prefill_chunk(self, live: _Live, seq: Sequence[int], c0: int, n: int, size: int, probe, *,
+                           last: bool, propose: bool = True, context_only: bool = False) -> jax.Array:
+        """`prefill_chunk` over seq[c0 : c0 + n] (padded to `size`) in `live`'s slot; returns its first token."""
+        chunk = np.zeros((1, size), np.int32)
+        chunk[0, :n] = seq[c0:c0 + n]
+        self.state, first = prefill_chunk(
+            self.target.params, self._dparams, self._head, self.state, jnp.int32(live.slot), jnp.asarray(chunk),
+            jnp.int32(c0), jnp.int32(n), live.sampling.params(), jax.random.PRNGKey(live.seed),
+            self._temps if self.spec.gamma > 0 else None, probe, spec=self.spec, last=last, propose=propose,
+            context_only=context_only)
+        return first
+
     def _rebuild_context(self) -> None:
-        """Commit the draft context that dspark's declined rounds skipped, for every active slot missing some.
+        """Commit the draft context that the gate's declined rounds skipped, for every active slot missing some.
 
         The tokens from `_ctx_from[slot]` to the anchor are in the target cache; their target features are
         recomputed in prefill-sized chunks (`prefill_chunk(context_only=True)`) and committed to the slot's
@@ -554,12 +561,8 @@ class Engine:
             while c0 < end:
                 n = min(self.prefill_chunk, end - c0)
                 size = next(b for b in self._prefill_sizes if b >= n)
-                chunk = np.zeros((1, size), np.int32)
-                chunk[0, :n] = seq[c0:c0 + n]
-                self.state, _ = prefill_chunk(
-                    self.target.params, self._dparams, self._head, self.state, jnp.int32(slot), jnp.asarray(chunk),
-                    jnp.int32(c0), jnp.int32(n), live.sampling.params(), jax.random.PRNGKey(live.seed),
-                    spec=self.spec, last=False, context_only=True)
+                self._run_prefill_chunk(live, seq, c0, n, size, self._on_device(np.bool_(False)), last=False,
+                                        context_only=True)
                 self.stats["context_rebuilt"] += n
                 c0 += n
             self._ctx_from[slot] = -1
